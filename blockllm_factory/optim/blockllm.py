@@ -1,0 +1,499 @@
+"""The BlockLLM optimizer (Ramesh et al., arXiv 2406.17296, section 2.2).
+
+Each step only a few parameter tensors ("blocks") are trainable, holding about (1 - sparsity) of the eligible
+coordinates. Blocks are ranked by gradient norm over visit frequency; inside the picked blocks a top-k mask by
+gradient magnitude trims the update to the budget. The selection is revisited when the loss stops falling (the current
+loss is at or above the mean of the last ``patience`` losses). Gradients, Adam moments and fp32 master weights exist
+only for the selection, and every other parameter has ``requires_grad=False`` so that autograd neither computes nor
+stores anything for it.
+
+The cycle of one optimizer step, as the trainer sees it::
+
+    loss.backward()                # grads for the selection; probed blocks leave only their norm (hooks free them)
+    optimizer.record_loss(loss)    # once per optimizer step, averaged over accumulation micro-steps by the caller
+    optimizer.step()               # masked AdamW on the selection, norm table, patience rule, next selection/probe
+    optimizer.zero_grad()
+"""
+
+import math
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .functional import masked_adamw_
+from .masks import pack_mask, unpack_mask
+from .selection import is_embedding_name, pick_blocks, rank_blocks, split_budget
+
+NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
+ParamGroups = Iterable[dict[str, Any]]
+
+PROBES = ("sample", "exact")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class BlockLLM(Optimizer):
+    """AdamW restricted to a changing, gradient-selected set of parameter blocks.
+
+    Args:
+        params: ``model.named_parameters()``, or parameter groups whose ``"params"`` are ``(name, parameter)`` pairs
+            (e.g. one group with weight decay and one without). Parameters with ``requires_grad=False`` at
+            construction are never trained.
+        lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW` (decoupled weight decay, applied to the
+            selected coordinates only).
+        sparsity: share of the eligible coordinates that is *not* updated at a step, in [0, 1). The paper uses 0.95.
+        patience: the window m of the loss rule; the selection is revisited when the current loss is at or above
+            the mean of the last m losses.
+        probe: how norms of unselected blocks are measured. ``"sample"`` (the paper): ``probe_blocks`` random
+            unselected blocks per step. ``"exact"``: every block's gradient norm is measured on the step after the loss
+            rule fires, through post-accumulate-grad hooks that record the norm and free each gradient at once.
+        probe_blocks: extra blocks sampled per step with ``probe="sample"``.
+        include_embeddings: also train input embeddings and output heads (needed to pretrain from scratch). By
+            default they are frozen, as in the original code.
+        seed: seed of the optimizer's own random generator (block sampling); its state is saved in ``state_dict``.
+    """
+
+    def __init__(
+        self,
+        params: NamedParams | ParamGroups,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        sparsity: float = 0.95,
+        patience: int = 100,
+        probe: str = "sample",
+        probe_blocks: int = 2,
+        include_embeddings: bool = False,
+        seed: int = 0,
+    ) -> None:
+        # Every argument is checked before any parameter or state is touched.
+        _check(
+            isinstance(lr, float | int) and lr >= 0.0,
+            f"Invalid lr: {lr!r} (allowed: lr >= 0)",
+        )
+        _check(
+            len(betas) == 2 and all(0.0 <= beta < 1.0 for beta in betas),
+            f"Invalid betas: {betas!r} (allowed: two values, each in [0, 1))",
+        )
+        _check(eps >= 0.0, f"Invalid eps: {eps!r} (allowed: eps >= 0)")
+        _check(
+            weight_decay >= 0.0,
+            f"Invalid weight_decay: {weight_decay!r} (allowed: weight_decay >= 0)",
+        )
+        _check(
+            0.0 <= sparsity < 1.0,
+            f"Invalid sparsity: {sparsity!r} (allowed: 0 <= sparsity < 1)",
+        )
+        _check(
+            isinstance(patience, int)
+            and not isinstance(patience, bool)
+            and patience >= 1,
+            f"Invalid patience: {patience!r} (allowed: an integer >= 1)",
+        )
+        _check(
+            probe in PROBES, f"Invalid probe: {probe!r} (allowed: {', '.join(PROBES)})"
+        )
+        _check(
+            isinstance(probe_blocks, int) and probe_blocks >= 0,
+            f"Invalid probe_blocks: {probe_blocks!r} (allowed: an integer >= 0)",
+        )
+        groups = self._named_groups(params)
+
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(groups, defaults)
+        self.sparsity = float(sparsity)
+        self.patience = patience
+        self.probe = probe
+        self.probe_blocks = probe_blocks
+        self.include_embeddings = include_embeddings
+
+        self._param_by_name: dict[str, torch.nn.Parameter] = {}
+        self._group_by_name: dict[str, dict[str, Any]] = {}
+        for group in self.param_groups:
+            for name, param in zip(group["param_names"], group["params"]):
+                if name in self._param_by_name:
+                    raise ValueError(
+                        f"Invalid params: the parameter name {name!r} appears twice"
+                    )
+                self._param_by_name[name] = param
+                self._group_by_name[name] = group
+        # Eligible blocks: trainable at construction, embeddings/heads only on request. The rest stays frozen.
+        self.block_names: list[str] = [
+            name
+            for name, param in self._param_by_name.items()
+            if param.requires_grad
+            and (include_embeddings or not is_embedding_name(name))
+        ]
+        _check(
+            bool(self.block_names),
+            "Invalid params: no trainable parameter is eligible for BlockLLM",
+        )
+        self._sizes = {
+            name: self._param_by_name[name].numel() for name in self.block_names
+        }
+        self.eligible_numel = sum(self._sizes.values())
+        self.budget = max(1, math.floor((1.0 - self.sparsity) * self.eligible_numel))
+
+        # Run state: everything here is saved by state_dict() and restored by load_state_dict().
+        self._generator = torch.Generator().manual_seed(seed)
+        self._visits = dict.fromkeys(self.block_names, 0)
+        self._norms: dict[str, float] = {}
+        self._losses: deque[float] = deque(maxlen=patience)
+        self._pending_losses: list[float] = []
+        self._selected: dict[str, int] = {}  # block name -> coordinates kept
+        self._probed: list[str] = []  # blocks whose norm the next backward measures
+        self._reselect_after_probe = False
+        self._step_count = 0
+        self._reselections = 0
+        self._skipped_steps = 0
+        self._warned_nonfinite = False
+        self.selection_events: list[dict[str, Any]] = []
+
+        # Hooks are attached to probed blocks only, and removed once their norm is taken.
+        self._probe_handles: list[Any] = []
+        self._probe_sq_norms: dict[str, torch.Tensor] = {}
+
+        # The first step measures every block (one gradient at a time) and makes the first selection.
+        self._set_trainable(probed=list(self.block_names))
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _named_groups(params: NamedParams | ParamGroups) -> list[dict[str, Any]]:
+        params = list(params)
+        _check(bool(params), "Invalid params: empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        for index, group in enumerate(groups):
+            entries = list(group["params"])
+            _check(
+                all(
+                    isinstance(entry, tuple)
+                    and len(entry) == 2
+                    and isinstance(entry[0], str)
+                    for entry in entries
+                ),
+                f"Invalid params: group {index} must hold (name, parameter) pairs, e.g. model.named_parameters()",
+            )
+            group["params"] = entries
+        return groups
+
+    # ------------------------------------------------------------------ public API
+    def record_loss(self, value: float) -> None:
+        """Feeds the training loss of the coming optimizer step; drives the patience rule."""
+        value = float(value)
+        if math.isfinite(value):
+            self._pending_losses.append(value)
+
+    @property
+    def selection(self) -> dict[str, Any]:
+        """What is being trained now: block names, coordinates updated per step, budget and reselection count."""
+        return {
+            "step": self._step_count,
+            "names": list(self._selected),
+            "coordinates": sum(self._selected.values()),
+            "budget": self.budget,
+            "reselections": self._reselections,
+        }
+
+    @property
+    def norm_table(self) -> dict[str, float]:
+        """The last measured gradient norm of every block."""
+        return dict(self._norms)
+
+    @property
+    def visit_counts(self) -> dict[str, int]:
+        return dict(self._visits)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._skipped_steps
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if loss is not None:
+                self.record_loss(float(loss))
+
+        selected_names = [
+            name
+            for name in self._selected
+            if self._param_by_name[name].grad is not None
+        ]
+        measured_names = list(self._probe_sq_norms) + selected_names
+        measured = [self._probe_sq_norms[name].sqrt() for name in self._probe_sq_norms]
+        measured += [
+            torch.linalg.vector_norm(
+                self._param_by_name[name].grad, dtype=torch.float32
+            )
+            for name in selected_names
+        ]
+        values = (
+            torch.stack(
+                [value.to("cpu", non_blocking=True) for value in measured]
+            ).tolist()
+            if measured
+            else []
+        )
+        losses, self._pending_losses = self._pending_losses, []
+        if not all(math.isfinite(value) for value in values):
+            self._skip_nonfinite(measured_names, values)
+            return loss
+        self._probe_sq_norms = {}
+        self._norms.update(zip(measured_names, values))
+
+        for name in selected_names:
+            self._update_block(name)
+
+        fired = self._loss_rule(sum(losses) / len(losses)) if losses else False
+        self._step_count += 1
+        if not self._selected:
+            self._reselect("initial")
+        elif self._reselect_after_probe:
+            self._reselect_after_probe = False
+            self._reselect("loss plateau (exact probe)")
+        elif fired and self.probe == "exact":
+            self._reselect_after_probe = (
+                True  # measure every block on the next backward, then reselect
+            )
+        elif fired:
+            self._reselect("loss plateau")
+        self._set_trainable(probed=self._next_probe())
+        return loss
+
+    def _skip_nonfinite(self, names: list[str], values: list[float]) -> None:
+        bad = [name for name, value in zip(names, values) if not math.isfinite(value)]
+        self._skipped_steps += 1
+        self._probe_sq_norms = {}
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"BlockLLM: non-finite gradient at optimizer step {self._step_count} in {', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}; the step was skipped (states and selection kept). "
+                "Further skipped steps are counted in BlockLLM.skipped_steps without a warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        # Probed blocks are measured again on the next backward.
+        self._set_trainable(probed=self._probed)
+
+    def _loss_rule(self, loss: float) -> bool:
+        """Paper, section 2.2: revisit the selection when the loss is at or above the mean of the last m losses."""
+        fired = (
+            len(self._losses) == self.patience
+            and loss >= sum(self._losses) / self.patience
+        )
+        self._losses.append(loss)
+        return fired
+
+    def _update_block(self, name: str) -> None:
+        param = self._param_by_name[name]
+        group = self._group_by_name[name]
+        if not self.state.get(param):
+            self._init_block_state(name)
+        state = self.state[param]
+        state["step"] += 1
+        mask = unpack_mask(state["mask"], param.numel()) if "mask" in state else None
+        beta1, beta2 = group["betas"]
+        masked_adamw_(
+            param.data,
+            param.grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            mask,
+            state.get("master"),
+            step=state["step"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+
+    def _init_block_state(self, name: str) -> None:
+        """Cuts a newly selected block's top-k mask from its first gradient and creates its compact states."""
+        param = self._param_by_name[name]
+        keep = self._selected[name]
+        state: dict[str, Any] = {"step": 0}
+        mask = None
+        if keep < param.numel():
+            scores = param.grad.reshape(-1).abs()
+            mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
+            mask[torch.topk(scores, keep, sorted=False).indices] = True
+            state["mask"] = pack_mask(mask)
+        state["exp_avg"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
+        state["exp_avg_sq"] = torch.zeros(
+            keep, dtype=torch.float32, device=param.device
+        )
+        if param.dtype != torch.float32:
+            flat = param.data.reshape(-1)
+            state["master"] = (flat if mask is None else flat[mask]).float()
+        self.state[param] = state
+
+    # ------------------------------------------------------------------ selection
+    def _reselect(self, reason: str) -> None:
+        ranked = rank_blocks(self._norms, self._visits, self.block_names)
+        picked = pick_blocks(ranked, self._sizes, self.budget)
+        keep = split_budget(picked, self._sizes, self.budget)
+        # The optimizer is reset with the new selection (paper, section 2.2): old moments and masters are dropped.
+        for name in self._selected:
+            self.state.pop(self._param_by_name[name], None)
+        self._selected = keep
+        for name in keep:
+            self._visits[name] += 1
+        self._losses.clear()
+        if self.selection_events:
+            self._reselections += 1
+        self.selection_events.append(
+            {
+                "step": self._step_count,
+                "names": list(keep),
+                "coordinates": sum(keep.values()),
+                "reason": reason,
+            }
+        )
+
+    def _next_probe(self) -> list[str]:
+        unselected = [name for name in self.block_names if name not in self._selected]
+        if self._reselect_after_probe:
+            return unselected
+        if self.probe != "sample" or not unselected or self.probe_blocks == 0:
+            return []
+        count = min(self.probe_blocks, len(unselected))
+        order = torch.randperm(len(unselected), generator=self._generator)[
+            :count
+        ].tolist()
+        return [unselected[index] for index in sorted(order)]
+
+    def _set_trainable(self, probed: list[str]) -> None:
+        """Makes exactly the selection and the probed blocks require grad; hooks turn probed gradients into norms."""
+        for handle in self._probe_handles:
+            handle.remove()
+        self._probe_handles = []
+        self._probed = list(probed)
+        trainable = set(self._selected) | set(probed)
+        for name in self.block_names:
+            param = self._param_by_name[name]
+            param.requires_grad_(name in trainable)
+            if name not in trainable:
+                param.grad = None
+        for name, param in self._param_by_name.items():
+            if name not in self._sizes:
+                param.requires_grad_(False)
+                param.grad = None
+        for name in probed:
+            self._probe_handles.append(
+                self._param_by_name[name].register_post_accumulate_grad_hook(
+                    _probe_hook(self, name)
+                )
+            )
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict["blockllm"] = {
+            "selected": dict(self._selected),
+            "probed": list(self._probed),
+            "reselect_after_probe": self._reselect_after_probe,
+            "visits": dict(self._visits),
+            "norms": dict(self._norms),
+            "losses": list(self._losses),
+            "step": self._step_count,
+            "reselections": self._reselections,
+            "skipped_steps": self._skipped_steps,
+            "events": [dict(event) for event in self.selection_events],
+            "rng_state": self._generator.get_state(),
+            "block_names": list(self.block_names),
+            "budget": self.budget,
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        run = state_dict.get("blockllm")
+        if run is None:
+            raise ValueError(
+                "Invalid state_dict: it has no 'blockllm' entry (not saved by BlockLLM)"
+            )
+        if run["block_names"] != self.block_names or run["budget"] != self.budget:
+            raise ValueError(
+                "Invalid state_dict: it was saved for other blocks or another sparsity "
+                f"(saved budget {run['budget']}, this optimizer {self.budget})"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                "Invalid state_dict: the number of parameter groups differs"
+            )
+        index_to_param: dict[int, torch.nn.Parameter] = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    "Invalid state_dict: a parameter group has a different size"
+                )
+            index_to_param.update(zip(saved["params"], group["params"]))
+            group.update(
+                {
+                    key: value
+                    for key, value in saved.items()
+                    if key not in ("params", "param_names")
+                }
+            )
+        # States keep their own dtypes (fp32 moments and masters next to bf16 weights): no casting to the param dtype.
+        self.state.clear()
+        for index, saved_state in state_dict["state"].items():
+            param = index_to_param[int(index)]
+            self.state[param] = {
+                key: value.to(param.device) if torch.is_tensor(value) else value
+                for key, value in saved_state.items()
+            }
+        self._selected = dict(run["selected"])
+        self._reselect_after_probe = run["reselect_after_probe"]
+        self._visits = dict(run["visits"])
+        self._norms = dict(run["norms"])
+        self._losses = deque(run["losses"], maxlen=self.patience)
+        self._step_count = run["step"]
+        self._reselections = run["reselections"]
+        self._skipped_steps = run["skipped_steps"]
+        self.selection_events = [dict(event) for event in run["events"]]
+        self._generator.set_state(run["rng_state"])
+        self._pending_losses = []
+        self._probe_sq_norms = {}
+        self._set_trainable(probed=list(run["probed"]))
+
+
+def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None]:
+    """Records the squared gradient norm of a probed block and frees the gradient right away.
+
+    Under gradient accumulation the hook runs once per micro-step, so the recorded value is the sum of the
+    micro-steps' squared norms (see docs/algorithm.md). A weak reference keeps the model from owning the optimizer.
+    """
+    optimizer_ref = weakref.ref(optimizer)
+
+    def hook(param: torch.Tensor) -> None:
+        owner = optimizer_ref()
+        if owner is None or param.grad is None:
+            return
+        squared = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+        previous = owner._probe_sq_norms.get(name)
+        owner._probe_sq_norms[name] = (
+            squared if previous is None else previous + squared
+        )
+        param.grad = None
+
+    return hook

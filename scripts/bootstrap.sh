@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Creates or refreshes .venv/ in the checkout, idempotently: third-party packages are installed only when
+# constraints.txt or the dependency list below changed, this project only when its own sources changed.
+# Sourced by scripts/demo.sh and scripts/test.sh; safe to run on its own.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+# Everything the product and its tests need, resolved through constraints.txt (the working set measured in
+# ../shared/ENVIRONMENT.md). torch/torchaudio/torchvision are pinned: a plain `pip install llamafactory`
+# resolves a broken pair.
+DEPS=(setuptools wheel torch torchaudio torchvision llamafactory trl badam galore-torch bitsandbytes
+      deepspeed matplotlib pytest ruff playwright)
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+digest() { sha256sum | cut -c1-16; }
+
+if [ ! -x "$PY" ]; then
+  log "creating $VENV"
+  python3 -m venv "$VENV"
+fi
+
+deps_key="$( { cat "$ROOT/constraints.txt"; printf '%s\n' "${DEPS[@]}"; } | digest)"
+if [ "$(cat "$VENV/.deps-stamp" 2>/dev/null)" != "$deps_key" ]; then
+  log "installing pinned dependencies (first time: about 5 minutes, ~6 GB)"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q -c "$ROOT/constraints.txt" "${DEPS[@]}"
+  echo "$deps_key" > "$VENV/.deps-stamp"
+else
+  log "dependencies up to date"
+fi
+
+# The project itself: a regular (non-editable) install, so that the import hook file reaches site-packages
+# exactly as it does for users. Re-installed only when a file it ships changed.
+pkg_key="$(cd "$ROOT" && find blockllm_factory patches setup.cfg build_hooks.py blockllm_factory.pth pyproject.toml \
+  -type f -not -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum | digest)"
+if [ "$(cat "$VENV/.pkg-stamp" 2>/dev/null)" != "$pkg_key" ]; then
+  log "installing blockllm-factory from $ROOT"
+  rm -rf "$ROOT/build"
+  "$PY" -m pip install -q --no-deps --no-build-isolation --force-reinstall "$ROOT"
+  rm -rf "$ROOT/build" "$ROOT"/*.egg-info
+  echo "$pkg_key" > "$VENV/.pkg-stamp"
+else
+  log "blockllm-factory up to date"
+fi

@@ -1,0 +1,359 @@
+"""The pure-PyTorch BlockLLM optimizer on tiny models built here (CPU, seconds)."""
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from blockllm_factory.optim import BlockLLM
+from blockllm_factory.optim.masks import pack_mask, unpack_mask
+from blockllm_factory.optim.selection import rank_blocks
+
+VOCAB = 64
+
+
+class TinyLM(nn.Module):
+    """Embedding, a few MLP blocks and an output head: enough structure for block selection."""
+
+    def __init__(self, width: int = 32, depth: int = 4, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(VOCAB, width, dtype=dtype)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 2 * width, dtype=dtype), nn.GELU(), nn.Linear(2 * width, width, dtype=dtype))
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width, dtype=dtype)
+        self.lm_head = nn.Linear(width, VOCAB, bias=False, dtype=dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(tokens)
+        for layer in self.layers:
+            hidden = hidden + layer(hidden)
+        return self.lm_head(self.norm(hidden))
+
+
+def make_batches(count: int, seed: int = 0, shift: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (8, 12), generator=generator) for _ in range(count)]
+
+
+def lm_loss(model: nn.Module, tokens: torch.Tensor, shift: int = 1) -> torch.Tensor:
+    # Predict a deterministic function of the current token, so that there is something to learn.
+    logits = model(tokens)
+    targets = (tokens * 3 + shift) % VOCAB
+    return nn.functional.cross_entropy(logits.float().view(-1, VOCAB), targets.view(-1))
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, loss_offset: float = 0.0):
+    loss = lm_loss(model, tokens)
+    loss.backward()
+    if isinstance(optimizer, BlockLLM):
+        optimizer.record_loss(loss.item() + loss_offset)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def flat_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
+    )
+
+
+def test_coordinates_changed_per_step_within_budget():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2)
+    changed_per_step = []
+    for index, tokens in enumerate(make_batches(12)):
+        before = flat_params(model)
+        train_step(model, optimizer, tokens, loss_offset=(index % 3) * 0.5)
+        after = flat_params(model)
+        changed_per_step.append(sum(int((after[name] != before[name]).sum()) for name in before))
+    assert changed_per_step[0] == 0  # the first step only measures gradient norms
+    assert all(0 < changed <= optimizer.budget for changed in changed_per_step[1:])
+    # The mask fills the budget as closely as whole coordinates allow.
+    assert max(changed_per_step) >= 0.9 * optimizer.budget
+    assert optimizer.budget == math.floor(0.1 * optimizer.eligible_numel)
+
+
+def test_embeddings_and_head_untouched_by_default_and_trainable_on_request():
+    torch.manual_seed(0)
+    model = TinyLM()
+    before = flat_params(model)
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.5, patience=1)
+    for index, tokens in enumerate(make_batches(6)):
+        train_step(model, optimizer, tokens, loss_offset=index * 0.1)  # rising loss: reselects every step
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(dict(model.named_parameters())[name], before[name])
+        assert not dict(model.named_parameters())[name].requires_grad
+        assert name not in optimizer.block_names
+
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), sparsity=0.5, include_embeddings=True)
+    assert {"embed_tokens.weight", "lm_head.weight"} <= set(optimizer.block_names)
+    assert optimizer.eligible_numel == sum(param.numel() for param in model.parameters())
+
+
+def test_optimizer_state_bytes_bounded_by_budget():
+    torch.manual_seed(0)
+    model = TinyLM(width=48)
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.95, patience=3)
+    full_adam_bytes = 8 * sum(param.numel() for param in model.parameters())
+    peak = 0
+    for index, tokens in enumerate(make_batches(15)):
+        train_step(model, optimizer, tokens, loss_offset=(index % 2) * 0.3)
+        peak = max(peak, state_bytes(optimizer))
+        selected = sum(optimizer._sizes[name] for name in optimizer.selection["names"])
+        # Moments are compact (8 bytes per kept coordinate); masks are bit-packed (1 bit per selected coordinate).
+        assert state_bytes(optimizer) <= 8 * optimizer.budget + selected / 8 + 8 * len(optimizer.selection["names"])
+    assert optimizer.selection_events[-1]["coordinates"] <= optimizer.budget
+    assert 0 < peak < 0.07 * full_adam_bytes
+
+
+def test_bf16_weights_keep_fp32_master_only_for_selected_coordinates():
+    torch.manual_seed(0)
+    model = TinyLM(dtype=torch.bfloat16)
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.8, patience=50)
+    before = flat_params(model)
+    for tokens in make_batches(4):
+        train_step(model, optimizer, tokens)
+    masters = [state["master"] for state in optimizer.state.values()]
+    assert masters and all(master.dtype == torch.float32 for master in masters)
+    assert sum(master.numel() for master in masters) == optimizer.selection["coordinates"] <= optimizer.budget
+    assert all(param.dtype == torch.bfloat16 for param in model.parameters())
+    changed = sum(int((param != before[name]).sum()) for name, param in model.named_parameters())
+    assert 0 < changed <= optimizer.budget
+    # Written-back weights are the rounded masters.
+    for name in optimizer.selection["names"]:
+        param = dict(model.named_parameters())[name]
+        state = optimizer.state[param]
+        mask = unpack_mask(state["mask"], param.numel()) if "mask" in state else torch.ones(param.numel(), dtype=bool)
+        assert torch.equal(param.detach().view(-1)[mask], state["master"].to(torch.bfloat16))
+
+
+def test_reselection_fires_under_noisy_loss_and_explores_more_blocks():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=3)
+    noise = torch.Generator().manual_seed(1)
+    for tokens in make_batches(40):
+        train_step(model, optimizer, tokens, loss_offset=float(torch.rand((), generator=noise)))
+    events = optimizer.selection_events
+    assert optimizer.selection["reselections"] == len(events) - 1 >= 3
+    assert all(event["reason"].startswith("loss plateau") for event in events[1:])
+    visited = {name for event in events for name in event["names"]}
+    assert len(visited) > len(events[0]["names"])
+    assert sum(optimizer.visit_counts.values()) == sum(len(event["names"]) for event in events)
+
+
+def test_no_reselection_while_loss_keeps_falling():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=3)
+    for index, tokens in enumerate(make_batches(12)):
+        train_step(model, optimizer, tokens, loss_offset=-0.5 * index)  # a strictly falling loss signal
+    assert optimizer.selection["reselections"] == 0
+
+
+def test_visit_frequency_changes_the_pick():
+    names = ["a", "b", "c"]
+    norms = {"a": 3.0, "b": 2.0, "c": 1.0}
+    assert rank_blocks(norms, {"a": 0, "b": 0, "c": 0}, names)[0] == "a"
+    assert rank_blocks(norms, {"a": 4, "b": 0, "c": 0}, names)[0] == "b"
+
+    # In the optimizer: with a loss signal that always plateaus, the same dominant block is not picked forever.
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=0.0, sparsity=0.97, patience=1, probe="exact")
+    for tokens in [make_batches(1)[0]] * 12:  # same batch, lr 0: identical gradients every step
+        train_step(model, optimizer, tokens)
+    picks = [tuple(event["names"]) for event in optimizer.selection_events]
+    assert len(picks) >= 3 and len(set(picks)) > 1
+
+
+def test_exact_probe_measures_every_block_without_keeping_gradients():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=1, probe="exact")
+    tokens = make_batches(1)[0]
+    lm_loss(model, tokens).backward()
+    # Every eligible block was measured, but no gradient survives the backward pass.
+    assert all(param.grad is None for param in model.parameters())
+    optimizer.step()
+    assert set(optimizer.norm_table) == set(optimizer.block_names)
+    optimizer.zero_grad()
+    lm_loss(model, tokens).backward()
+    with_grad = {name for name, param in model.named_parameters() if param.grad is not None}
+    assert with_grad == set(optimizer.selection["names"])
+
+
+def test_resume_is_bit_identical():
+    def run(steps, resume_at=None):
+        torch.manual_seed(0)
+        model = TinyLM()
+        optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, probe_blocks=2, seed=3)
+        batches = make_batches(steps, seed=5)
+        for index, tokens in enumerate(batches):
+            if index == resume_at:
+                buffer = io.BytesIO()
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+                buffer.seek(0)
+                saved = torch.load(buffer, weights_only=True)
+                model = TinyLM()
+                model.load_state_dict(saved["model"])
+                optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, seed=99)
+                optimizer.load_state_dict(saved["optimizer"])
+            train_step(model, optimizer, tokens, loss_offset=(index % 3) * 0.2)
+        return model, optimizer
+
+    unbroken, unbroken_optimizer = run(16)
+    resumed, resumed_optimizer = run(16, resume_at=7)
+    assert unbroken_optimizer.selection["reselections"] >= 2
+    assert resumed_optimizer.selection_events == unbroken_optimizer.selection_events
+    for (name, a), (_, b) in zip(unbroken.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_zero_sparsity_matches_adamw_exactly():
+    torch.manual_seed(0)
+    reference = TinyLM()
+    model = copy.deepcopy(reference)
+    kwargs = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1}
+    optimizer = BlockLLM(model.named_parameters(), sparsity=0.0, patience=1000, include_embeddings=True, **kwargs)
+    adamw = torch.optim.AdamW(reference.parameters(), foreach=False, **kwargs)
+    batches = make_batches(6)
+    train_step(model, optimizer, batches[0])  # measuring step: no update
+    for tokens in batches[1:]:
+        train_step(model, optimizer, tokens)
+        train_step(reference, adamw, tokens)
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_lr_scheduler_drives_learning_rate():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0 if step >= 2 else 1.0)
+    batches = make_batches(5)
+    for tokens in batches[:2]:
+        train_step(model, optimizer, tokens)
+        scheduler.step()
+    frozen = flat_params(model)
+    for tokens in batches[2:]:
+        train_step(model, optimizer, tokens)
+        scheduler.step()
+    assert all(torch.equal(param, frozen[name]) for name, param in model.named_parameters())
+
+
+def test_nonfinite_gradient_skips_step_and_keeps_state():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=5)
+    for tokens in make_batches(3):
+        train_step(model, optimizer, tokens)
+    states = copy.deepcopy({id(param): state for param, state in optimizer.state.items()})
+    before = flat_params(model)
+    selection = optimizer.selection
+    loss = lm_loss(model, make_batches(1, seed=9)[0])
+    loss.backward()
+    next(param for param in model.parameters() if param.grad is not None).grad[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient at optimizer step 3"):
+        optimizer.step()
+    optimizer.zero_grad()
+    assert optimizer.skipped_steps == 1 and optimizer.selection == selection
+    assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            saved = states[id(param)][key]
+            assert torch.equal(value, saved) if torch.is_tensor(value) else value == saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only; a finite step goes on quietly
+        train_step(model, optimizer, make_batches(1, seed=10)[0])
+    assert any(not torch.equal(param, before[name]) for name, param in model.named_parameters())
+
+
+def test_domain_shift_finetune_gains_comparable_share_of_adamw():
+    """Pretrain on one mapping, fine-tune on another: BlockLLM at sparsity 0.9 recovers much of AdamW's gain."""
+    torch.manual_seed(0)
+    base = TinyLM(width=32, depth=3)
+    pretrain = torch.optim.AdamW(base.parameters(), lr=1e-2)
+    for tokens in make_batches(60, seed=11):
+        loss = lm_loss(base, tokens, shift=1)
+        loss.backward()
+        pretrain.step()
+        pretrain.zero_grad()
+
+    batches = make_batches(60, seed=12)
+    held_out = make_batches(4, seed=13)
+
+    def finetune(optimizer_factory):
+        model = copy.deepcopy(base)
+        optimizer = optimizer_factory(model)
+        for tokens in batches:
+            loss = lm_loss(model, tokens, shift=7)
+            loss.backward()
+            if isinstance(optimizer, BlockLLM):
+                optimizer.record_loss(loss.item())
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            return sum(lm_loss(model, tokens, shift=7).item() for tokens in held_out) / len(held_out)
+
+    with torch.no_grad():
+        start = sum(lm_loss(base, tokens, shift=7).item() for tokens in held_out) / len(held_out)
+    adamw_loss = finetune(lambda model: torch.optim.AdamW(model.parameters(), lr=1e-2))
+    blockllm_loss = finetune(lambda model: BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=5))
+    adamw_gain, blockllm_gain = start - adamw_loss, start - blockllm_loss
+    assert adamw_gain > 0.5
+    print(f"start {start:.3f} adamw {adamw_loss:.3f} blockllm {blockllm_loss:.3f}")
+    assert blockllm_gain >= 0.5 * adamw_gain, (start, adamw_loss, blockllm_loss)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"sparsity": -0.1}, "sparsity"),
+        ({"patience": 0}, "patience"),
+        ({"patience": 2.5}, "patience"),
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"betas": (-0.1, 0.9)}, "betas"),
+        ({"eps": -1.0}, "eps"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"probe": "all"}, "probe"),
+        ({"probe_blocks": -1}, "probe_blocks"),
+    ],
+)
+def test_bad_argument_refused_by_name_before_any_change(kwargs, field):
+    model = TinyLM()
+    with pytest.raises(ValueError, match=rf"Invalid {field}: .*allowed"):
+        BlockLLM(model.named_parameters(), **kwargs)
+    assert all(param.requires_grad for param in model.parameters())
+
+
+def test_plain_parameters_refused_with_hint():
+    with pytest.raises(ValueError, match="named_parameters"):
+        BlockLLM(TinyLM().parameters())
+
+
+def test_mask_packing_round_trip():
+    generator = torch.Generator().manual_seed(0)
+    for numel in (1, 7, 8, 9, 1000):
+        mask = torch.rand(numel, generator=generator) > 0.5
+        bits = pack_mask(mask)
+        assert bits.numel() == math.ceil(numel / 8)
+        assert torch.equal(unpack_mask(bits, numel), mask)
