@@ -23,7 +23,9 @@ class TinyLM(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(VOCAB, width, dtype=dtype)
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, 2 * width, dtype=dtype), nn.GELU(), nn.Linear(2 * width, width, dtype=dtype))
+            nn.Sequential(
+                nn.Linear(width, 2 * width, dtype=dtype), nn.GELU(), nn.Linear(2 * width, width, dtype=dtype)
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width, dtype=dtype)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .distributed import squared_norms_vector, synchronize, unpack_measurements
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
 from .selection import is_embedding_name, pick_blocks, rank_blocks, split_budget
@@ -94,14 +95,10 @@ class BlockLLM(Optimizer):
             f"Invalid sparsity: {sparsity!r} (allowed: 0 <= sparsity < 1)",
         )
         _check(
-            isinstance(patience, int)
-            and not isinstance(patience, bool)
-            and patience >= 1,
+            isinstance(patience, int) and not isinstance(patience, bool) and patience >= 1,
             f"Invalid patience: {patience!r} (allowed: an integer >= 1)",
         )
-        _check(
-            probe in PROBES, f"Invalid probe: {probe!r} (allowed: {', '.join(PROBES)})"
-        )
+        _check(probe in PROBES, f"Invalid probe: {probe!r} (allowed: {', '.join(PROBES)})")
         _check(
             isinstance(probe_blocks, int) and probe_blocks >= 0,
             f"Invalid probe_blocks: {probe_blocks!r} (allowed: an integer >= 0)",
@@ -126,25 +123,20 @@ class BlockLLM(Optimizer):
         for group in self.param_groups:
             for name, param in zip(group["param_names"], group["params"]):
                 if name in self._param_by_name:
-                    raise ValueError(
-                        f"Invalid params: the parameter name {name!r} appears twice"
-                    )
+                    raise ValueError(f"Invalid params: the parameter name {name!r} appears twice")
                 self._param_by_name[name] = param
                 self._group_by_name[name] = group
         # Eligible blocks: trainable at construction, embeddings/heads only on request. The rest stays frozen.
         self.block_names: list[str] = [
             name
             for name, param in self._param_by_name.items()
-            if param.requires_grad
-            and (include_embeddings or not is_embedding_name(name))
+            if param.requires_grad and (include_embeddings or not is_embedding_name(name))
         ]
         _check(
             bool(self.block_names),
             "Invalid params: no trainable parameter is eligible for BlockLLM",
         )
-        self._sizes = {
-            name: self._param_by_name[name].numel() for name in self.block_names
-        }
+        self._sizes = {name: self._param_by_name[name].numel() for name in self.block_names}
         self.eligible_numel = sum(self._sizes.values())
         self.budget = max(1, math.floor((1.0 - self.sparsity) * self.eligible_numel))
 
@@ -179,12 +171,7 @@ class BlockLLM(Optimizer):
         for index, group in enumerate(groups):
             entries = list(group["params"])
             _check(
-                all(
-                    isinstance(entry, tuple)
-                    and len(entry) == 2
-                    and isinstance(entry[0], str)
-                    for entry in entries
-                ),
+                all(isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) for entry in entries),
                 f"Invalid params: group {index} must hold (name, parameter) pairs, e.g. model.named_parameters()",
             )
             group["params"] = entries
@@ -231,37 +218,28 @@ class BlockLLM(Optimizer):
             if loss is not None:
                 self.record_loss(float(loss))
 
-        selected_names = [
-            name
-            for name in self._selected
-            if self._param_by_name[name].grad is not None
-        ]
-        measured_names = list(self._probe_sq_norms) + selected_names
-        measured = [self._probe_sq_norms[name].sqrt() for name in self._probe_sq_norms]
-        measured += [
-            torch.linalg.vector_norm(
+        selected_names = [name for name in self._selected if self._param_by_name[name].grad is not None]
+        squared_norms = dict(self._probe_sq_norms)
+        for name in selected_names:
+            squared_norms[name] = torch.linalg.vector_norm(
                 self._param_by_name[name].grad, dtype=torch.float32
-            )
-            for name in selected_names
-        ]
-        values = (
-            torch.stack(
-                [value.to("cpu", non_blocking=True) for value in measured]
-            ).tolist()
-            if measured
-            else []
-        )
+            ).square()
         losses, self._pending_losses = self._pending_losses, []
-        if not all(math.isfinite(value) for value in values):
-            self._skip_nonfinite(measured_names, values)
+        # One small vector per step carries every measurement; under torch.distributed it is averaged across ranks so
+        # that all ranks take the same decisions (see distributed.py). Its .tolist() is the step's only host sync.
+        measurements = squared_norms_vector(self.block_names, squared_norms, losses)
+        measurements = synchronize(measurements)
+        norms, mean_loss = unpack_measurements(self.block_names, measurements)
+        if not all(math.isfinite(value) for value in norms.values()):
+            self._skip_nonfinite([name for name, value in norms.items() if not math.isfinite(value)])
             return loss
         self._probe_sq_norms = {}
-        self._norms.update(zip(measured_names, values))
+        self._norms.update(norms)
 
         for name in selected_names:
             self._update_block(name)
 
-        fired = self._loss_rule(sum(losses) / len(losses)) if losses else False
+        fired = self._loss_rule(mean_loss) if mean_loss is not None else False
         self._step_count += 1
         if not self._selected:
             self._reselect("initial")
@@ -269,16 +247,13 @@ class BlockLLM(Optimizer):
             self._reselect_after_probe = False
             self._reselect("loss plateau (exact probe)")
         elif fired and self.probe == "exact":
-            self._reselect_after_probe = (
-                True  # measure every block on the next backward, then reselect
-            )
+            self._reselect_after_probe = True  # measure every block on the next backward, then reselect
         elif fired:
             self._reselect("loss plateau")
         self._set_trainable(probed=self._next_probe())
         return loss
 
-    def _skip_nonfinite(self, names: list[str], values: list[float]) -> None:
-        bad = [name for name, value in zip(names, values) if not math.isfinite(value)]
+    def _skip_nonfinite(self, bad: list[str]) -> None:
         self._skipped_steps += 1
         self._probe_sq_norms = {}
         if not self._warned_nonfinite:
@@ -295,10 +270,7 @@ class BlockLLM(Optimizer):
 
     def _loss_rule(self, loss: float) -> bool:
         """Paper, section 2.2: revisit the selection when the loss is at or above the mean of the last m losses."""
-        fired = (
-            len(self._losses) == self.patience
-            and loss >= sum(self._losses) / self.patience
-        )
+        fired = len(self._losses) == self.patience and loss >= sum(self._losses) / self.patience
         self._losses.append(loss)
         return fired
 
@@ -338,9 +310,7 @@ class BlockLLM(Optimizer):
             mask[torch.topk(scores, keep, sorted=False).indices] = True
             state["mask"] = pack_mask(mask)
         state["exp_avg"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
-        state["exp_avg_sq"] = torch.zeros(
-            keep, dtype=torch.float32, device=param.device
-        )
+        state["exp_avg_sq"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
         if param.dtype != torch.float32:
             flat = param.data.reshape(-1)
             state["master"] = (flat if mask is None else flat[mask]).float()
@@ -376,9 +346,7 @@ class BlockLLM(Optimizer):
         if self.probe != "sample" or not unselected or self.probe_blocks == 0:
             return []
         count = min(self.probe_blocks, len(unselected))
-        order = torch.randperm(len(unselected), generator=self._generator)[
-            :count
-        ].tolist()
+        order = torch.randperm(len(unselected), generator=self._generator)[:count].tolist()
         return [unselected[index] for index in sorted(order)]
 
     def _set_trainable(self, probed: list[str]) -> None:
@@ -399,9 +367,7 @@ class BlockLLM(Optimizer):
                 param.grad = None
         for name in probed:
             self._probe_handles.append(
-                self._param_by_name[name].register_post_accumulate_grad_hook(
-                    _probe_hook(self, name)
-                )
+                self._param_by_name[name].register_post_accumulate_grad_hook(_probe_hook(self, name))
             )
 
     # ------------------------------------------------------------------ checkpointing
@@ -427,9 +393,7 @@ class BlockLLM(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         run = state_dict.get("blockllm")
         if run is None:
-            raise ValueError(
-                "Invalid state_dict: it has no 'blockllm' entry (not saved by BlockLLM)"
-            )
+            raise ValueError("Invalid state_dict: it has no 'blockllm' entry (not saved by BlockLLM)")
         if run["block_names"] != self.block_names or run["budget"] != self.budget:
             raise ValueError(
                 "Invalid state_dict: it was saved for other blocks or another sparsity "
@@ -437,30 +401,19 @@ class BlockLLM(Optimizer):
             )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                "Invalid state_dict: the number of parameter groups differs"
-            )
+            raise ValueError("Invalid state_dict: the number of parameter groups differs")
         index_to_param: dict[int, torch.nn.Parameter] = {}
         for group, saved in zip(self.param_groups, saved_groups):
             if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    "Invalid state_dict: a parameter group has a different size"
-                )
+                raise ValueError("Invalid state_dict: a parameter group has a different size")
             index_to_param.update(zip(saved["params"], group["params"]))
-            group.update(
-                {
-                    key: value
-                    for key, value in saved.items()
-                    if key not in ("params", "param_names")
-                }
-            )
+            group.update({key: value for key, value in saved.items() if key not in ("params", "param_names")})
         # States keep their own dtypes (fp32 moments and masters next to bf16 weights): no casting to the param dtype.
         self.state.clear()
         for index, saved_state in state_dict["state"].items():
             param = index_to_param[int(index)]
             self.state[param] = {
-                key: value.to(param.device) if torch.is_tensor(value) else value
-                for key, value in saved_state.items()
+                key: value.to(param.device) if torch.is_tensor(value) else value for key, value in saved_state.items()
             }
         self._selected = dict(run["selected"])
         self._reselect_after_probe = run["reselect_after_probe"]
@@ -491,9 +444,7 @@ def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None
             return
         squared = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
         previous = owner._probe_sq_norms.get(name)
-        owner._probe_sq_norms[name] = (
-            squared if previous is None else previous + squared
-        )
+        owner._probe_sq_norms[name] = squared if previous is None else previous + squared
         param.grad = None
 
     return hook

@@ -8,9 +8,7 @@ _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
 def _shifts(device: torch.device) -> torch.Tensor:
     shifts = _SHIFTS_CACHE.get(device)
     if shifts is None:
-        shifts = _SHIFTS_CACHE[device] = torch.arange(
-            8, dtype=torch.uint8, device=device
-        )
+        shifts = _SHIFTS_CACHE[device] = torch.arange(8, dtype=torch.uint8, device=device)
     return shifts
 
 

@@ -22,9 +22,7 @@ def visit_frequency(visits: Mapping[str, int], name: str) -> float:
     return (visits[name] + 1) / total
 
 
-def rank_blocks(
-    norms: Mapping[str, float], visits: Mapping[str, int], names: Sequence[str]
-) -> list[str]:
+def rank_blocks(norms: Mapping[str, float], visits: Mapping[str, int], names: Sequence[str]) -> list[str]:
     """Blocks in decreasing order of ||G_l|| / f_l; ties keep model order so that ranks are deterministic."""
     order = {name: index for index, name in enumerate(names)}
     return sorted(
@@ -36,9 +34,7 @@ def rank_blocks(
     )
 
 
-def pick_blocks(
-    ranked: Sequence[str], sizes: Mapping[str, int], budget: int
-) -> list[str]:
+def pick_blocks(ranked: Sequence[str], sizes: Mapping[str, int], budget: int) -> list[str]:
     """Takes blocks in rank order until their coordinates reach the budget (the last one may overshoot)."""
     picked, total = [], 0
     for name in ranked:
@@ -49,9 +45,7 @@ def pick_blocks(
     return picked
 
 
-def split_budget(
-    picked: Sequence[str], sizes: Mapping[str, int], budget: int
-) -> dict[str, int]:
+def split_budget(picked: Sequence[str], sizes: Mapping[str, int], budget: int) -> dict[str, int]:
     """Coordinates to keep in each picked block: the same top fraction of every block, so that their sum <= budget.
 
     The paper keeps "the top k parameters by gradient magnitude" of each selected layer through a per-layer

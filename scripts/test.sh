@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's test command: sets up .venv (idempotent, see bootstrap.sh) and runs the whole test suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k optim`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/bootstrap.sh"
+cd "$ROOT"
+# The installed package is what users get: run pytest's script (not `python -m pytest`, which would put the source
+# tree first on sys.path and shadow it).
+exec "$ROOT/.venv/bin/pytest" -q "$ROOT/tests" "$@"
