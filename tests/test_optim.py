@@ -272,7 +272,7 @@ def test_nonfinite_gradient_skips_step_and_keeps_state():
     loss = lm_loss(model, make_batches(1, seed=9)[0])
     loss.backward()
     next(param for param in model.parameters() if param.grad is not None).grad[0] = float("nan")
-    with pytest.warns(RuntimeWarning, match="non-finite gradient at optimizer step 3"):
+    with pytest.warns(RuntimeWarning, match="non-finite gradient at optimizer step 4"):
         optimizer.step()
     optimizer.zero_grad()
     assert optimizer.skipped_steps == 1 and optimizer.selection == selection

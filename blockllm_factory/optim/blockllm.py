@@ -136,7 +136,7 @@ class BlockLLM(Optimizer):
             bool(self.block_names),
             "Invalid params: no trainable parameter is eligible for BlockLLM",
         )
-        self._sizes = {name: self._param_by_name[name].numel() for name in self.block_names}
+        self._sizes = {name: self._block_numel(self._param_by_name[name]) for name in self.block_names}
         self.eligible_numel = sum(self._sizes.values())
         self.budget = max(1, math.floor((1.0 - self.sparsity) * self.eligible_numel))
 
@@ -158,6 +158,12 @@ class BlockLLM(Optimizer):
         # Hooks are attached to probed blocks only, and removed once their norm is taken.
         self._probe_handles: list[Any] = []
         self._probe_sq_norms: dict[str, torch.Tensor] = {}
+        # Set by engine adapters (see distributed.py, zero.py): whether probed gradients are measured by hooks during
+        # backward (else the engine reports them through record_probe_norm), and the loss scale the probed gradients
+        # carry when an fp16 GradScaler scales the loss (hooks see scaled gradients; the selection is unscaled first).
+        self.probe_hooks = True
+        self.probe_grad_scale: Callable[[], float] | None = None
+        self._kept_for_scaler: str | None = None
 
         # The first step measures every block (one gradient at a time) and makes the first selection.
         self._set_trainable(probed=list(self.block_names))
@@ -218,16 +224,11 @@ class BlockLLM(Optimizer):
             if loss is not None:
                 self.record_loss(float(loss))
 
-        selected_names = [name for name in self._selected if self._param_by_name[name].grad is not None]
-        squared_norms = dict(self._probe_sq_norms)
-        for name in selected_names:
-            squared_norms[name] = torch.linalg.vector_norm(
-                self._param_by_name[name].grad, dtype=torch.float32
-            ).square()
+        squared_norms, shares, selected_names = self._measure()
         losses, self._pending_losses = self._pending_losses, []
-        # One small vector per step carries every measurement; under torch.distributed it is averaged across ranks so
+        # One small vector per step carries every measurement; under torch.distributed it is summed across ranks so
         # that all ranks take the same decisions (see distributed.py). Its .tolist() is the step's only host sync.
-        measurements = squared_norms_vector(self.block_names, squared_norms, losses)
+        measurements = squared_norms_vector(self.block_names, squared_norms, losses, shares)
         measurements = synchronize(measurements)
         norms, mean_loss = unpack_measurements(self.block_names, measurements)
         if not all(math.isfinite(value) for value in norms.values()):
@@ -236,8 +237,7 @@ class BlockLLM(Optimizer):
         self._probe_sq_norms = {}
         self._norms.update(norms)
 
-        for name in selected_names:
-            self._update_block(name)
+        self._apply_updates(selected_names)
 
         fired = self._loss_rule(mean_loss) if mean_loss is not None else False
         self._step_count += 1
@@ -253,17 +253,77 @@ class BlockLLM(Optimizer):
         self._set_trainable(probed=self._next_probe())
         return loss
 
+    def _measure(self) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, list[str]]:
+        """This rank's squared gradient norms, the share of each block they cover (None: all of it) and the selected
+        blocks that have a gradient to update. Engines that shard parameters override this (see zero.py)."""
+        selected_names = [name for name in self._selected if self._param_by_name[name].grad is not None]
+        squared_norms = dict(self._probe_sq_norms)
+        if squared_norms and self.probe_grad_scale is not None:
+            # Probed gradients were measured while still multiplied by the loss scale; the selection is unscaled.
+            inverse_square = 1.0 / float(self.probe_grad_scale()) ** 2
+            squared_norms = {name: value * inverse_square for name, value in squared_norms.items()}
+        # Probed blocks whose gradient was kept (no hooks, or the one kept for a GradScaler) are measured like the
+        # selection; their gradients have been unscaled by then.
+        measured = selected_names + [
+            name for name in self._probed if name not in squared_norms and self._param_by_name[name].grad is not None
+        ]
+        for name in measured:
+            squared_norms[name] = torch.linalg.vector_norm(
+                self._param_by_name[name].grad, dtype=torch.float32
+            ).square()
+        return squared_norms, None, selected_names
+
+    def _apply_updates(self, selected_names: list[str]) -> None:
+        for name in selected_names:
+            self._update_block(name)
+
+    @staticmethod
+    def _block_numel(param: torch.nn.Parameter) -> int:
+        return param.numel()
+
+    def record_probe_norm(self, name: str, squared_norm: torch.Tensor) -> None:
+        """Adds a probed block's squared gradient norm for the coming step (hooks, or an engine that reduces first)."""
+        previous = self._probe_sq_norms.get(name)
+        self._probe_sq_norms[name] = squared_norm if previous is None else previous + squared_norm
+
+    def _keeps_gradient_for_scaler(self, name: str) -> bool:
+        """On a step with no selection yet (the first), a GradScaler would find no gradient at all and refuse to step
+        ("No inf checks were recorded"); one probed block keeps its gradient for it and is measured in step()."""
+        if self.probe_grad_scale is None or self._selected:
+            return False
+        if self._kept_for_scaler is None:
+            self._kept_for_scaler = name
+        return self._kept_for_scaler == name
+
+    def set_probe_hooks(self, enabled: bool) -> None:
+        """Turns the probe hooks on or off (an engine that measures probed gradients itself turns them off)."""
+        self.probe_hooks = bool(enabled)
+        self._set_trainable(probed=self._probed)
+
+    def skip_step(self, reason: str) -> None:
+        """Records that the step was skipped outside the optimizer (e.g. a GradScaler or DeepSpeed found inf/NaN).
+
+        Like a non-finite measurement inside :meth:`step`: moments, weights, selection and norm table are kept; the
+        loss and the probe norms gathered for the skipped step are dropped, and the probed blocks are measured again.
+        """
+        self._pending_losses = []
+        self._skip(reason, "")
+
     def _skip_nonfinite(self, bad: list[str]) -> None:
+        self._skip("non-finite gradient", f" in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+
+    def _skip(self, reason: str, detail: str) -> None:
+        # Steps are numbered from 1 as in the selection telemetry and the Trainer's logs (global_step after the step).
         self._skipped_steps += 1
         self._probe_sq_norms = {}
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
-                f"BlockLLM: non-finite gradient at optimizer step {self._step_count} in {', '.join(bad[:3])}"
-                f"{' ...' if len(bad) > 3 else ''}; the step was skipped (states and selection kept). "
-                "Further skipped steps are counted in BlockLLM.skipped_steps without a warning.",
+                f"BlockLLM: {reason} at optimizer step {self._step_count + 1}{detail}; the step was skipped "
+                "(states and selection kept). Further skipped steps are counted in BlockLLM.skipped_steps without a "
+                "warning.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         # Probed blocks are measured again on the next backward.
         self._set_trainable(probed=self._probed)
@@ -354,6 +414,7 @@ class BlockLLM(Optimizer):
         for handle in self._probe_handles:
             handle.remove()
         self._probe_handles = []
+        self._kept_for_scaler = None
         self._probed = list(probed)
         trainable = set(self._selected) | set(probed)
         for name in self.block_names:
@@ -365,6 +426,8 @@ class BlockLLM(Optimizer):
             if name not in self._sizes:
                 param.requires_grad_(False)
                 param.grad = None
+        if not self.probe_hooks:
+            return
         for name in probed:
             self._probe_handles.append(
                 self._param_by_name[name].register_post_accumulate_grad_hook(_probe_hook(self, name))
@@ -373,7 +436,12 @@ class BlockLLM(Optimizer):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
-        state_dict["blockllm"] = {
+        state_dict["blockllm"] = self._run_state()
+        return state_dict
+
+    def _run_state(self) -> dict[str, Any]:
+        """Everything but the per-block tensors: selection, probes, norm table, losses, counters, generator."""
+        return {
             "selected": dict(self._selected),
             "probed": list(self._probed),
             "reselect_after_probe": self._reselect_after_probe,
@@ -388,10 +456,8 @@ class BlockLLM(Optimizer):
             "block_names": list(self.block_names),
             "budget": self.budget,
         }
-        return state_dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        run = state_dict.get("blockllm")
+    def _check_run_state(self, run: dict[str, Any] | None) -> dict[str, Any]:
         if run is None:
             raise ValueError("Invalid state_dict: it has no 'blockllm' entry (not saved by BlockLLM)")
         if run["block_names"] != self.block_names or run["budget"] != self.budget:
@@ -399,6 +465,25 @@ class BlockLLM(Optimizer):
                 "Invalid state_dict: it was saved for other blocks or another sparsity "
                 f"(saved budget {run['budget']}, this optimizer {self.budget})"
             )
+        return run
+
+    def _load_run_state(self, run: dict[str, Any]) -> None:
+        self._selected = dict(run["selected"])
+        self._reselect_after_probe = run["reselect_after_probe"]
+        self._visits = dict(run["visits"])
+        self._norms = dict(run["norms"])
+        self._losses = deque(run["losses"], maxlen=self.patience)
+        self._step_count = run["step"]
+        self._reselections = run["reselections"]
+        self._skipped_steps = run["skipped_steps"]
+        self.selection_events = [dict(event) for event in run["events"]]
+        self._generator.set_state(run["rng_state"])
+        self._pending_losses = []
+        self._probe_sq_norms = {}
+        self._set_trainable(probed=list(run["probed"]))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        run = self._check_run_state(state_dict.get("blockllm"))
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("Invalid state_dict: the number of parameter groups differs")
@@ -415,19 +500,7 @@ class BlockLLM(Optimizer):
             self.state[param] = {
                 key: value.to(param.device) if torch.is_tensor(value) else value for key, value in saved_state.items()
             }
-        self._selected = dict(run["selected"])
-        self._reselect_after_probe = run["reselect_after_probe"]
-        self._visits = dict(run["visits"])
-        self._norms = dict(run["norms"])
-        self._losses = deque(run["losses"], maxlen=self.patience)
-        self._step_count = run["step"]
-        self._reselections = run["reselections"]
-        self._skipped_steps = run["skipped_steps"]
-        self.selection_events = [dict(event) for event in run["events"]]
-        self._generator.set_state(run["rng_state"])
-        self._pending_losses = []
-        self._probe_sq_norms = {}
-        self._set_trainable(probed=list(run["probed"]))
+        self._load_run_state(run)
 
 
 def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None]:
@@ -440,11 +513,9 @@ def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None
 
     def hook(param: torch.Tensor) -> None:
         owner = optimizer_ref()
-        if owner is None or param.grad is None:
+        if owner is None or param.grad is None or owner._keeps_gradient_for_scaler(name):
             return
-        squared = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
-        previous = owner._probe_sq_norms.get(name)
-        owner._probe_sq_norms[name] = squared if previous is None else previous + squared
+        owner.record_probe_norm(name, torch.linalg.vector_norm(param.grad, dtype=torch.float32).square())
         param.grad = None
 
     return hook

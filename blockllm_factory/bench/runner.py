@@ -1,0 +1,345 @@
+"""Runs a suite: one ``llamafactory-cli train`` process per run, measured by :mod:`blockllm_factory.patches.metrics`.
+
+Layout of ``--out DIR``::
+
+    report.json  report.md  loss.png  memory.png      rewritten (atomically) after every run
+    runs/<run>/train.yaml                             the exact arguments given to llamafactory-cli
+    runs/<run>/train.log                              its stdout and stderr
+    runs/<run>/metrics.json                           what the measurement callback wrote
+    runs/<run>/result.json                            the run's row of the report; present = finished
+    runs/<run>/output/                                LLaMA-Factory's output_dir (weights removed unless kept)
+
+A run whose ``result.json`` says ``ok`` for the same arguments and environment is skipped on the next invocation; a
+failed run is tried again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from . import report
+from .files import write_json
+from .report import human_bytes
+from .suite import Run, Suite, load_suite, resolve_paths
+
+METRICS_ENV = "BLOCKLLM_FACTORY_BENCH_OUT"  # read by blockllm_factory.patches.metrics
+RESULT_FILE = "result.json"
+FINAL_LOSS_SHARE = 0.1  # final_train_loss: mean of the logged losses over the last 10% of the steps
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "checkpoint-*")
+ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)|AssertionError|KeyError)\b.*")
+RUN_FIELDS = (
+    "peak_memory_bytes",
+    "peak_memory_source",
+    "peak_rss_bytes",
+    "peak_tracked_bytes",
+    "parameter_bytes",
+    "gradient_bytes",
+    "optimizer_state_bytes",
+    "master_weight_bytes",
+    "trainable_parameters",
+    "eligible_parameters",
+    "total_parameters",
+    "optimizer",
+    "device_name",
+    "steps",
+    "step_time_s",
+    "step_cpu_time_s",
+    "load_average",
+    "tokens",
+    "tokens_per_s",
+)
+
+
+def llamafactory_cli() -> str:
+    beside = Path(sys.executable).with_name("llamafactory-cli")
+    found = str(beside) if beside.is_file() else shutil.which("llamafactory-cli")
+    if not found:
+        raise FileNotFoundError("llamafactory-cli not found; install blockllm-factory[llamafactory]")
+    return found
+
+
+def build_demo_assets(root: Path) -> None:
+    """Builds (or reuses) the embedded tiny model and data under ``root``."""
+    from blockllm_factory import demo
+
+    if hasattr(demo, "build_assets"):
+        demo.build_assets(root)
+    else:
+        from blockllm_factory.demo.assets import build
+
+        build(root)
+
+
+def final_train_loss(loss_curve: list[list[float]]) -> float | None:
+    """Mean of the logged training losses over the last 10% of the steps (at least the last one logged)."""
+    if not loss_curve:
+        return None
+    last_step = loss_curve[-1][0]
+    window = max(1.0, FINAL_LOSS_SHARE * last_step)
+    tail = [loss for step, loss in loss_curve if step > last_step - window] or [loss_curve[-1][1]]
+    return sum(tail) / len(tail)
+
+
+def error_from_log(log_path: Path, returncode: int | None) -> str:
+    """The line that says what went wrong (the last exception line of the log), with the exit status."""
+    try:
+        lines = [line.rstrip() for line in log_path.read_text(errors="replace").splitlines()[-400:]]
+    except OSError:
+        lines = []
+    lines = [line for line in lines if line.strip()]
+    hook = next((line for line in lines if line.startswith("blockllm-factory: could not patch")), None)
+    cause = next((line for line in reversed(lines) if ERROR_LINE.match(line.strip())), None)
+    if cause is None and lines:
+        cause = lines[-1]
+    if returncode is None:
+        status = "training process did not start"
+    elif returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        status = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    else:
+        status = f"exit code {returncode}"
+    parts = [status] + ([cause.strip()[:500]] if cause else []) + ([hook] if hook and hook != cause else [])
+    return "; ".join(parts)
+
+
+def _record(run: Run, status: str, error: str | None, metrics: dict[str, Any], wall: float, log: Path) -> dict:
+    loss_curve = metrics.get("loss_curve") or []
+    eval_curve = metrics.get("eval_curve") or []
+    record: dict[str, Any] = {
+        "name": run.name,
+        "method": run.method,
+        "group": run.group,
+        "kind": run.kind,
+        "status": status,
+        "error": error,
+    }
+    record.update({key: metrics.get(key) for key in RUN_FIELDS})
+    record.update(
+        {
+            "final_train_loss": final_train_loss(loss_curve),
+            "eval_loss": eval_curve[-1][1] if eval_curve else None,
+            "loss_curve": loss_curve,
+            "eval_curve": eval_curve,
+            "wall_time_s": round(wall, 1),
+            "sparsity": run.args.get("blockllm_sparsity") if run.kind == "blockllm" else None,
+            "fingerprint": run.fingerprint,
+            "log": str(log),
+            "args": run.args,
+        }
+    )
+    return record
+
+
+def _stored(run_dir: Path, run: Run) -> dict | None:
+    try:
+        stored = json.loads((run_dir / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if stored.get("fingerprint") == run.fingerprint else None
+
+
+def _drop_weights(output_dir: Path) -> None:
+    for pattern in WEIGHT_PATTERNS:
+        for path in output_dir.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def execute(run: Run, run_dir: Path, cli: str, keep_models: bool = False) -> dict:
+    """Trains one run in its own process and returns its report row; never raises for a failed training."""
+    import yaml
+
+    log = run_dir / "train.log"
+    if run.problem:
+        return _record(run, "failed", run.problem, {}, 0.0, log)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    metrics_path = run_dir / "metrics.json"
+    config = run_dir / "train.yaml"
+    config.write_text(yaml.safe_dump({**run.args, "output_dir": str(run_dir / "output")}, sort_keys=False))
+    env = {**os.environ, **run.env, METRICS_ENV: str(metrics_path)}
+    started = time.monotonic()
+    returncode: int | None = None
+    with open(log, "wb") as log_stream:
+        try:
+            process = subprocess.Popen(
+                [cli, "train", str(config)],
+                stdout=log_stream,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as error:
+            log_stream.write(f"{type(error).__name__}: {error}\n".encode())
+        else:
+            try:
+                returncode = process.wait()
+            except BaseException:  # Ctrl-C: stop the whole training process group, record nothing
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                raise
+    wall = time.monotonic() - started
+    metrics: dict[str, Any] = {}
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+    if returncode != 0:
+        return _record(run, "failed", error_from_log(log, returncode), metrics, wall, log)
+    if not metrics or not metrics.get("steps"):
+        error = (
+            "training finished but the measurement callback wrote no steps; is blockllm_factory installed in the "
+            f"environment of {cli} (import hook active, BLOCKLLM_FACTORY_DISABLE unset)? "
+            + error_from_log(log, returncode)
+        )
+        return _record(run, "failed", error, metrics, wall, log)
+    if not keep_models:
+        _drop_weights(run_dir / "output")
+    return _record(run, "ok", None, metrics, wall, log)
+
+
+def progress_line(index: int, total: int, record: dict, skipped: bool = False) -> str:
+    head = f"[bench {index}/{total}] {record['name']}:"
+    if skipped:
+        return f"{head} skipped, completed earlier with the same arguments (--force runs it again)"
+    if record["status"] != "ok":
+        return f"{head} FAILED after {record['wall_time_s']:.0f} s: {record['error']}"
+    source = "peak RSS" if record.get("peak_memory_source") == "cpu_peak_rss" else "CUDA max allocated"
+    parts = [
+        f"ok in {record['wall_time_s']:.0f} s",
+        f"peak {human_bytes(record['peak_memory_bytes'])} ({source})",
+        f"grads {human_bytes(record['gradient_bytes'])}",
+        f"states {human_bytes(record['optimizer_state_bytes'])}",
+        f"step {record['step_time_s']:.3f} s" if record.get("step_time_s") is not None else "step n/a",
+        f"loss {record['final_train_loss']:.4f}" if record.get("final_train_loss") is not None else "loss n/a",
+        f"eval {record['eval_loss']:.4f}" if record.get("eval_loss") is not None else "eval n/a",
+    ]
+    return f"{head} " + " | ".join(parts)
+
+
+def machine_info(records: list[dict]) -> dict[str, Any]:
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    versions = {}
+    for package in (
+        "torch",
+        "transformers",
+        "llamafactory",
+        "peft",
+        "trl",
+        "badam",
+        "galore-torch",
+        "blockllm-factory",
+    ):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    devices = sorted({r["device_name"] for r in records if r.get("status") == "ok" and r.get("device_name")})
+    sources = sorted({r["peak_memory_source"] for r in records if r.get("peak_memory_source")})
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": memory,
+        "devices": devices,
+        "peak_memory_sources": sources,
+        "versions": versions,
+    }
+
+
+def run_bench(
+    suite_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    force: bool = False,
+    only: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    keep_models: bool = False,
+    command: str | None = None,
+    stream: IO[str] | None = None,
+) -> dict:
+    """Runs (or resumes) a suite and writes the report; returns the report. Raises SuiteError for a bad suite."""
+    stream = stream or sys.stdout
+    suite: Suite = load_suite(suite_path, settings=overrides)
+    selected = suite.runs
+    if only:
+        names = {run.name for run in suite.runs} | {run.method for run in suite.runs}
+        unknown = [name for name in only if name not in names]
+        if unknown:
+            from .suite import SuiteError
+
+            raise SuiteError(f"--only {unknown[0]!r}: no such run or method (runs: {', '.join(sorted(names))})")
+        selected = [run for run in suite.runs if run.name in only or run.method in only]
+    for run in suite.runs:
+        if run.problem:
+            print(f"[bench] {run.name} cannot run and will be recorded as failed: {run.problem}", file=stream)
+    if suite.demo_assets is not None:
+        print(f"[bench] embedded tiny model and data: {suite.demo_assets}", file=stream, flush=True)
+        build_demo_assets(suite.demo_assets)
+    resolve_paths(suite)
+    cli = llamafactory_cli()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    records: dict[str, dict] = {}
+    for run in suite.runs:  # results of earlier invocations (same arguments) stay in the report
+        stored = _stored(out / "runs" / run.name, run)
+        if stored is not None:
+            records[run.name] = stored
+    for index, run in enumerate(selected, start=1):
+        run_dir = out / "runs" / run.name
+        stored = records.get(run.name)
+        if not force and stored is not None and stored.get("status") == "ok":
+            print(progress_line(index, len(selected), stored, skipped=True), file=stream, flush=True)
+            continue
+        print(
+            f"[bench {index}/{len(selected)}] {run.name}: training ({run_dir / 'train.log'})", file=stream, flush=True
+        )
+        record = execute(run, run_dir, cli, keep_models=keep_models)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / RESULT_FILE, record)
+        records[run.name] = record
+        print(progress_line(index, len(selected), record), file=stream, flush=True)
+        _write_report(suite, out, records, command)
+    return _write_report(suite, out, records, command)
+
+
+def _write_report(suite: Suite, out: Path, records: dict[str, dict], command: str | None) -> dict:
+    ordered = [records[run.name] for run in suite.runs if run.name in records]
+    document = {
+        "suite": str(suite.path),
+        "description": suite.description,
+        "command": command,
+        "machine": machine_info(ordered),
+        "runs": ordered,
+    }
+    report.write_all(document, out)
+    return document

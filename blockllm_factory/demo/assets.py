@@ -1,0 +1,183 @@
+"""Builds the embedded default: a tiny Llama with its own tokenizer, and the demo datasets for every stage.
+
+Nothing comes from a hub. The tokenizer is a byte-level BPE trained on the demo text, the model is a
+``LlamaForCausalLM`` initialised from a fixed seed, and the datasets come from :mod:`blockllm_factory.demo.data`;
+two builds with the same library versions give identical files. A build is skipped when the folder already holds
+one made by the same code and library versions (see :func:`build`).
+
+Layout of the folder (``runs/demo/assets`` for the README's demo)::
+
+    model/   config.json, model.safetensors, tokenizer files   -> model_name_or_path
+    data/    dataset_info.json and one JSON file per dataset    -> dataset_dir
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockllm_factory.demo import data
+
+SEED = 1234
+TRAIN_EXAMPLES = 4000
+EVAL_EXAMPLES = 400
+VOCAB_SIZE = 1024
+STAMP_NAME = "BUILD_STAMP"
+
+# Small enough for a few minutes of CPU training, big enough that sparsity 0.95 still leaves
+# whole blocks to choose from: 4 layers x 7 matrices = 28 candidate blocks besides the norms.
+MODEL_SHAPE = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 256,
+}
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+# Dataset name -> its LLaMA-Factory dataset_info entry, less "file_name" (always "<name>.json").
+# Alpaca columns (instruction, input, output) are LLaMA-Factory's defaults.
+DATASETS = {
+    "demo_sft": {},
+    "demo_sft_eval": {},
+    "demo_pt": {"columns": {"prompt": "text"}},
+    "demo_pref": {
+        "ranking": True,
+        "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"},
+    },
+    "demo_kto": {
+        "columns": {"prompt": "instruction", "query": "input", "response": "output", "kto_tag": "label"},
+    },
+}
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    root: Path
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / "data"
+
+
+def _records() -> dict[str, list[dict]]:
+    train = data.examples(TRAIN_EXAMPLES, seed=SEED)
+    held_out = data.examples(EVAL_EXAMPLES, seed=SEED + 1)
+    return {
+        "demo_sft": data.as_instructions(train),
+        "demo_sft_eval": data.as_instructions(held_out),
+        "demo_pt": data.as_text(train),
+        "demo_pref": data.as_preferences(train),
+        "demo_kto": data.as_kto(train),
+    }
+
+
+def _write_datasets(records: dict[str, list[dict]], dataset_dir: Path) -> None:
+    dataset_dir.mkdir(parents=True)
+    info = {}
+    for name, attributes in DATASETS.items():
+        file_name = f"{name}.json"
+        (dataset_dir / file_name).write_text(json.dumps(records[name], indent=1) + "\n", encoding="utf-8")
+        info[name] = {"file_name": file_name, **attributes}
+    (dataset_dir / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def _corpus(records: dict[str, list[dict]]) -> list[str]:
+    # Everything a tokenizer will see in the demo, including the "default" template's role words.
+    lines = ["Human: Assistant: System:"]
+    for record in records["demo_pref"] + records["demo_sft_eval"]:
+        lines.append("\n".join(str(value) for value in record.values()))
+    return lines
+
+
+def _build_tokenizer(records: dict[str, list[dict]]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_corpus(records), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=MODEL_SHAPE["max_position_embeddings"], **SPECIAL_TOKENS
+    )
+
+
+def _build_model(tokenizer, model_dir: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **MODEL_SHAPE,
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(SEED)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+
+def build_key() -> str:
+    """What decides the bytes of a build: this code and the versions of the libraries that write the files."""
+    import tokenizers
+    import torch
+    import transformers
+
+    digest = hashlib.sha256()
+    for module_file in (Path(__file__), Path(data.__file__)):
+        digest.update(module_file.read_bytes())
+    for version in (torch.__version__, transformers.__version__, tokenizers.__version__):
+        digest.update(version.encode())
+    return digest.hexdigest()[:16]
+
+
+def build(destination: str | os.PathLike, force: bool = False) -> DemoAssets:
+    """Build the demo model and datasets into ``destination`` unless a build with the same key is there.
+
+    The build happens in a sibling temporary folder that replaces ``destination`` only when complete, so an
+    interrupted build never leaves a half-written model behind.
+    """
+    root = Path(destination).resolve()
+    key = build_key()
+    stamp = root / STAMP_NAME
+    if not force and stamp.is_file() and stamp.read_text().strip() == key:
+        return DemoAssets(root)
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        records = _records()
+        _write_datasets(records, staging / "data")
+        _build_model(_build_tokenizer(records), staging / "model")
+        (staging / STAMP_NAME).write_text(key + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        staging.rename(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return DemoAssets(root)

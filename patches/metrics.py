@@ -1,0 +1,350 @@
+"""Measurement inside ``llamafactory-cli train`` for ``blockllm-factory bench``; surface ``llamafactory.train.tuner``.
+
+Inert unless the harness sets ``BLOCKLLM_FACTORY_BENCH_OUT`` to a JSON path: then :func:`apply` wraps
+``_training_function`` so that every training run gets one more callback, :class:`BenchMetricsCallback`, which measures
+the live tensors and writes what it saw to that path (atomically, on rank 0, at the end of training and after each
+evaluation).
+
+What is measured, and when:
+
+- bytes by category, from the tensors themselves (storages counted once): parameters (the model's), gradients
+  (``.grad`` of model parameters and of optimizer-held copies), optimizer state (every tensor reachable from
+  ``optimizer.state`` along the wrapper chain, GaLore's projectors included), master weights (optimizer-held
+  parameters that are not the model's, e.g. BAdam's fp32 copies, and optimizer-state entries whose key names a master
+  copy, e.g. BlockLLM's). Samples are taken after each gradient accumulation of a trainable parameter, and just before
+  and after every ``step()`` of every optimizer in the chain. Each category keeps its own peak;
+  ``peak_tracked_bytes`` is the peak of their sum at one sample.
+- peak memory: ``torch.cuda.max_memory_allocated`` since the start of training on a GPU; on CPU the process's peak RSS
+  (``ru_maxrss``, which includes the Python runtime and the libraries). Both the source and the peak RSS are recorded.
+- trainable parameters: the coordinates the optimizer updates in a step (``optimizer.selection["coordinates"]`` where
+  the optimizer reports a selection, as BlockLLM does; otherwise the parameters with ``requires_grad``), the largest
+  value seen after an optimizer step.
+- step times (step begin to step end, device synchronised), tokens per step (``num_input_tokens_seen``), the logged
+  training losses and the evaluation losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ._version import check_llamafactory_version
+
+ENV_VAR = "BLOCKLLM_FACTORY_BENCH_OUT"
+SURFACE = "llamafactory.train.tuner"
+SCHEMA = 1
+_PATCHED_FLAG = "_blockllm_factory_bench_metrics"
+_MAX_WALK_DEPTH = 6
+
+
+def apply(module: Any) -> None:
+    """Adds :class:`BenchMetricsCallback` to every training run of ``module`` when the harness asked for it."""
+    out_path = os.environ.get(ENV_VAR)
+    if not out_path or getattr(module, _PATCHED_FLAG, False):
+        return
+    check_llamafactory_version()
+    original = module._training_function
+
+    def _training_function(config: dict[str, Any]) -> None:
+        callbacks = config.get("callbacks")
+        if callbacks is None:
+            callbacks = config["callbacks"] = []
+        callbacks.append(BenchMetricsCallback(out_path))
+        return original(config)
+
+    _training_function.__wrapped__ = original  # type: ignore[attr-defined]
+    module._training_function = _training_function
+    setattr(module, _PATCHED_FLAG, True)
+
+
+def _callback_base() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class _Storages:
+    """Bytes of distinct storages: a storage shared by several tensors (tied weights, views) is counted once."""
+
+    def __init__(self, exclude: set[int] | None = None) -> None:
+        self.seen: set[int] = set(exclude or ())
+        self.bytes = 0
+
+    def add(self, tensor: Any) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.seen:  # 0: empty or meta storage (e.g. a ZeRO-3 partitioned parameter)
+            return
+        self.seen.add(key)
+        self.bytes += storage.nbytes()
+
+
+def _optimizer_chain(optimizer: Any) -> list[Any]:
+    """The optimizer and everything it wraps (accelerate's wrapper, BAdam's base optimizer, ...), outermost first."""
+    chain: list[Any] = []
+    current = optimizer
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = getattr(current, "optimizer", None) or getattr(current, "base_optimizer", None)
+    return chain
+
+
+def _state_of(optimizer: Any) -> Mapping | None:
+    try:
+        state = optimizer.state
+    except Exception:  # BAdam's BlockOptimizer has no state of its own; accelerate's wrapper forwards
+        return None
+    return state if isinstance(state, Mapping) else None
+
+
+class BenchMetricsCallback(_callback_base()):  # type: ignore[misc]
+    """Measures one training run for the comparison harness and writes the figures to ``out_path``."""
+
+    def __init__(self, out_path: str) -> None:
+        import torch
+
+        self._torch = torch
+        self.out_path = out_path
+        self.model: Any = None
+        self.chain: list[Any] = []
+        self.params: list[Any] = []
+        self.param_ptrs: set[int] = set()
+        self.hooked: set[int] = set()
+        self.handles: list[Any] = []
+        self.device: Any = None
+        self.peaks = {"parameter": 0, "gradient": 0, "optimizer_state": 0, "master_weight": 0, "tracked": 0}
+        self.last = {"parameter": 0, "optimizer_state": 0, "master_weight": 0}
+        self.trainable_parameters = 0
+        self.eligible_parameters: int | None = None
+        self.step_times: list[float] = []
+        self.step_cpu_times: list[float] = []
+        self.load_average: list[float] = []
+        self.step_tokens: list[int] = []
+        self.loss_curve: list[list[float]] = []
+        self.eval_curve: list[list[float]] = []
+        self._step_start: float | None = None
+        self._step_cpu_start = 0.0
+        self._tokens_at_start = 0
+        self._world_zero = True
+        self._world_size = 1
+
+    # ------------------------------------------------------------------ trainer events
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **_: Any):
+        torch = self._torch
+        self._world_zero = bool(state.is_world_process_zero)
+        self._world_size = int(getattr(args, "world_size", 1) or 1)
+        self.model = model
+        self.params = list(model.parameters())
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in self.params}
+        self.device = next((p.device for p in self.params if p.device.type != "meta"), torch.device("cpu"))
+        self.chain = _optimizer_chain(optimizer)
+        chain_ids = {id(item) for item in self.chain}
+        for item in self.chain:
+            eligible = getattr(item, "eligible_numel", None)
+            if isinstance(eligible, int):
+                self.eligible_parameters = eligible
+
+        def on_step(opt: Any, *_args: Any, **_kwargs: Any) -> None:
+            if id(opt) in chain_ids:
+                self._sample_full()
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self.handles += [register_optimizer_step_pre_hook(on_step), register_optimizer_step_post_hook(on_step)]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.load_average = [os.getloadavg()[0]]
+        self._sample_full()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any):
+        # Blocks switch between steps (BAdam, BlockLLM): hook the parameters that became trainable.
+        for param in self.params:
+            if param.requires_grad and id(param) not in self.hooked:
+                self.hooked.add(id(param))
+                self.handles.append(param.register_post_accumulate_grad_hook(self._on_gradient))
+        self._synchronize()
+        self._tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self._step_cpu_start = time.process_time()
+        self._step_start = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any):
+        self._sample_full()
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any):
+        self._sample_full()
+        self.trainable_parameters = max(self.trainable_parameters, self._count_trainable())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any):
+        if self._step_start is None:
+            return
+        self._synchronize()
+        self.step_times.append(time.perf_counter() - self._step_start)
+        self.step_cpu_times.append(time.process_time() - self._step_cpu_start)
+        self.step_tokens.append(int(getattr(state, "num_input_tokens_seen", 0) or 0) - self._tokens_at_start)
+        self._step_start = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any):
+        if logs and "loss" in logs:
+            self.loss_curve.append([int(state.global_step), float(logs["loss"])])
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **_: Any):
+        if metrics and "eval_loss" in metrics:
+            self.eval_curve.append([int(state.global_step), float(metrics["eval_loss"])])
+        self._write()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **_: Any):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.load_average = self.load_average[:1] + [os.getloadavg()[0]]
+        self._write()
+
+    # ------------------------------------------------------------------ sampling
+    def _synchronize(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+
+    def _on_gradient(self, _param: Any) -> None:
+        gradients = self._gradient_bytes()
+        self._record(gradients=gradients, **self.last)
+
+    def _gradient_bytes(self, extra: Iterable[Any] = ()) -> int:
+        storages = _Storages()
+        for param in self.params:
+            if param.grad is not None:
+                storages.add(param.grad)
+        for param in extra:
+            if param.grad is not None:
+                storages.add(param.grad)
+        return storages.bytes
+
+    def _sample_full(self) -> None:
+        parameters = _Storages()
+        for param in self.params:
+            parameters.add(param)
+        masters = _Storages(exclude=self.param_ptrs)
+        held: list[Any] = []  # optimizer-held parameters that are not the model's (fp32 master copies)
+        for item in self.chain:
+            for group in getattr(item, "param_groups", None) or ():
+                for param in group.get("params", ()):
+                    if hasattr(param, "untyped_storage") and param.untyped_storage().data_ptr() not in self.param_ptrs:
+                        held.append(param)
+                        masters.add(param)
+        states = _Storages(exclude=self.param_ptrs | masters.seen)
+        visited: set[int] = set()
+        for item in self.chain:
+            state = _state_of(item)
+            if state is not None:
+                self._walk_state(state, states, masters, visited, depth=0)
+        self.last = {"parameter": parameters.bytes, "optimizer_state": states.bytes, "master_weight": masters.bytes}
+        self._record(gradients=self._gradient_bytes(held), **self.last)
+
+    def _walk_state(self, value: Any, states: _Storages, masters: _Storages, visited: set[int], depth: int) -> None:
+        torch = self._torch
+        if depth > _MAX_WALK_DEPTH or id(value) in visited:
+            return
+        if isinstance(value, torch.Tensor):
+            states.add(value)
+            return
+        visited.add(id(value))
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str) and "master" in key.lower() and isinstance(item, torch.Tensor):
+                    masters.add(item)
+                    states.seen.add(item.untyped_storage().data_ptr())
+                else:
+                    self._walk_state(item, states, masters, visited, depth + 1)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                self._walk_state(item, states, masters, visited, depth + 1)
+        elif hasattr(value, "__dict__") and not isinstance(value, (type, torch.nn.Module)):
+            # e.g. GaLore keeps a projector object (with its orthogonal matrix) in the state of each parameter
+            self._walk_state(vars(value), states, masters, visited, depth + 1)
+
+    def _record(self, gradients: int, parameter: int, optimizer_state: int, master_weight: int) -> None:
+        peaks = self.peaks
+        peaks["parameter"] = max(peaks["parameter"], parameter)
+        peaks["gradient"] = max(peaks["gradient"], gradients)
+        peaks["optimizer_state"] = max(peaks["optimizer_state"], optimizer_state)
+        peaks["master_weight"] = max(peaks["master_weight"], master_weight)
+        peaks["tracked"] = max(peaks["tracked"], parameter + gradients + optimizer_state + master_weight)
+
+    def _count_trainable(self) -> int:
+        for item in reversed(self.chain):
+            selection = getattr(item, "selection", None)
+            if isinstance(selection, Mapping) and isinstance(selection.get("coordinates"), int):
+                return int(selection["coordinates"])
+        return self._count_parameters(p for p in self.params if p.requires_grad)
+
+    @staticmethod
+    def _count_parameters(params: Iterable[Any]) -> int:
+        seen: set[int] = set()
+        total = 0
+        for param in params:
+            key = param.untyped_storage().data_ptr()
+            if key not in seen:  # tied weights count once
+                seen.add(key)
+                total += param.numel()
+        return total
+
+    # ------------------------------------------------------------------ output
+    def payload(self) -> dict[str, Any]:
+        torch = self._torch
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        on_gpu = self.device is not None and self.device.type == "cuda"
+        if on_gpu:
+            peak, source = torch.cuda.max_memory_allocated(self.device), "cuda_max_memory_allocated"
+            device_name = torch.cuda.get_device_name(self.device)
+        else:
+            peak, source, device_name = peak_rss, "cpu_peak_rss", "cpu"
+        measured_steps = len(self.step_times)
+        total_time = sum(self.step_times)
+        innermost = self.chain[-1] if self.chain else None
+        return {
+            "schema": SCHEMA,
+            "device": str(self.device),
+            "device_name": device_name,
+            "world_size": self._world_size,
+            "peak_memory_bytes": int(peak),
+            "peak_memory_source": source,
+            "peak_rss_bytes": int(peak_rss),
+            "peak_tracked_bytes": self.peaks["tracked"],
+            "parameter_bytes": self.peaks["parameter"],
+            "gradient_bytes": self.peaks["gradient"],
+            "optimizer_state_bytes": self.peaks["optimizer_state"],
+            "master_weight_bytes": self.peaks["master_weight"],
+            "trainable_parameters": self.trainable_parameters,
+            "eligible_parameters": self.eligible_parameters,
+            "total_parameters": self._count_parameters(self.params),
+            "optimizer": type(innermost).__module__ + "." + type(innermost).__name__ if innermost else None,
+            "steps": measured_steps,
+            "step_times_s": self.step_times,
+            "step_time_s": statistics.median(self.step_times) if self.step_times else None,
+            "step_cpu_time_s": statistics.median(self.step_cpu_times) if self.step_cpu_times else None,
+            "load_average": self.load_average,
+            "tokens": sum(self.step_tokens),
+            "tokens_per_s": sum(self.step_tokens) / total_time if total_time > 0 and sum(self.step_tokens) else None,
+            "loss_curve": self.loss_curve,
+            "eval_curve": self.eval_curve,
+        }
+
+    def _write(self) -> None:
+        if not self._world_zero:
+            return
+        directory = os.path.dirname(os.path.abspath(self.out_path))
+        os.makedirs(directory, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".metrics-", suffix=".json", dir=directory)
+        try:
+            with os.fdopen(handle, "w") as stream:
+                json.dump(self.payload(), stream, indent=1)
+            os.replace(temporary, self.out_path)
+        except BaseException:
+            os.unlink(temporary)
+            raise

@@ -1,0 +1,78 @@
+"""Surface ``llamafactory.train.trainer_utils``: the custom-optimizer factory builds BlockLLM.
+
+Every stage trainer of LLaMA-Factory (pt, sft, rm, dpo, kto) creates its optimizer with
+``create_custom_optimizer(model, training_args, finetuning_args)``, imported from this module by name; the patch runs
+before those imports, so they all get the wrapped factory. Like LLaMA-Factory's ``_create_*_optimizer`` functions,
+``_create_blockllm_optimizer`` takes lr, betas, eps and weight decay from the training arguments, and puts biases and
+norm weights in a group without weight decay (LLaMA-Factory's own ``_get_decay_parameter_names``). HF schedulers then
+drive ``param_groups[i]["lr"]`` as for any torch optimizer.
+"""
+
+from ._version import check_llamafactory_version
+
+FINETUNING_TYPE = "blockllm"
+
+
+def build_create_blockllm_optimizer(module):
+    get_decay_parameter_names = module._get_decay_parameter_names
+    logger = module.logger
+
+    def _create_blockllm_optimizer(model, training_args, finetuning_args):
+        decay_names = set(get_decay_parameter_names(model))
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:  # frozen by LLaMA-Factory (e.g. a vision tower): never trained
+                (decay if name in decay_names else no_decay).append((name, param))
+
+        param_groups = [
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": decay, "weight_decay": training_args.weight_decay},
+        ]
+        # DeepSpeed ZeRO wraps a variant that works on its partitions (see distributed.py, optim/zero.py).
+        from .distributed import blockllm_optimizer_class
+
+        optimizer = blockllm_optimizer_class(training_args)(
+            [group for group in param_groups if group["params"]],
+            lr=training_args.learning_rate,
+            betas=(training_args.adam_beta1, training_args.adam_beta2),
+            eps=training_args.adam_epsilon,
+            weight_decay=training_args.weight_decay,
+            sparsity=finetuning_args.blockllm_sparsity,
+            patience=finetuning_args.blockllm_patience,
+            probe=finetuning_args.blockllm_probe,
+            probe_blocks=finetuning_args.blockllm_probe_blocks,
+            include_embeddings=finetuning_args.blockllm_include_embeddings,
+            seed=training_args.seed,
+        )
+        probed = (
+            f" ({finetuning_args.blockllm_probe_blocks} blocks)" if finetuning_args.blockllm_probe == "sample" else ""
+        )
+        logger.info_rank0(
+            f"Using BlockLLM optimizer: sparsity {finetuning_args.blockllm_sparsity}, patience "
+            f"{finetuning_args.blockllm_patience}, probe {finetuning_args.blockllm_probe}"
+            f"{probed}"
+            f", budget {optimizer.budget:,} of "
+            f"{optimizer.eligible_numel:,} coordinates per step."
+        )
+        return optimizer
+
+    return _create_blockllm_optimizer
+
+
+def build_create_custom_optimizer(original, create_blockllm_optimizer):
+    def create_custom_optimizer(model, training_args, finetuning_args):
+        if finetuning_args.finetuning_type == FINETUNING_TYPE:
+            return create_blockllm_optimizer(model, training_args, finetuning_args)
+        return original(model, training_args, finetuning_args)
+
+    create_custom_optimizer.__wrapped__ = original
+    create_custom_optimizer.__doc__ = original.__doc__
+    return create_custom_optimizer
+
+
+def apply(module) -> None:
+    check_llamafactory_version()
+    create_blockllm_optimizer = build_create_blockllm_optimizer(module)
+    wrapped = build_create_custom_optimizer(module.create_custom_optimizer, create_blockllm_optimizer)
+    module._create_blockllm_optimizer = create_blockllm_optimizer
+    module.create_custom_optimizer = wrapped

@@ -1,0 +1,61 @@
+"""Surface ``llamafactory.hparams.parser``: training set-ups that BlockLLM cannot serve, decided at parse time.
+
+``FinetuningArguments.__post_init__`` (see :mod:`.arguments`) cannot see the training arguments. ``get_train_args``
+calls the module-level ``_check_extra_dependencies(model_args, finetuning_args, training_args)`` after its own checks
+and before anything is loaded, so a wrapper of that function is the earliest place that sees all three.
+
+``get_train_args`` is wrapped too, for one rule of full tuning that it applies by comparing the type with "full":
+a reward model (stage rm) cannot resume from a checkpoint, because the value-head checkpoint layout does not load
+back into the model (the weights would silently stay at their initial values).
+"""
+
+from ._version import check_llamafactory_version
+
+FINETUNING_TYPE = "blockllm"
+NO_RESUME_STAGES = ("rm", "ppo")  # as LLaMA-Factory does for full and freeze tuning
+
+
+def check_training_setup(model_args, finetuning_args, training_args) -> None:
+    """Errors name the argument to change and why."""
+    if getattr(finetuning_args, "use_mca", False):
+        raise ValueError("`finetuning_type: blockllm` does not run on the MCA (Megatron) backend; unset USE_MCA.")
+    # Multi-process engines (DDP, DeepSpeed) have their own checks and settings: see distributed.py.
+    from .distributed import check_distributed_setup
+
+    check_distributed_setup(model_args, finetuning_args, training_args)
+
+
+def build_check_extra_dependencies(original):
+    def _check_extra_dependencies(model_args, finetuning_args, training_args=None):
+        if training_args is not None and finetuning_args.finetuning_type == FINETUNING_TYPE:
+            check_training_setup(model_args, finetuning_args, training_args)
+        return original(model_args, finetuning_args, training_args)
+
+    _check_extra_dependencies.__wrapped__ = original
+    _check_extra_dependencies.__doc__ = original.__doc__
+    return _check_extra_dependencies
+
+
+def build_get_train_args(original, logger):
+    def get_train_args(args=None):
+        model_args, data_args, training_args, finetuning_args, generating_args = original(args)
+        if (
+            finetuning_args.finetuning_type == FINETUNING_TYPE
+            and finetuning_args.stage in NO_RESUME_STAGES
+            and training_args.resume_from_checkpoint is not None
+        ):
+            logger.warning_rank0("Cannot resume from checkpoint in current stage.")
+            training_args.resume_from_checkpoint = None
+        return model_args, data_args, training_args, finetuning_args, generating_args
+
+    get_train_args.__wrapped__ = original
+    get_train_args.__doc__ = original.__doc__
+    return get_train_args
+
+
+def apply(module) -> None:
+    check_llamafactory_version()
+    check_extra_dependencies = build_check_extra_dependencies(module._check_extra_dependencies)
+    get_train_args = build_get_train_args(module.get_train_args, module.logger)
+    module._check_extra_dependencies = check_extra_dependencies
+    module.get_train_args = get_train_args

@@ -1,0 +1,184 @@
+"""Surface ``llamafactory.train.{pt,sft,rm,dpo,kto}.trainer``: loss feed and selection telemetry.
+
+Each stage's trainer class creates its optimizer in ``create_optimizer``; the wrapper added here, once the optimizer is
+a BlockLLM, attaches two things to that trainer instance:
+
+* the loss feed: ``training_step`` is wrapped to add up the (detached) losses it already returns, which the Trainer
+  has scaled for gradient accumulation, so their sum over an optimizer step's micro-steps is the step's mean loss,
+  the number the Trainer logs. A callback hands it to ``record_loss`` in ``on_pre_optimizer_step``, right before
+  ``optimizer.step()``: once per optimizer step, with no extra forward pass.
+* telemetry: each (re)selection is logged through LLaMA-Factory's logger and appended to
+  ``output_dir/blockllm_selection.jsonl``; with ``plot_loss: true``, ``output_dir/blockllm_selection.png`` shows
+  which blocks were updated at each step.
+"""
+
+from ._version import check_llamafactory_version
+
+FINETUNING_TYPE = "blockllm"
+
+# Trainer module -> the class in it whose optimizer LLaMA-Factory creates with create_custom_optimizer.
+TRAINER_CLASSES = {
+    "llamafactory.train.pt.trainer": "CustomTrainer",
+    "llamafactory.train.sft.trainer": "CustomSeq2SeqTrainer",
+    "llamafactory.train.rm.trainer": "PairwiseTrainer",
+    "llamafactory.train.dpo.trainer": "CustomDPOTrainer",
+    "llamafactory.train.kto.trainer": "CustomKTOTrainer",
+}
+
+
+def find_blockllm(optimizer):
+    """The BlockLLM inside accelerate's ``AcceleratedOptimizer`` (or any wrapper exposing ``.optimizer``)."""
+    from blockllm_factory.optim import BlockLLM
+
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        if isinstance(optimizer, BlockLLM):
+            return optimizer
+        seen.add(id(optimizer))
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+class LossFeed:
+    """Adds up a trainer's micro-step losses and feeds their total to ``record_loss`` once per optimizer step."""
+
+    def __init__(self, trainer, optimizer) -> None:
+        self.trainer = trainer
+        self.optimizer = optimizer
+        self.total = None
+        self.micro_steps = 0
+
+    def add(self, loss) -> None:
+        loss = loss.detach().float()
+        self.total = loss if self.total is None else self.total + loss  # stays on device: no sync per micro-step
+        self.micro_steps += 1
+
+    def flush(self) -> float | None:
+        if self.total is None:
+            return None
+        # Same value on every rank, so that ranks could never disagree about the loss rule.
+        total = self.trainer.accelerator.reduce(self.total, reduction="mean")
+        self.total, self.micro_steps = None, 0
+        value = float(total)
+        self.optimizer.record_loss(value)
+        return value
+
+    def wrap(self, training_step):
+        def training_step_feeding_blockllm(*args, **kwargs):
+            loss = training_step(*args, **kwargs)
+            self.add(loss)
+            return loss
+
+        training_step_feeding_blockllm.__wrapped__ = training_step
+        return training_step_feeding_blockllm
+
+
+def build_callback(feed: LossFeed, optimizer, output_dir: str, plot: bool, model_order: list[str], logger):
+    from transformers import TrainerCallback
+
+    from . import telemetry
+
+    class BlockLLMCallback(TrainerCallback):
+        """Feeds the loss before each optimizer step and records every (re)selection BlockLLM makes."""
+
+        def __init__(self) -> None:
+            self.logged = 0
+
+        def _records(self, events):
+            return [telemetry.event_record(event, optimizer.budget, optimizer.eligible_numel) for event in events]
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Events restored from a checkpoint are rewritten, so the file always matches the optimizer's record.
+            events = optimizer.selection_events
+            self.logged = len(events)
+            if state.is_world_process_zero:
+                path = telemetry.output_path(output_dir, telemetry.SELECTION_LOG)
+                telemetry.write_log(path, self._records(events), append=False)
+                if events:
+                    logger.info_rank0(f"BlockLLM resumed with {len(events)} selection(s); last selection:")
+                    logger.info_rank0(telemetry.describe(self._records(events[-1:])[0]))
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            feed.flush()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._record_new(state)
+
+        def _record_new(self, state) -> None:
+            events = optimizer.selection_events
+            new = self._records(events[self.logged :])
+            self.logged = len(events)
+            if not new or not state.is_world_process_zero:
+                return
+            for record in new:
+                logger.info_rank0(telemetry.describe(record))
+            telemetry.write_log(telemetry.output_path(output_dir, telemetry.SELECTION_LOG), new, append=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._record_new(state)
+            if plot and state.is_world_process_zero:
+                events = optimizer.selection_events
+                rows = telemetry.block_order(events, model_order, getattr(optimizer, "block_names", None))
+                path = telemetry.save_plot(
+                    telemetry.output_path(output_dir, telemetry.SELECTION_PLOT),
+                    events,
+                    rows,
+                    int(optimizer.selection["step"]),
+                )
+                if path:
+                    logger.info_rank0(f"BlockLLM selection plot saved at: {path}")
+
+    return BlockLLMCallback()
+
+
+def attach(trainer, logger) -> None:
+    """Connects a trainer whose optimizer is BlockLLM to its loss feed and telemetry (once per optimizer)."""
+    optimizer = find_blockllm(trainer.optimizer)
+    if optimizer is None:  # never train "blockllm" with some other optimizer
+        raise RuntimeError(
+            f"`finetuning_type: blockllm` but the trainer's optimizer is {type(trainer.optimizer).__name__}; "
+            "the blockllm-factory optimizer patch did not run."
+        )
+    if getattr(trainer, "_blockllm_optimizer", None) is optimizer:
+        return
+    original_step = getattr(trainer, "_blockllm_original_training_step", trainer.training_step)
+    feed = LossFeed(trainer, optimizer)
+    model_order = [name for name, _ in trainer.model.named_parameters()]
+    callback = build_callback(
+        feed, optimizer, trainer.args.output_dir, bool(trainer.finetuning_args.plot_loss), model_order, logger
+    )
+    previous = getattr(trainer, "_blockllm_callback", None)
+    if previous is not None:
+        trainer.remove_callback(previous)
+    trainer._blockllm_original_training_step = original_step
+    trainer.training_step = feed.wrap(original_step)
+    trainer.add_callback(callback)
+    trainer._blockllm_callback = callback
+    trainer._blockllm_optimizer = optimizer
+    # DDP/DeepSpeed/GradScaler specifics (loss feed timing, probe norms, skipped steps): see distributed.py.
+    from .distributed import attach_engine
+
+    attach_engine(trainer, optimizer, feed, logger)
+
+
+def build_create_optimizer(original, logger):
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = original(self, *args, **kwargs)
+        if self.finetuning_args.finetuning_type == FINETUNING_TYPE:
+            attach(self, logger)
+        return optimizer
+
+    create_optimizer.__wrapped__ = original
+    create_optimizer.__doc__ = original.__doc__
+    create_optimizer.__name__ = original.__name__
+    create_optimizer.__qualname__ = original.__qualname__
+    return create_optimizer
+
+
+def apply(module) -> None:
+    check_llamafactory_version()
+    from llamafactory.extras import logging
+
+    trainer_class = getattr(module, TRAINER_CLASSES[module.__name__])
+    wrapped = build_create_optimizer(trainer_class.__dict__["create_optimizer"], logging.get_logger(module.__name__))
+    trainer_class.create_optimizer = wrapped

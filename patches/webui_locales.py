@@ -1,0 +1,87 @@
+"""Surface ``llamafactory.webui.locales``: labels of the BlockLLM panel in every language the web UI ships.
+
+LLaMA-Factory's ``Engine.change_lang`` relabels every registered element whose name is a key of ``LOCALES``, at page
+load and on each language switch; adding the panel's names here is all it takes. The entries are added to the dict in
+place (``runner.py`` and ``engine.py`` import the same object) and never replace an existing key.
+"""
+
+from ._version import check_llamafactory_version
+
+PAPER = "[BlockLLM](https://arxiv.org/abs/2406.17296)"
+
+# Element name (as registered under ``train.``) -> language -> gradio properties, like LLaMA-Factory's own entries.
+BLOCKLLM_LOCALES: dict[str, dict[str, dict[str, str]]] = {
+    "blockllm_tab": {
+        "en": {"label": "BlockLLM configurations"},
+        "ru": {"label": "Конфигурации BlockLLM"},
+        "zh": {"label": "BlockLLM 参数设置"},
+        "ko": {"label": "BlockLLM 설정"},
+        "ja": {"label": "BlockLLM 設定"},
+    },
+    "use_blockllm": {
+        "en": {"label": "Use BlockLLM", "info": f"Use the {PAPER} optimizer (finetuning method blockllm)."},
+        "ru": {
+            "label": "Использовать BlockLLM",
+            "info": f"Используйте оптимизатор {PAPER} (метод дообучения blockllm).",
+        },
+        "zh": {"label": "使用 BlockLLM", "info": f"使用 {PAPER} 优化器（微调方法 blockllm）。"},
+        "ko": {"label": "BlockLLM 사용", "info": f"{PAPER} 옵티마이저를 사용합니다(파인튜닝 방법 blockllm)."},
+        "ja": {
+            "label": "BlockLLM を使用",
+            "info": f"{PAPER} オプティマイザーを使用します（ファインチューニング方法 blockllm）。",
+        },
+    },
+    "blockllm_sparsity": {
+        "en": {"label": "Sparsity", "info": "Share of the parameters left unchanged at each step, in [0, 1)."},
+        "ru": {"label": "Разреженность", "info": "Доля параметров, не изменяемых на каждом шаге, в [0, 1)."},
+        "zh": {"label": "稀疏度", "info": "每步保持不变的参数比例，取值范围 [0, 1)。"},
+        "ko": {"label": "희소성", "info": "각 스텝에서 변경되지 않는 파라미터의 비율, [0, 1)."},
+        "ja": {"label": "スパース率", "info": "各ステップで更新しないパラメータの割合、[0, 1)。"},
+    },
+    "blockllm_patience": {
+        "en": {"label": "Patience", "info": "Steps of loss history that decide when blocks are reselected."},
+        "ru": {
+            "label": "Терпение",
+            "info": "Число шагов истории потерь, по которому решается повторный выбор блоков.",
+        },
+        "zh": {"label": "耐心步数", "info": "决定何时重新选择参数块的损失历史步数。"},
+        "ko": {"label": "인내 스텝", "info": "블록 재선택 시점을 결정하는 손실 기록 스텝 수."},
+        "ja": {"label": "ペイシェンス", "info": "ブロックを選び直す時期を決める損失履歴のステップ数。"},
+    },
+    "blockllm_probe": {
+        "en": {"label": "Probe", "info": "How the gradients of unselected blocks are measured."},
+        "ru": {"label": "Зондирование", "info": "Как измеряются градиенты невыбранных блоков."},
+        "zh": {"label": "探测方式", "info": "未选中参数块梯度的测量方式。"},
+        "ko": {"label": "프로브 방식", "info": "선택되지 않은 블록의 그래디언트 측정 방식."},
+        "ja": {"label": "プローブ方式", "info": "未選択ブロックの勾配の測り方。"},
+    },
+    "blockllm_probe_blocks": {
+        "en": {"label": "Probe blocks", "info": "Unselected blocks probed per step (sample probe)."},
+        "ru": {"label": "Блоков для зондирования", "info": "Невыбранных блоков, зондируемых за шаг (режим sample)."},
+        "zh": {"label": "探测块数", "info": "每步探测的未选中参数块数量（sample 方式）。"},
+        "ko": {"label": "프로브 블록 수", "info": "스텝마다 측정하는 미선택 블록 수(sample 방식)."},
+        "ja": {"label": "プローブブロック数", "info": "各ステップで測る未選択ブロックの数（sample 方式）。"},
+    },
+    "blockllm_include_embeddings": {
+        "en": {"label": "Include embeddings", "info": "Also train the input embeddings and the output head."},
+        "ru": {"label": "Включать эмбеддинги", "info": "Обучать также входные эмбеддинги и выходной слой."},
+        "zh": {"label": "包含词嵌入", "info": "同时训练输入词嵌入层和输出层。"},
+        "ko": {"label": "임베딩 포함", "info": "입력 임베딩과 출력 헤드도 학습합니다."},
+        "ja": {"label": "埋め込みを含める", "info": "入力埋め込みと出力ヘッドも学習します。"},
+    },
+}
+
+
+def apply(module) -> None:
+    check_llamafactory_version()
+    clashes = sorted(set(BLOCKLLM_LOCALES) & set(module.LOCALES))
+    if clashes:
+        raise RuntimeError(f"LLaMA-Factory already defines web UI labels {clashes}; refusing to overwrite them")
+    languages = module.LOCALES["finetuning_type"]  # the languages LLaMA-Factory labels its own elements in
+    # A language this table lacks gets the English text rather than a blank label.
+    module.LOCALES.update(
+        {
+            name: {language: entry.get(language, entry["en"]) for language in languages}
+            for name, entry in BLOCKLLM_LOCALES.items()
+        }
+    )

@@ -1,0 +1,244 @@
+"""Shared fixtures. Keep additions additive: other test files rely on the names below.
+
+``tiny_llamafactory_assets``: a tiny Llama (2 layers, hidden 32) with a locally trained byte-level BPE tokenizer and
+four small datasets (sft, pt, pairwise, kto) registered in a ``dataset_info.json``, built once per test session in a
+temporary folder, deterministically and without any hub.
+
+``llamafactory_train``: runs the real, unmodified ``llamafactory-cli train <yaml>`` in a subprocess on CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CLI = Path(sys.executable).with_name("llamafactory-cli")
+SEED = 7
+WORDS = (
+    "apple river stone cloud green quick lazy brown fox dog bird tree house light dark blue red small large "
+    "happy sad open close water fire earth wind sun moon star day night"
+).split()
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    model_dir: Path
+    dataset_dir: Path
+
+
+def _examples(count: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(count):
+        words = rng.sample(WORDS, 3)
+        task = rng.choice(("reverse", "upper", "first"))
+        if task == "reverse":
+            answer = " ".join(reversed(words))
+        elif task == "upper":
+            answer = " ".join(word.upper() for word in words)
+        else:
+            answer = words[0]
+        wrong = " ".join(rng.sample(WORDS, 3))
+        examples.append({"instruction": f"{task}: {' '.join(words)}", "output": answer, "wrong": wrong})
+    return examples
+
+
+def _write_datasets(dataset_dir: Path) -> list[str]:
+    examples = _examples(64, SEED)
+    files = {
+        "tiny_sft": [{"instruction": e["instruction"], "input": "", "output": e["output"]} for e in examples],
+        "tiny_pt": [{"text": f"{e['instruction']} = {e['output']}"} for e in examples],
+        "tiny_pairwise": [
+            {"instruction": e["instruction"], "input": "", "chosen": e["output"], "rejected": e["wrong"]}
+            for e in examples
+        ],
+        "tiny_kto": [
+            {
+                "instruction": e["instruction"],
+                "input": "",
+                "output": e["output"] if i % 2 else e["wrong"],
+                "label": bool(i % 2),
+            }
+            for i, e in enumerate(examples)
+        ],
+    }
+    info = {
+        "tiny_sft": {"file_name": "tiny_sft.json"},
+        "tiny_pt": {"file_name": "tiny_pt.json", "columns": {"prompt": "text"}},
+        "tiny_pairwise": {
+            "file_name": "tiny_pairwise.json",
+            "ranking": True,
+            "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"},
+        },
+        "tiny_kto": {
+            "file_name": "tiny_kto.json",
+            "columns": {"prompt": "instruction", "query": "input", "response": "output", "kto_tag": "label"},
+        },
+    }
+    dataset_dir.mkdir(parents=True)
+    for name, records in files.items():
+        (dataset_dir / f"{name}.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+    (dataset_dir / "dataset_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    return [f"{r.get('instruction', r.get('text'))} {r.get('output', '')}" for r in files["tiny_sft"]]
+
+
+def _write_model(model_dir: Path, corpus: list[str]) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    backend.train_from_iterator(
+        corpus + ["Human: Assistant: System:"],
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=list(specials.values()),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+    tokenizer.save_pretrained(model_dir)
+
+    torch.manual_seed(SEED)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llamafactory_assets(tmp_path_factory) -> TinyAssets:
+    root = tmp_path_factory.mktemp("tiny_assets")
+    corpus = _write_datasets(root / "data")
+    _write_model(root / "model", corpus)
+    return TinyAssets(model_dir=root / "model", dataset_dir=root / "data")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_DISABLED="true",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    for name in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "BLOCKLLM_FACTORY_DISABLE"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def tiny_config(assets: TinyAssets, output_dir: Path, **overrides) -> dict:
+    """A few-step CPU training config of ``finetuning_type: blockllm`` on the tiny assets, updated by ``overrides``."""
+    config = {
+        "model_name_or_path": str(assets.model_dir),
+        "dataset_dir": str(assets.dataset_dir),
+        "template": "default",
+        "stage": "sft",
+        "do_train": True,
+        "dataset": "tiny_sft",
+        "finetuning_type": "blockllm",
+        "cutoff_len": 64,
+        "max_samples": 32,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1.0e-3,
+        "max_steps": 4,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "preprocessing_num_workers": 1,
+        "overwrite_cache": True,
+        "output_dir": str(output_dir),
+    }
+    config.update(overrides)
+    return config
+
+
+def run_cli(command: str, config: dict, workdir: Path, name: str, timeout: int = 600, **env: str):
+    """Runs ``llamafactory-cli <command> <workdir>/<name>.yaml``; the CompletedProcess gets ``.log`` (both streams)."""
+    path = Path(workdir) / f"{name}.yaml"
+    path.write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is valid YAML
+    result = subprocess.run(
+        [str(CLI), command, str(path)],
+        cwd=workdir,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    result.log = result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture
+def llamafactory_train(tiny_llamafactory_assets, tmp_path):
+    """``run(overrides, name="run", **env)``: ``llamafactory-cli train`` on :func:`tiny_config` with ``overrides``,
+    output in ``<tmp>/<name>``; returns the CompletedProcess with ``.output_dir`` and ``.log`` attached."""
+
+    def run(overrides: dict, name: str = "run", timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+        config = tiny_config(tiny_llamafactory_assets, tmp_path / name, **overrides)
+        result = run_cli("train", config, tmp_path, name, timeout=timeout, **env)
+        result.output_dir = Path(config["output_dir"])
+        return result
+
+    return run
+
+
+@dataclass(frozen=True)
+class LlamaFactoryCLI:
+    assets: TinyAssets
+
+    def config(self, output_dir: Path, **overrides) -> dict:
+        return tiny_config(self.assets, output_dir, **overrides)
+
+    def run(self, command: str, config: dict, workdir: Path, name: str, timeout: int = 600, **env: str):
+        return run_cli(command, config, workdir, name, timeout=timeout, **env)
+
+    def python(
+        self, script: str, workdir: Path, argv: list[str] = (), timeout: int = 600, **env: str
+    ) -> subprocess.CompletedProcess:
+        """Runs a Python script in a fresh interpreter (the import hook active) with the CLI's environment."""
+        result = subprocess.run(
+            [sys.executable, "-c", script, *argv],
+            cwd=workdir,
+            env=cli_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        result.log = result.stdout + result.stderr
+        return result
+
+
+@pytest.fixture(scope="session")
+def llamafactory_cli(tiny_llamafactory_assets) -> LlamaFactoryCLI:
+    """Session-wide access to :func:`tiny_config` and :func:`run_cli` (for runs shared by several tests)."""
+    return LlamaFactoryCLI(tiny_llamafactory_assets)

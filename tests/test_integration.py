@@ -1,0 +1,235 @@
+"""``finetuning_type: blockllm`` through the real, unmodified ``llamafactory-cli`` on a tiny Llama (CPU, a few steps).
+
+Each run writes a plain model to ``output_dir``; that only the blocks BlockLLM selected (per its selection log) changed
+is what tells BlockLLM trained rather than LLaMA-Factory's default AdamW, which would move every weight.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+STAGES = {
+    "pt": "tiny_pt",
+    "sft": "tiny_sft",
+    "rm": "tiny_pairwise",
+    "dpo": "tiny_pairwise",
+    "kto": "tiny_kto",
+}
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def selection_log(output_dir: Path) -> list[dict]:
+    lines = (Path(output_dir) / "blockllm_selection.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def changed_names(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert before.keys() == after.keys()
+    return {name for name in before if not torch.equal(before[name].float(), after[name].float())}
+
+
+def selected_names(records: list[dict], prefix: str = "") -> set[str]:
+    return {name.removeprefix(prefix) for record in records for name in record["names"]}
+
+
+def assert_ok(result) -> None:
+    assert result.returncode == 0, result.log[-6000:]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_each_stage_trains_only_selected_blocks_and_saves_a_plain_model(
+    stage, llamafactory_train, tiny_llamafactory_assets
+):
+    from transformers import AutoModelForCausalLM
+
+    result = llamafactory_train(
+        {"stage": stage, "dataset": STAGES[stage], "max_steps": 3, "blockllm_sparsity": 0.5, "plot_loss": True},
+        name=stage,
+    )
+    assert_ok(result)
+    out = result.output_dir
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert "Fine-tuning method: BlockLLM" in result.log
+
+    records = selection_log(out)
+    assert records[0]["reason"] == "initial" and records[0]["step"] == 1
+    assert all(0 < record["coordinates"] <= record["budget"] < record["eligible"] for record in records)
+    assert (out / "blockllm_selection.png").stat().st_size > 0
+
+    # The reward model's blocks are named inside the value-head wrapper; its saved model is the plain one.
+    changed = changed_names(weights(tiny_llamafactory_assets.model_dir), weights(out))
+    selected = selected_names(records, prefix="pretrained_model." if stage == "rm" else "")
+    assert changed, "training changed no weight"
+    assert changed <= selected, f"weights outside BlockLLM's selection changed: {sorted(changed - selected)}"
+    assert not {name for name in changed if "embed_tokens" in name or "lm_head" in name}
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    if stage == "rm":
+        assert (out / "value_head.safetensors").exists()
+
+
+def test_bad_value_is_refused_by_name_before_anything_is_written(llamafactory_train):
+    # Every other refusal is checked in process, through the same parser (test_integration_args.py).
+    result = llamafactory_train({"blockllm_sparsity": 1.5}, name="refused")
+    assert result.returncode != 0
+    assert "`blockllm_sparsity` must be a number in [0, 1)" in result.stderr
+    assert "Traceback" in result.stderr  # the parse error itself, not a later failure
+    assert "trainable params" not in result.log  # LLaMA-Factory's line after a model loads
+    assert not result.output_dir.exists() or not any(result.output_dir.iterdir())
+
+
+def test_resume_from_checkpoint_continues_exactly(llamafactory_cli, tmp_path):
+    common = {
+        "max_steps": 6,
+        "gradient_accumulation_steps": 2,
+        "blockllm_sparsity": 0.5,
+        "blockllm_patience": 1,  # reselects as soon as the loss does not fall: decided from the restored window
+        "save_strategy": "steps",
+        "save_steps": 3,
+    }
+    unbroken = llamafactory_cli.config(tmp_path / "unbroken", **common)
+    assert_ok(llamafactory_cli.run("train", unbroken, tmp_path, "unbroken"))
+    checkpoint = tmp_path / "unbroken" / "checkpoint-3"
+    assert (checkpoint / "optimizer.pt").exists()
+
+    resumed = llamafactory_cli.config(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint), **common)
+    result = llamafactory_cli.run("train", resumed, tmp_path, "resumed")
+    assert_ok(result)
+    assert "Resuming training from checkpoint" in result.log
+
+    final, again = weights(tmp_path / "unbroken"), weights(tmp_path / "resumed")
+    assert final.keys() == again.keys()
+    assert all(torch.equal(final[name], again[name]) for name in final)
+    # Same selections, including those made after the checkpoint, from the restored loss window and probe state.
+    assert selection_log(tmp_path / "resumed") == selection_log(tmp_path / "unbroken")
+    assert any(record["step"] > 3 for record in selection_log(tmp_path / "unbroken"))
+
+
+def test_gradient_checkpointing_gives_the_same_training(llamafactory_train):
+    # The exact probe (patience 1: it runs after every non-falling loss) makes every block require grad for a step.
+    settings = {"blockllm_sparsity": 0.5, "blockllm_patience": 1, "blockllm_probe": "exact", "max_steps": 5}
+    checkpointed = llamafactory_train(settings, name="checkpointed")
+    plain = llamafactory_train({**settings, "disable_gradient_checkpointing": True}, name="plain")
+    assert_ok(checkpointed)
+    assert_ok(plain)
+    assert "Gradient checkpointing enabled." in checkpointed.log
+    assert "Gradient checkpointing enabled." not in plain.log
+
+    # Checkpointed blocks recompute their forward in backward; selected blocks must still get their gradients.
+    with_gc, without_gc = weights(checkpointed.output_dir), weights(plain.output_dir)
+    for name in with_gc:
+        torch.testing.assert_close(with_gc[name], without_gc[name], msg=name)
+    records = selection_log(checkpointed.output_dir)
+    assert records == selection_log(plain.output_dir)
+    assert any(record["reason"] != "initial" for record in records)
+
+
+def test_bf16_mixed_precision_trains(llamafactory_train, tiny_llamafactory_assets):
+    result = llamafactory_train({"bf16": True, "blockllm_sparsity": 0.5, "max_steps": 3}, name="bf16")
+    assert_ok(result)
+    assert "compute dtype: torch.bfloat16" in result.log
+    changed = changed_names(weights(tiny_llamafactory_assets.model_dir), weights(result.output_dir))
+    assert changed and changed <= selected_names(selection_log(result.output_dir))
+
+
+def test_exported_blockllm_model_equals_the_trained_one(llamafactory_train, llamafactory_cli, tmp_path):
+    trained = llamafactory_train({"blockllm_sparsity": 0.5, "max_steps": 2}, name="trained")
+    assert_ok(trained)
+    export = {
+        "model_name_or_path": str(trained.output_dir),
+        "template": "default",
+        "finetuning_type": "blockllm",
+        "export_dir": str(tmp_path / "exported"),
+        "export_device": "cpu",
+        "export_size": 1,
+    }
+    result = llamafactory_cli.run("export", export, tmp_path, "export")
+    assert_ok(result)
+    original, exported = weights(trained.output_dir), weights(tmp_path / "exported")
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[name].float(), exported[name].float()) for name in original)
+
+
+LOSS_FEED_SCRIPT = """
+import json, sys
+import torch
+from transformers import LlamaForCausalLM
+from blockllm_factory.optim import BlockLLM
+
+recorded, forwards = [], []
+original_record_loss = BlockLLM.record_loss
+
+def record_loss(self, value):
+    recorded.append(float(value))
+    return original_record_loss(self, value)
+
+def count_forward(module, args, output):
+    if isinstance(module, LlamaForCausalLM) and module.training:
+        forwards.append(1)
+
+BlockLLM.record_loss = record_loss
+torch.nn.modules.module.register_module_forward_hook(count_forward)
+from llamafactory.train.tuner import run_exp
+run_exp(json.loads(sys.argv[1]))
+with open(sys.argv[2], "w") as file:
+    json.dump({"recorded": recorded, "forwards": len(forwards)}, file)
+"""
+
+
+def test_loss_reaches_record_loss_once_per_step_averaged_over_micro_steps(llamafactory_cli, tmp_path):
+    steps, accumulation = 3, 3
+    config = llamafactory_cli.config(
+        tmp_path / "out", max_steps=steps, gradient_accumulation_steps=accumulation, blockllm_sparsity=0.5
+    )
+    report = tmp_path / "report.json"
+    result = llamafactory_cli.python(LOSS_FEED_SCRIPT, tmp_path, argv=[json.dumps(config), str(report)])
+    assert_ok(result)
+    seen = json.loads(report.read_text())
+    logged = [
+        entry["loss"]
+        for entry in json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+        if "loss" in entry
+    ]
+    # One value per optimizer step, equal to the step's mean loss that the Trainer logs; no extra forward pass.
+    assert len(seen["recorded"]) == steps == len(logged)
+    assert seen["recorded"] == pytest.approx(logged, rel=1e-6)
+    assert seen["forwards"] == steps * accumulation
+
+
+PURE_BF16_SCRIPT = """
+import json, sys
+import llamafactory.hparams.parser as parser
+
+parser.is_torch_bf16_gpu_available = lambda: True  # LLaMA-Factory asks for a GPU; CPUs compute in bf16 too
+from llamafactory.train.tuner import run_exp
+run_exp(json.loads(sys.argv[1]))
+"""
+
+
+def test_pure_bf16_keeps_bf16_weights_and_trains_the_selection(llamafactory_cli, tiny_llamafactory_assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Checkpoints of real models are stored in bf16; LLaMA-Factory loads them as stored.
+    bf16_model = tmp_path / "bf16_model"
+    AutoModelForCausalLM.from_pretrained(tiny_llamafactory_assets.model_dir, dtype=torch.bfloat16).save_pretrained(
+        bf16_model
+    )
+    AutoTokenizer.from_pretrained(tiny_llamafactory_assets.model_dir).save_pretrained(bf16_model)
+
+    config = llamafactory_cli.config(
+        tmp_path / "out", model_name_or_path=str(bf16_model), pure_bf16=True, max_steps=3, blockllm_sparsity=0.5
+    )
+    result = llamafactory_cli.python(PURE_BF16_SCRIPT, tmp_path, argv=[json.dumps(config)])
+    assert_ok(result)
+    assert "remaining trainable params in half precision" in result.log
+    trained = weights(tmp_path / "out")
+    assert {tensor.dtype for tensor in trained.values()} == {torch.bfloat16}
+    changed = changed_names(weights(bf16_model), trained)
+    assert changed and changed <= selected_names(selection_log(tmp_path / "out"))

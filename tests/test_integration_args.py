@@ -1,0 +1,119 @@
+"""``blockllm`` arguments through LLaMA-Factory's own parser (``get_train_args``), in process: no model is loaded."""
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def parse(tiny_llamafactory_assets, tmp_path_factory):
+    from llamafactory.hparams import get_train_args
+
+    output_dir = tmp_path_factory.mktemp("parse") / "out"
+
+    def run(**overrides):
+        args = {
+            "model_name_or_path": str(tiny_llamafactory_assets.model_dir),
+            "dataset_dir": str(tiny_llamafactory_assets.dataset_dir),
+            "dataset": "tiny_sft",
+            "template": "default",
+            "stage": "sft",
+            "do_train": True,
+            "finetuning_type": "blockllm",
+            "output_dir": str(output_dir),
+            "use_cpu": True,
+            "report_to": "none",
+        }
+        args.update(overrides)
+        return get_train_args(args)
+
+    return run
+
+
+def test_defaults_and_values_reach_finetuning_args(parse):
+    _, _, _, finetuning_args, _ = parse()
+    assert finetuning_args.finetuning_type == "blockllm"
+    assert (
+        finetuning_args.blockllm_sparsity,
+        finetuning_args.blockllm_patience,
+        finetuning_args.blockllm_probe,
+        finetuning_args.blockllm_probe_blocks,
+        finetuning_args.blockllm_include_embeddings,
+    ) == (0.95, 100, "sample", 2, False)
+
+    _, _, _, finetuning_args, _ = parse(
+        blockllm_sparsity=0.9,
+        blockllm_patience=7,
+        blockllm_probe="exact",
+        blockllm_probe_blocks=0,
+        blockllm_include_embeddings=True,
+    )
+    assert (
+        finetuning_args.blockllm_sparsity,
+        finetuning_args.blockllm_patience,
+        finetuning_args.blockllm_probe,
+        finetuning_args.blockllm_probe_blocks,
+        finetuning_args.blockllm_include_embeddings,
+    ) == (0.9, 7, "exact", 0, True)
+
+
+def test_command_line_form_and_help_text(tiny_llamafactory_assets, tmp_path):
+    from llamafactory.hparams import FinetuningArguments, get_train_args
+    from transformers import HfArgumentParser
+
+    help_text = " ".join(HfArgumentParser(FinetuningArguments).format_help().split())  # undo argparse's wrapping
+    assert "--blockllm_sparsity" in help_text and "updates about one coordinate in twenty" in help_text
+    assert "{lora,oft,freeze,full,blockllm}" in help_text
+    assert "--blockllm_probe {sample,exact}" in help_text
+
+    argv = [
+        "--model_name_or_path", str(tiny_llamafactory_assets.model_dir),
+        "--dataset_dir", str(tiny_llamafactory_assets.dataset_dir),
+        "--dataset", "tiny_sft", "--template", "default", "--do_train", "true", "--use_cpu", "true",
+        "--output_dir", str(tmp_path / "out"), "--report_to", "none",
+        "--finetuning_type", "blockllm", "--blockllm_probe", "exact", "--blockllm_include_embeddings", "true",
+    ]  # fmt: skip
+    finetuning_args = get_train_args(argv)[3]
+    assert finetuning_args.finetuning_type == "blockllm"
+    assert finetuning_args.blockllm_probe == "exact" and finetuning_args.blockllm_include_embeddings is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"blockllm_sparsity": 1.5}, r"`blockllm_sparsity` must be a number in \[0, 1\)"),
+        ({"blockllm_sparsity": 1.0}, r"`blockllm_sparsity` must be a number in \[0, 1\)"),
+        ({"blockllm_sparsity": -0.1}, r"`blockllm_sparsity` must be a number in \[0, 1\)"),
+        ({"blockllm_patience": 0}, r"`blockllm_patience` must be an integer >= 1"),
+        ({"blockllm_patience": 2.5}, r"`blockllm_patience` must be an integer >= 1"),
+        ({"blockllm_probe": "fast"}, r"`blockllm_probe` must be one of sample, exact, got 'fast'"),
+        ({"blockllm_probe_blocks": -1}, r"`blockllm_probe_blocks` must be an integer >= 0"),
+        ({"use_galore": True}, r"`use_galore` cannot be combined with `finetuning_type: blockllm`"),
+        ({"use_apollo": True}, r"`use_apollo` cannot be combined with `finetuning_type: blockllm`"),
+        ({"use_badam": True}, r"`use_badam` cannot be combined with `finetuning_type: blockllm`"),
+        ({"lora_rank": 16}, r"LoRA/OFT/freeze-only arguments .* lora_rank=16"),
+        ({"lora_target": "q_proj", "use_dora": True}, r"lora_target='q_proj', use_dora=True"),
+        ({"stage": "ppo", "reward_model": "x"}, r"supports `stage` pt, sft, rm, dpo, kto; got `stage: ppo`"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(parse, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        parse(**overrides)
+
+
+def test_lora_defaults_written_out_explicitly_are_accepted(parse):
+    # e.g. a YAML copied from a LoRA recipe that only restates the defaults
+    assert parse(lora_rank=8, lora_target="all", lora_dropout=0.0)[3].finetuning_type == "blockllm"
+
+
+def test_other_methods_parse_as_before(parse):
+    assert parse(finetuning_type="lora", lora_rank=16)[3].lora_rank == 16
+    assert parse(finetuning_type="full", use_galore=True)[3].use_galore is True
+    # Out-of-range blockllm values are errors whatever the method: they can only be a mistake.
+    with pytest.raises(ValueError, match="blockllm_sparsity"):
+        parse(finetuning_type="full", blockllm_sparsity=2.0)
+
+
+def test_reward_model_stage_does_not_resume_like_full_tuning(parse, tmp_path):
+    # The value-head checkpoint layout does not load back into the model: resuming would keep initial weights.
+    training_args = parse(stage="rm", dataset="tiny_pairwise", resume_from_checkpoint=str(tmp_path))[2]
+    assert training_args.resume_from_checkpoint is None
+    assert parse(resume_from_checkpoint=str(tmp_path))[2].resume_from_checkpoint == str(tmp_path)

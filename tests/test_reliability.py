@@ -1,0 +1,500 @@
+"""Reliability of BlockLLM training in one process: exact resume, a process killed mid-save, non-finite steps and
+fp16 loss scaling. (Resume under DDP and DeepSpeed ZeRO-2 is in test_distributed.py.)
+
+Faults are injected from outside the product: a ``sitecustomize.py`` put on ``PYTHONPATH`` for the training process
+kills it while it writes a checkpoint file, or turns one training loss into NaN.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blockllm_factory.optim import BlockLLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import CLI, cli_env  # noqa: E402
+from test_optim import TinyLM, flat_params, lm_loss, make_batches  # noqa: E402
+
+STEPS = 6
+
+FAULTS = '''
+"""Test-only fault injection (tests/test_reliability.py), loaded at interpreter start through PYTHONPATH."""
+import os
+import signal
+
+import torch
+
+_kill_when_saving = os.environ.get("BLOCKLLM_TEST_KILL_WHEN_SAVING")
+if _kill_when_saving:
+    _save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and str(f).endswith(_kill_when_saving):
+            with open(f, "wb") as handle:  # half a file, then the process dies as under the OOM killer
+                handle.write(b"partial")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _save(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+_nan_at_call = int(os.environ.get("BLOCKLLM_TEST_NAN_AT_LOSS_CALL", "0"))
+if _nan_at_call:
+    import torch.nn.functional as functional
+
+    _cross_entropy = functional.cross_entropy
+    _calls = [0]
+
+    def cross_entropy(*args, **kwargs):
+        _calls[0] += 1
+        loss = _cross_entropy(*args, **kwargs)
+        return loss * float("nan") if _calls[0] == _nan_at_call else loss
+
+    functional.cross_entropy = cross_entropy
+'''
+
+
+def _config(assets, output_dir: Path, **extra) -> dict:
+    config = {
+        "model_name_or_path": str(assets.model_dir),
+        "dataset_dir": str(assets.dataset_dir),
+        "template": "default",
+        "stage": "sft",
+        "do_train": True,
+        "dataset": "tiny_sft",
+        "finetuning_type": "blockllm",
+        "blockllm_sparsity": 0.8,
+        "blockllm_patience": 1,
+        "cutoff_len": 64,
+        "max_samples": 64,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 2.0e-2,  # large enough for the loss to stall now and then: reselections
+        "max_steps": STEPS,
+        "lr_scheduler_type": "cosine",
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "preprocessing_num_workers": 1,
+        "overwrite_cache": True,
+        "output_dir": str(output_dir),
+    }
+    config.update(extra)
+    return config
+
+
+def run_cli(config: dict, path: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    path.write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is valid YAML
+    faults = path.parent / "faults"
+    faults.mkdir(exist_ok=True)
+    (faults / "sitecustomize.py").write_text(FAULTS, encoding="utf-8")
+    result = subprocess.run(
+        [str(CLI), "train", str(path)],
+        cwd=path.parent,
+        env=cli_env(PYTHONPATH=str(faults), **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    result.log = result.stdout + result.stderr
+    if check:
+        assert result.returncode == 0, result.log[-6000:]
+    return result
+
+
+def model_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def optimizer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "optimizer.pt", weights_only=False)
+
+
+def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
+
+
+@pytest.fixture(scope="module")
+def unbroken(tiny_llamafactory_assets, tmp_path_factory):
+    """One single-process run of the recipe, checkpoints at steps 3 and 6."""
+    root = tmp_path_factory.mktemp("reliability")
+    config = _config(tiny_llamafactory_assets, root / "unbroken")
+    result = run_cli(config, root / "unbroken.yaml")
+    return {"root": root, "config": config, "log": result.log, "output_dir": root / "unbroken"}
+
+
+def test_resumed_run_ends_bit_identical_to_the_unbroken_one(unbroken):
+    root = unbroken["root"]
+    events = optimizer_state(unbroken["output_dir"] / "checkpoint-6")["blockllm"]["events"]
+    assert len(events) >= 2 and events[-1]["step"] > 3, "expected a reselection after the checkpoint"
+    config = dict(unbroken["config"], output_dir=str(root / "resumed"))
+    config["resume_from_checkpoint"] = str(unbroken["output_dir"] / "checkpoint-3")
+    result = run_cli(config, root / "resumed.yaml")
+    assert "Resuming training from checkpoint" in result.log
+    assert_same_weights(model_weights(root / "resumed"), model_weights(unbroken["output_dir"]))
+    resumed_state = optimizer_state(root / "resumed" / "checkpoint-6")
+    unbroken_state = optimizer_state(unbroken["output_dir"] / "checkpoint-6")
+    assert resumed_state["blockllm"]["events"] == events
+    assert resumed_state["blockllm"]["norms"] == unbroken_state["blockllm"]["norms"]
+    for index, state in unbroken_state["state"].items():
+        for key, value in state.items():
+            saved = resumed_state["state"][index][key]
+            assert torch.equal(saved, value) if torch.is_tensor(value) else saved == value
+
+
+def test_killed_while_saving_leaves_the_previous_checkpoint_loadable(unbroken):
+    root = unbroken["root"]
+    config = dict(unbroken["config"], output_dir=str(root / "killed"), save_steps=2)
+    killed = run_cli(
+        config, root / "killed.yaml", check=False, BLOCKLLM_TEST_KILL_WHEN_SAVING="checkpoint-4/optimizer.pt"
+    )
+    assert killed.returncode != 0
+    broken, previous = root / "killed" / "checkpoint-4", root / "killed" / "checkpoint-2"
+    assert (broken / "optimizer.pt").read_bytes() == b"partial"  # the kill hit in the middle of the save
+    assert not (broken / "trainer_state.json").exists()
+    assert (previous / "trainer_state.json").is_file()
+
+    # Rerunning the same command resumes by itself, from the last complete checkpoint (not from the broken one).
+    rerun = run_cli(dict(config), root / "killed.yaml")
+    assert "checkpoint-4 is incomplete" in rerun.log and "resuming from" in rerun.log
+    assert "Resuming training from checkpoint with epoch 0 and global step 2" in rerun.log
+    assert_same_weights(model_weights(root / "killed"), model_weights(unbroken["output_dir"]))
+
+
+def test_an_incomplete_checkpoint_is_refused_with_the_previous_one_named(tmp_path):
+    from types import SimpleNamespace
+
+    from blockllm_factory.patches.distributed import check_resume_checkpoint
+
+    for step, complete in ((2, True), (4, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    args = SimpleNamespace(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-4"), output_dir=str(tmp_path), do_train=True
+    )
+    with pytest.raises(ValueError, match=r"checkpoint-4` is an incomplete checkpoint .* resume from .*checkpoint-2"):
+        check_resume_checkpoint(args)
+
+
+def test_nonfinite_step_is_skipped_with_a_warning_and_training_goes_on(unbroken):
+    """A NaN loss at optimizer step 4: weights, moments and selection after it equal those after step 3."""
+    root = unbroken["root"]
+    config = dict(
+        unbroken["config"], output_dir=str(root / "nan"), gradient_accumulation_steps=1, save_steps=1, max_steps=5
+    )
+    result = run_cli(config, root / "nan.yaml", BLOCKLLM_TEST_NAN_AT_LOSS_CALL="4")
+    assert "BlockLLM: optimizer step 4 skipped (non-finite loss or gradient)" in result.log
+    assert "non-finite gradient at optimizer step 4" in result.log  # BlockLLM's own RuntimeWarning
+    checkpoints = {step: root / "nan" / f"checkpoint-{step}" for step in (3, 4, 5)}
+    assert_same_weights(model_weights(checkpoints[4]), model_weights(checkpoints[3]))
+    before, after = optimizer_state(checkpoints[3]), optimizer_state(checkpoints[4])
+    for key in ("selected", "probed", "visits", "norms", "losses", "events", "step", "reselections"):
+        assert after["blockllm"][key] == before["blockllm"][key], key
+    assert torch.equal(after["blockllm"]["rng_state"], before["blockllm"]["rng_state"])
+    assert after["blockllm"]["skipped_steps"] == before["blockllm"]["skipped_steps"] + 1 == 1
+    assert after["state"].keys() == before["state"].keys()
+    for index, state in before["state"].items():
+        for key, value in state.items():
+            saved = after["state"][index][key]
+            assert torch.equal(saved, value) if torch.is_tensor(value) else saved == value
+    # Training went on: step 5 changed the weights again and the model is finite.
+    final = model_weights(checkpoints[5])
+    assert any(not torch.equal(final[name], tensor) for name, tensor in model_weights(checkpoints[4]).items())
+    assert all(torch.isfinite(tensor).all() for tensor in final.values())
+
+
+# ------------------------------------------------------------------------------------------------ fp16 loss scaling
+def _train_scaled(batches, inf_at: int | None = None, scaled: bool = True):
+    """BlockLLM under torch.amp.GradScaler on CPU (LLaMA-Factory has no loss scaling on CPU: accelerate gives fp16
+    on CPU no GradScaler). The skip handling is what the trainer patch does: ``skip_step`` when the scaler skipped."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=1, probe_blocks=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2) if scaled else None
+    if scaler is not None:
+        optimizer.probe_grad_scale = scaler.get_scale
+    for index, tokens in enumerate(batches):
+        loss = lm_loss(model, tokens)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if index == inf_at:
+            next(param for param in model.parameters() if param.grad is not None).grad[0, 0] = float("inf")
+        optimizer.record_loss(loss.item())
+        if scaler is None:
+            optimizer.step()
+        else:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.get_scale() < scale:  # the scaler found inf/NaN and did not call step()
+                optimizer.skip_step("inf/NaN gradients found by the loss scaler")
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer, scaler
+
+
+def test_grad_scaler_steps_equal_unscaled_steps_bit_for_bit():
+    """Probed blocks are measured on scaled gradients; BlockLLM divides by the scale, so the norm table, the
+    selections and the weights equal those of an unscaled run exactly (power-of-two scales are exact)."""
+    batches = make_batches(8, seed=3)
+    plain_model, plain, _ = _train_scaled(batches, scaled=False)
+    scaled_model, scaled, scaler = _train_scaled(batches)
+    assert scaler.get_scale() > 2.0**12  # the scale grew during the run: several different scales were used
+    assert len(plain.selection_events) >= 2
+    assert scaled.selection_events == plain.selection_events
+    assert scaled.norm_table == plain.norm_table
+    assert_same_weights(flat_params(scaled_model), flat_params(plain_model))
+
+
+def test_grad_scaler_skip_leaves_states_and_selection_as_if_the_batch_never_came():
+    batches = make_batches(8, seed=3)
+    skipped_model, skipped, scaler = _train_scaled(batches, inf_at=3)
+    assert skipped.skipped_steps == 1
+    # The run without the poisoned batch, with the same (halved) scale afterwards, is equal bit for bit: nothing of
+    # the skipped step (moments, selection, probe norms, loss) leaked into the run.
+    reference_model, reference, _ = _train_scaled(batches[:3] + batches[4:], scaled=False)
+    assert skipped.selection_events == reference.selection_events
+    assert skipped.norm_table == reference.norm_table
+    assert_same_weights(flat_params(skipped_model), flat_params(reference_model))
+
+
+# ------------------------------------------------------------------------------------------------ refused inputs
+# Every case of docs/bad_inputs.md, by its id: a function that must raise the documented error. Arguments go through
+# LLaMA-Factory's own parser (get_train_args) where a single process can reach the check; multi-process and DeepSpeed
+# checks, and the optimizer's own, are called directly with the values that a launch would give them.
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
+
+
+def _parse(assets, tmp_path, **extra):
+    from llamafactory.hparams import get_train_args
+
+    config = {
+        "model_name_or_path": str(assets.model_dir),
+        "dataset_dir": str(assets.dataset_dir),
+        "dataset": "tiny_sft",
+        "template": "default",
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "blockllm",
+        "output_dir": str(tmp_path / "parsed"),
+        "overwrite_output_dir": True,
+        "use_cpu": True,
+        "report_to": "none",
+    }
+    return get_train_args({**config, **extra})
+
+
+def _ddp_args(**values):
+    from types import SimpleNamespace
+
+    defaults = {
+        "fsdp": None,
+        "deepspeed": None,
+        "world_size": 2,
+        "ddp_find_unused_parameters": None,
+        "ddp_static_graph": None,
+        "resume_from_checkpoint": None,
+        "do_train": True,
+        "output_dir": "unused-output-dir",
+    }
+    model_args = SimpleNamespace(disable_gradient_checkpointing=True, use_reentrant_gc=True)
+    return model_args, SimpleNamespace(), SimpleNamespace(**{**defaults, **values})
+
+
+def _ds(config):
+    from blockllm_factory.patches.distributed import check_deepspeed_config
+
+    base = {"zero_allow_untested_optimizer": True, "zero_optimization": {"stage": 2}}
+    check_deepspeed_config({**base, **config})
+
+
+def _tiny_named_params():
+    torch.manual_seed(0)
+    return list(TinyLM(width=8, depth=1).named_parameters())
+
+
+def _checkpoints(tmp_path, steps_complete):
+    for step, complete in steps_complete:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+
+
+def _resume(tmp_path, explicit):
+    from blockllm_factory.patches.distributed import check_resume_checkpoint
+
+    _, _, args = _ddp_args(resume_from_checkpoint=explicit, output_dir=str(tmp_path), overwrite_output_dir=False)
+    check_resume_checkpoint(args)
+
+
+def _zero_state_dict_from(optimizer_class, **changes):
+    from blockllm_factory.optim.zero import ZeroBlockLLM
+
+    state = optimizer_class(_tiny_named_params()).state_dict()
+    if "blockllm_zero" in state:
+        state["blockllm_zero"].update(changes)
+    ZeroBlockLLM(_tiny_named_params()).load_state_dict(state)
+
+
+def _load_into_other(mutate):
+    first = BlockLLM(_tiny_named_params())
+    state = first.state_dict()
+    mutate(state)
+    BlockLLM(_tiny_named_params()).load_state_dict(state)
+
+
+def _half_patched(monkeypatch):
+    from blockllm_factory import _import_hook
+    from blockllm_factory.patches.arguments import check_blockllm_combination
+
+    monkeypatch.setitem(_import_hook.failures, "llamafactory.model.adapter", "AttributeError: init_adapter")
+    check_blockllm_combination(object(), {})
+
+
+def _fake_zero3_param(sub_group):
+    from types import SimpleNamespace
+
+    from blockllm_factory.optim.zero import find_fragment
+
+    optimizer = SimpleNamespace(grad_position={7: [sub_group, 0, 4]}, get_param_id=lambda param: 7)
+    param = SimpleNamespace(_z3_optimizer=optimizer, ds_numel=8)
+    find_fragment(param)
+
+
+def _not_blockllm_trainer():
+    from types import SimpleNamespace
+
+    from blockllm_factory.patches.trainer import attach
+
+    trainer = SimpleNamespace(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
+    attach(trainer, logger=None)
+
+
+def _cases(assets, tmp_path, monkeypatch):
+    from blockllm_factory.optim.zero import ZeroBlockLLM
+    from blockllm_factory.patches._version import check_llamafactory_version
+    from blockllm_factory.patches.distributed import check_distributed_setup, leave_clipping_to_blockllm
+    from blockllm_factory.patches.parser import check_training_setup
+
+    def parse(**extra):
+        return lambda: _parse(assets, tmp_path, **extra)
+
+    cases = {
+        "blockllm_sparsity": parse(blockllm_sparsity=1.5),
+        "blockllm_patience": parse(blockllm_patience=0),
+        "blockllm_probe": parse(blockllm_probe="all"),
+        "blockllm_probe_blocks": parse(blockllm_probe_blocks=-1),
+        "blockllm_include_embeddings": parse(blockllm_include_embeddings="yes"),
+        "stage": parse(stage="ppo"),
+        "adapter_only_argument": parse(lora_rank=16),
+        "fsdp": parse(fsdp="full_shard"),
+        "half_patched": lambda: _half_patched(monkeypatch),
+        "version": lambda: check_llamafactory_version("0.9.6"),
+        "use_mca": lambda: check_training_setup(None, _ds_namespace(use_mca=True), None),
+        "ddp_find_unused_parameters": lambda: check_distributed_setup(*_ddp_args(ddp_find_unused_parameters=False)),
+        "ddp_static_graph": lambda: check_distributed_setup(*_ddp_args(ddp_static_graph=True)),
+        "zero_stage": lambda: _ds({"zero_optimization": {"stage": 0}}),
+        "zero_offload": lambda: _ds({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}),
+        "zero_elastic_checkpoint": lambda: _ds({"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}),
+        "deepspeed_optimizer": lambda: _ds({"optimizer": {"type": "AdamW"}}),
+        "zero_allow_untested_optimizer": lambda: _ds({"zero_allow_untested_optimizer": False}),
+        "gradient_clipping": lambda: leave_clipping_to_blockllm(
+            _ds_namespace(hf_deepspeed_config=_ds_namespace(config={"gradient_clipping": 0.5}), max_grad_norm=1.0)
+        ),
+        "zero3_sub_group_size": lambda: _fake_zero3_param(sub_group=1),
+        "resume_incomplete": lambda: (
+            _checkpoints(tmp_path, [(2, True), (4, False)]),
+            _resume(tmp_path, str(tmp_path / "checkpoint-4")),
+        ),
+        "output_dir_only_incomplete": lambda: (_checkpoints(tmp_path, [(4, False)]), _resume(tmp_path, None)),
+        "zero_outside_deepspeed": lambda: ZeroBlockLLM(_tiny_named_params()).step(),
+        "zero_max_grad_norm": lambda: ZeroBlockLLM(_tiny_named_params(), max_grad_norm=-1.0),
+        "zero_state_world_size": lambda: _zero_state_dict_from(ZeroBlockLLM, world_size=4),
+        "zero_state_not_zero": lambda: _zero_state_dict_from(BlockLLM),
+        "trainer_optimizer": _not_blockllm_trainer,
+        "optimizer_lr": lambda: BlockLLM(_tiny_named_params(), lr=-1.0),
+        "optimizer_betas": lambda: BlockLLM(_tiny_named_params(), betas=(1.0, 0.999)),
+        "optimizer_eps": lambda: BlockLLM(_tiny_named_params(), eps=-1.0),
+        "optimizer_weight_decay": lambda: BlockLLM(_tiny_named_params(), weight_decay=-0.1),
+        "optimizer_sparsity": lambda: BlockLLM(_tiny_named_params(), sparsity=1.0),
+        "optimizer_patience": lambda: BlockLLM(_tiny_named_params(), patience=0),
+        "optimizer_probe": lambda: BlockLLM(_tiny_named_params(), probe="all"),
+        "optimizer_probe_blocks": lambda: BlockLLM(_tiny_named_params(), probe_blocks=-1),
+        "optimizer_empty": lambda: BlockLLM([]),
+        "optimizer_not_named": lambda: BlockLLM([param for _, param in _tiny_named_params()]),
+        "optimizer_duplicate_name": lambda: BlockLLM(_tiny_named_params()[:1] * 2),
+        "optimizer_nothing_eligible": lambda: BlockLLM(
+            [(name, param) for name, param in _tiny_named_params() if "embed" in name or "lm_head" in name]
+        ),
+        "state_dict_not_blockllm": lambda: BlockLLM(_tiny_named_params()).load_state_dict({"state": {}}),
+        "state_dict_other_blocks": lambda: BlockLLM(_tiny_named_params(), sparsity=0.5).load_state_dict(
+            BlockLLM(_tiny_named_params()).state_dict()
+        ),
+        "state_dict_group_count": lambda: _load_into_other(lambda state: state["param_groups"].append({})),
+        "state_dict_group_size": lambda: _load_into_other(lambda state: state["param_groups"][0]["params"].pop()),
+    }
+    for flag in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon", "use_llama_pro"):
+        cases[f"exclusive_flag:{flag}"] = parse(**{flag: True})
+    cases["exclusive_flag:use_hyper_parallel"] = lambda: __import__(
+        "blockllm_factory.patches.arguments", fromlist=["check_blockllm_combination"]
+    ).check_blockllm_combination(_exclusive_namespace("use_hyper_parallel"), {})
+    return cases
+
+
+def _ds_namespace(**values):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**values)
+
+
+def _exclusive_namespace(flag):
+    from blockllm_factory.patches.arguments import EXCLUSIVE_FLAGS
+
+    return _ds_namespace(stage="sft", **{name: name == flag for name in EXCLUSIVE_FLAGS})
+
+
+def documented_cases() -> dict[str, str]:
+    """Case id -> the documented ``ExceptionType: message`` (``{...}`` stands for a value that varies)."""
+    import re
+
+    text = DOCS.read_text(encoding="utf-8")
+    return dict(re.findall(r"<!-- case: (\S+) -->.*?```text\n(.*?)\n```", text, flags=re.DOTALL))
+
+
+def _pattern(documented: str):
+    import re
+
+    parts = re.split(r"\{[^{}]*\}", documented)
+    return re.compile(".*?".join(re.escape(part) for part in parts), flags=re.DOTALL)
+
+
+def test_every_documented_refusal_has_a_test_and_every_tested_refusal_is_documented(tmp_path, monkeypatch):
+    documented = documented_cases()
+    tested = _cases(None, tmp_path, monkeypatch)
+    flags = {case.split(":", 1)[1] for case in tested if case.startswith("exclusive_flag:")}
+    documented_ids = {case for case in documented if not case.startswith("exclusive_flag")}
+    assert documented_ids | {f"exclusive_flag:{flag}" for flag in flags} == set(tested)
+    from blockllm_factory.patches.arguments import EXCLUSIVE_FLAGS
+
+    assert flags == set(EXCLUSIVE_FLAGS)
+
+
+@pytest.mark.parametrize("case", sorted(_cases(None, Path("unused"), None)))
+def test_refused_input_raises_the_documented_error(case, tiny_llamafactory_assets, tmp_path, monkeypatch):
+    trigger = _cases(tiny_llamafactory_assets, tmp_path, monkeypatch)[case]
+    documented = documented_cases()["exclusive_flag" if case.startswith("exclusive_flag") else case]
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - the type is part of the documented line
+        trigger()
+    actual = f"{type(raised.value).__name__}: {raised.value}"
+    assert _pattern(documented).fullmatch(actual), f"documented:\n{documented}\nactual:\n{actual}"

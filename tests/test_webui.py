@@ -1,0 +1,336 @@
+"""BlockLLM in the unmodified ``llamafactory-cli webui``, driven through Debian's Chromium with Playwright.
+
+The server runs as users start it (``llamafactory-cli webui``, on loopback, on a free port) in a temporary working
+directory, which is where LLaMA Board keeps its ``saves/``, ``llamaboard_config/`` and ``llamaboard_cache/``. The
+browser test selects blockllm, sets the panel, checks the previewed command, a refusal, saving and loading a training
+config, then trains the embedded tiny Llama for a few steps on CPU and waits for the finish message. It also writes
+the panel's screenshot to ``docs/images/webui_blockllm.png``.
+
+The browser comes from ``scripts/ensure_browser.sh`` (run by ``scripts/test.sh``); without it the browser test is
+skipped with the reason.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "images" / "webui_blockllm.png"
+CLI = Path(sys.executable).with_name("llamafactory-cli")
+CHROMIUM = Path(os.environ.get("BLOCKLLM_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SERVER_START_S = 240  # bound for the server to answer; it normally takes 20-40 s on 2 cores
+TRAINING_S = 420  # bound for the few training steps to finish, model loading included
+UI_S = 30  # bound for one UI reaction
+TRAIN_STEPS = 6
+PANEL_LABELS = ("Use BlockLLM", "Sparsity", "Patience", "Probe", "Probe blocks", "Include embeddings")
+
+
+def test_panel_labels_exist_in_every_language_llamafactory_ships():
+    from llamafactory.webui.locales import LOCALES
+
+    languages = list(LOCALES["finetuning_type"])  # the languages of LLaMA-Factory's own labels
+    assert {"en", "zh"} <= set(languages)
+    names = ("blockllm_tab", "use_blockllm", "blockllm_sparsity", "blockllm_patience", "blockllm_probe",
+             "blockllm_probe_blocks", "blockllm_include_embeddings")  # fmt: skip
+    for name in names:
+        for language in languages:
+            assert LOCALES[name][language]["label"].strip(), f"{name} has no {language} label"
+        # Chinese written as Chinese, not the English text again.
+        assert LOCALES[name]["zh"] != LOCALES[name]["en"]
+        assert any("\u4e00" <= char <= "\u9fff" for char in json.dumps(LOCALES[name]["zh"], ensure_ascii=False))
+
+
+def test_finetuning_method_dropdown_offers_blockllm():
+    from llamafactory.webui.components import top
+
+    assert top.METHODS[-1] == "blockllm"
+    from llamafactory.extras.constants import METHODS
+
+    assert "blockllm" not in METHODS  # LLaMA-Factory's own list is left alone
+
+
+# --- the browser test ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _browser_or_skip():
+    if not CHROMIUM.is_file():
+        reason = f"no Chromium at {CHROMIUM}; `bash scripts/ensure_browser.sh` installs it (root and apt-get needed)"
+        print(f"SKIPPED: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        reason = "the playwright Python package is missing (it is in the test extra: pip install playwright)"
+        print(f"SKIPPED: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def demo_assets(tmp_path_factory):
+    from blockllm_factory.demo.assets import build
+
+    return build(tmp_path_factory.mktemp("webui_assets") / "assets")
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    """``(url, workdir)`` of a ``llamafactory-cli webui`` on loopback; stopped, with its trainers, afterwards."""
+    _browser_or_skip()
+    workdir = tmp_path_factory.mktemp("webui")
+    port = _free_port()
+    env = dict(os.environ)
+    for name in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "BLOCKLLM_FACTORY_DISABLE", "GRADIO_SHARE"):
+        env.pop(name, None)
+    env.update(
+        GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port),
+        GRADIO_ANALYTICS_ENABLED="False",
+        BROWSER="true",  # launch(inbrowser=True) would open a desktop browser; `true` does nothing
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        # The runner starts `llamafactory-cli train` from PATH, as in an activated virtual environment.
+        PATH=os.pathsep.join([str(CLI.parent), env.get("PATH", "")]),
+    )
+    log_path = workdir / "webui.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [str(CLI), "webui"], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"llamafactory-cli webui exited with {server.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llamafactory-cli webui did not answer within {SERVER_START_S} s:\n"
+                            f"{log_path.read_text()[-4000:]}")  # fmt: skip
+            time.sleep(1)
+        yield url, workdir
+    finally:
+        # The server and the trainers it started share one process group (start_new_session above).
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture
+def page(webui):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = webui
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(UI_S * 1000)
+            page.goto(url)
+            page.get_by_label("Finetuning method", exact=True).wait_for()
+            yield page
+        finally:
+            browser.close()
+
+
+def _field(page, label: str):
+    """The visible dropdown or number box labelled ``label`` (other tabs hold fields with the same labels)."""
+    return page.get_by_label(label, exact=True).filter(visible=True)
+
+
+def _textbox(page, label: str):
+    """The visible text box under the title ``label`` (its accessible name also holds the help text)."""
+    title = page.get_by_text(label, exact=True)
+    return page.locator("label").filter(visible=True).filter(has=title).locator("textarea")
+
+
+def _choose(page, label: str, option: str) -> None:
+    _field(page, label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.keyboard.press("Escape")  # closes a multiselect's list; harmless otherwise
+
+
+def _set_number(page, label: str, value) -> None:
+    """Types into a slider's number box, as a user does, and leaves it so that gradio takes the value."""
+    box = _field(page, f"number input for {label}")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def _wait_text(page, text: str, timeout_s: float = UI_S):
+    from playwright.sync_api import expect
+
+    expect(page.get_by_text(text, exact=False).filter(visible=True).first).to_be_visible(timeout=timeout_s * 1000)
+
+
+def test_blockllm_in_the_web_ui(page, webui, demo_assets):
+    from playwright.sync_api import expect
+
+    _, workdir = webui
+
+    # --- choosing the method -------------------------------------------------------------------------------------
+    _choose(page, "Model name", "Custom")
+    _textbox(page, "Model path").fill(str(demo_assets.model_dir))
+    _textbox(page, "Model path").press("Tab")
+    lora_panel = page.get_by_text("LoRA configurations", exact=True)
+    expect(lora_panel).to_be_visible()
+    _choose(page, "Finetuning method", "blockllm")
+
+    panel = page.locator("#blockllm_panel")
+    for label in PANEL_LABELS:
+        expect(panel.get_by_text(label, exact=True)).to_be_visible()
+    expect(_field(page, "number input for Sparsity")).to_have_value("0.95")
+    expect(_field(page, "number input for Patience")).to_have_value("100")
+    expect(_field(page, "Probe")).to_have_value("sample")
+    expect(_field(page, "number input for Probe blocks")).to_have_value("2")
+    expect(panel.get_by_label("Use BlockLLM")).to_be_checked()
+    # What does not apply is hidden or disabled.
+    expect(lora_panel).to_be_hidden()
+    expect(page.get_by_text("Freeze tuning configurations", exact=True)).to_be_hidden()
+    expect(_field(page, "Quantization bit")).to_be_disabled()
+    expect(page.get_by_label("Use BAdam")).to_be_disabled()
+
+    # "Use BlockLLM" and the method dropdown follow each other.
+    panel.get_by_label("Use BlockLLM").uncheck()
+    expect(_field(page, "Finetuning method")).to_have_value("full")
+    expect(lora_panel).to_be_visible()
+    panel.get_by_label("Use BlockLLM").check()
+    expect(_field(page, "Finetuning method")).to_have_value("blockllm")
+    expect(lora_panel).to_be_hidden()
+
+    # --- a short run on the embedded tiny Llama ------------------------------------------------------------------
+    _textbox(page, "Data dir").fill(str(demo_assets.dataset_dir))
+    _textbox(page, "Data dir").press("Tab")
+    _choose(page, "Dataset", "demo_sft")
+    _textbox(page, "Learning rate").fill("3e-3")
+    _textbox(page, "Max samples").fill("64")
+    _choose(page, "Compute type", "fp32")
+    _set_number(page, "Cutoff length", 64)
+    _set_number(page, "Batch size", 4)
+    _set_number(page, "Gradient accumulation", 1)
+    page.get_by_text("Extra configurations", exact=True).click()
+    _set_number(page, "Logging steps", 1)
+    extra = {"optim": "adamw_torch", "max_steps": TRAIN_STEPS, "use_cpu": True, "save_strategy": "no",
+             "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "seed": 0}  # fmt: skip
+    _textbox(page, "Extra arguments").fill(json.dumps(extra))
+    _set_number(page, "Sparsity", 0.9)
+    _set_number(page, "Patience", 5)
+
+    page.get_by_role("button", name="Preview command").click()
+    command = page.locator("code").filter(has_text="llamafactory-cli train").filter(visible=True)
+    expect(command).to_contain_text("--finetuning_type blockllm")
+    text = command.inner_text()
+    for expected in ("--blockllm_sparsity 0.9 ", "--blockllm_patience 5 ", "--blockllm_probe sample ",
+                     "--blockllm_probe_blocks 2 "):  # fmt: skip
+        assert expected in text, text
+    assert "--lora_rank" not in text and "--quantization_bit" not in text, text
+    assert "--blockllm_include_embeddings" not in text  # false, dropped like every false flag
+
+    # --- a refusal, with the parse-time message ------------------------------------------------------------------
+    _textbox(page, "Extra arguments").fill(json.dumps({**extra, "lora_rank": 16}))
+    page.get_by_role("button", name="Preview command").click()
+    message = _parse_time_refusal(demo_assets, {"lora_rank": 16})
+    _wait_text(page, message)
+    expect(command).to_have_count(0)  # the message took the command's place
+    _textbox(page, "Extra arguments").fill(json.dumps(extra))
+
+    # --- save and load a training config -------------------------------------------------------------------------
+    page.get_by_role("button", name="Save arguments").click()
+    _wait_text(page, "Arguments have been saved at:")
+    (config_file,) = (workdir / "llamaboard_config").glob("*.yaml")
+    saved = yaml.safe_load(config_file.read_text())
+    assert saved["top.finetuning_type"] == "blockllm"
+    assert saved["train.blockllm_sparsity"] == pytest.approx(0.9)
+    assert saved["train.blockllm_patience"] == 5
+    _set_number(page, "Sparsity", 0.5)
+    expect(_field(page, "number input for Sparsity")).to_have_value("0.5")
+    page.get_by_role("button", name="Load arguments").click()
+    _wait_text(page, "Arguments have been restored.")
+    expect(_field(page, "number input for Sparsity")).to_have_value("0.9")
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    panel.screenshot(path=str(SCREENSHOT))
+
+    # --- Start ---------------------------------------------------------------------------------------------------
+    page.get_by_role("button", name="Start").click()
+    finished = page.get_by_text("Finished.", exact=False).filter(visible=True).first
+    failed = page.get_by_text("Failed.", exact=False).filter(visible=True).first
+    crashed = page.get_by_text("Error", exact=True).filter(visible=True).first  # gradio's badge for an exception
+    expect(finished.or_(failed).or_(crashed)).to_be_visible(timeout=TRAINING_S * 1000)
+    assert finished.is_visible(), page.locator(".prose").filter(visible=True).all_inner_texts()
+    log_box = page.locator(".prose").filter(has_text="Finished.").filter(visible=True).first
+    # The run log shown in the UI says which optimizer trained, with the panel's values.
+    expect(log_box).to_contain_text("Using BlockLLM optimizer: sparsity 0.9, patience 5")
+    # The loss plot was drawn from the trainer's log, as for any other method.
+    expect(page.locator('[data-testid="matplotlib"] img').filter(visible=True)).to_be_visible()
+
+    (run_dir,) = (workdir / "saves" / "Custom" / "blockllm").iterdir()
+    train_args = yaml.safe_load((run_dir / "training_args.yaml").read_text())
+    assert train_args["finetuning_type"] == "blockllm"
+    assert train_args["blockllm_sparsity"] == pytest.approx(0.9)
+    steps = [json.loads(line) for line in (run_dir / "trainer_log.jsonl").read_text().splitlines()]
+    assert [entry["current_steps"] for entry in steps if "loss" in entry] == list(range(1, TRAIN_STEPS + 1))
+
+    # --- the panel in Chinese ------------------------------------------------------------------------------------
+    _choose(page, "Language", "zh")
+    expect(panel.get_by_text("BlockLLM 参数设置", exact=True)).to_be_visible()
+    expect(panel.get_by_text("稀疏度", exact=True)).to_be_visible()
+
+
+def _parse_time_refusal(assets, extra: dict) -> str:
+    """The message ``llamafactory-cli train`` refuses the run with, from LLaMA-Factory's own argument parsing."""
+    from llamafactory.hparams import get_train_args
+
+    args = {
+        "model_name_or_path": str(assets.model_dir),
+        "dataset_dir": str(assets.dataset_dir),
+        "dataset": "demo_sft",
+        "template": "default",
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "blockllm",
+        "output_dir": "unused",
+        "use_cpu": True,
+        **extra,
+    }
+    with pytest.raises(ValueError) as refused:
+        get_train_args(args)
+    return str(refused.value)
