@@ -25,20 +25,24 @@ What is measured, and when:
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from transformers import TrainerCallback
+
+from blockllm_factory.bench.files import write_json
 
 from ._version import check_llamafactory_version
 
 ENV_VAR = "BLOCKLLM_FACTORY_BENCH_OUT"
-SURFACE = "llamafactory.train.tuner"
 SCHEMA = 1
 _PATCHED_FLAG = "_blockllm_factory_bench_metrics"
 _MAX_WALK_DEPTH = 6
@@ -62,12 +66,6 @@ def apply(module: Any) -> None:
     _training_function.__wrapped__ = original  # type: ignore[attr-defined]
     module._training_function = _training_function
     setattr(module, _PATCHED_FLAG, True)
-
-
-def _callback_base() -> type:
-    from transformers import TrainerCallback
-
-    return TrainerCallback
 
 
 class _Storages:
@@ -104,15 +102,11 @@ def _state_of(optimizer: Any) -> Mapping | None:
     return state if isinstance(state, Mapping) else None
 
 
-class BenchMetricsCallback(_callback_base()):  # type: ignore[misc]
+class BenchMetricsCallback(TrainerCallback):
     """Measures one training run for the comparison harness and writes the figures to ``out_path``."""
 
     def __init__(self, out_path: str) -> None:
-        import torch
-
-        self._torch = torch
         self.out_path = out_path
-        self.model: Any = None
         self.chain: list[Any] = []
         self.params: list[Any] = []
         self.param_ptrs: set[int] = set()
@@ -137,10 +131,8 @@ class BenchMetricsCallback(_callback_base()):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **_: Any):
-        torch = self._torch
         self._world_zero = bool(state.is_world_process_zero)
         self._world_size = int(getattr(args, "world_size", 1) or 1)
-        self.model = model
         self.params = list(model.parameters())
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in self.params}
         self.device = next((p.device for p in self.params if p.device.type != "meta"), torch.device("cpu"))
@@ -154,8 +146,6 @@ class BenchMetricsCallback(_callback_base()):  # type: ignore[misc]
         def on_step(opt: Any, *_args: Any, **_kwargs: Any) -> None:
             if id(opt) in chain_ids:
                 self._sample_full()
-
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         self.handles += [register_optimizer_step_pre_hook(on_step), register_optimizer_step_post_hook(on_step)]
         if self.device.type == "cuda":
@@ -209,7 +199,7 @@ class BenchMetricsCallback(_callback_base()):  # type: ignore[misc]
     # ------------------------------------------------------------------ sampling
     def _synchronize(self) -> None:
         if self.device is not None and self.device.type == "cuda":
-            self._torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)
 
     def _on_gradient(self, _param: Any) -> None:
         gradients = self._gradient_bytes()
@@ -247,7 +237,6 @@ class BenchMetricsCallback(_callback_base()):  # type: ignore[misc]
         self._record(gradients=self._gradient_bytes(held), **self.last)
 
     def _walk_state(self, value: Any, states: _Storages, masters: _Storages, visited: set[int], depth: int) -> None:
-        torch = self._torch
         if depth > _MAX_WALK_DEPTH or id(value) in visited:
             return
         if isinstance(value, torch.Tensor):
@@ -296,7 +285,6 @@ class BenchMetricsCallback(_callback_base()):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ output
     def payload(self) -> dict[str, Any]:
-        torch = self._torch
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         on_gpu = self.device is not None and self.device.type == "cuda"
         if on_gpu:
@@ -306,7 +294,6 @@ class BenchMetricsCallback(_callback_base()):  # type: ignore[misc]
             peak, source, device_name = peak_rss, "cpu_peak_rss", "cpu"
         measured_steps = len(self.step_times)
         total_time = sum(self.step_times)
-        innermost = self.chain[-1] if self.chain else None
         return {
             "schema": SCHEMA,
             "device": str(self.device),
@@ -323,7 +310,8 @@ class BenchMetricsCallback(_callback_base()):  # type: ignore[misc]
             "trainable_parameters": self.trainable_parameters,
             "eligible_parameters": self.eligible_parameters,
             "total_parameters": self._count_parameters(self.params),
-            "optimizer": type(innermost).__module__ + "." + type(innermost).__name__ if innermost else None,
+            # outermost first, e.g. "AcceleratedOptimizer > BlockOptimizer > AdamW" for BAdam
+            "optimizer": " > ".join(type(item).__name__ for item in self.chain) or None,
             "steps": measured_steps,
             "step_times_s": self.step_times,
             "step_time_s": statistics.median(self.step_times) if self.step_times else None,
@@ -338,13 +326,4 @@ class BenchMetricsCallback(_callback_base()):  # type: ignore[misc]
     def _write(self) -> None:
         if not self._world_zero:
             return
-        directory = os.path.dirname(os.path.abspath(self.out_path))
-        os.makedirs(directory, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".metrics-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump(self.payload(), stream, indent=1)
-            os.replace(temporary, self.out_path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        write_json(Path(self.out_path), self.payload())

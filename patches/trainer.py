@@ -155,6 +155,15 @@ def attach(trainer, logger) -> None:
     trainer.add_callback(callback)
     trainer._blockllm_callback = callback
     trainer._blockllm_optimizer = optimizer
+    # Selected blocks enter the norm table unclipped, like the probed ones (measured during backward).
+    original_clip = getattr(trainer, "_blockllm_original_clip_grad_norm", None) or trainer._clip_grad_norm
+    trainer._blockllm_original_clip_grad_norm = original_clip
+
+    def clip_grad_norm_after_measuring(model):
+        optimizer.measure_gradients()
+        return original_clip(model)
+
+    trainer._clip_grad_norm = clip_grad_norm_after_measuring
     # DDP/DeepSpeed/GradScaler specifics (loss feed timing, probe norms, skipped steps): see distributed.py.
     from .distributed import attach_engine
 

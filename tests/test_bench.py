@@ -118,6 +118,40 @@ def test_set_overrides_every_run_over_base_groups_and_methods(tmp_path):
         load_suite(tmp_path / "suite.yaml", settings={"max_step": 4})
 
 
+def test_the_command_refuses_a_bad_suite_before_training(tmp_path, capsys):
+    from blockllm_factory.cli import main
+
+    suite = _minimal()
+    suite["methods"]["full"]["seed"] = 1
+    path = _write_suite(tmp_path / "suite.yaml", suite)
+    assert main(["bench", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "methods.full.seed" in capsys.readouterr().err
+    assert main(["bench", str(_write_suite(path, _minimal())), "--out", str(tmp_path / "out"), "--only", "nope"]) == 2
+    assert "--only 'nope'" in capsys.readouterr().err
+    assert main(["bench", str(path), "--out", str(tmp_path / "out"), "--set", "max_steps"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rebuilt_local_model_makes_new_runs(tmp_path):
+    from blockllm_factory.bench.suite import resolve_paths
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    path = _write_suite(tmp_path / "suite.yaml", _minimal(model_name_or_path=str(model)))
+
+    def fingerprint() -> str:
+        suite = load_suite(path)
+        resolve_paths(suite)
+        return suite.runs[0].fingerprint
+
+    first = fingerprint()
+    assert fingerprint() == first
+    (model / "config.json").write_text('{"hidden_size": 8}')
+    assert fingerprint() != first
+
+
 def test_a_method_can_drop_a_base_argument_with_null(tmp_path):
     suite = _minimal(optim="adamw_torch")
     suite["methods"]["plain"] = {"finetuning_type": "full", "optim": None}
@@ -137,6 +171,12 @@ class _Module:
             self.seen.append(list(config["callbacks"]))
 
         self._training_function = _training_function
+
+
+def test_the_harness_and_the_patch_agree_on_the_variable():
+    from blockllm_factory.bench import runner
+
+    assert runner.METRICS_ENV == metrics.ENV_VAR
 
 
 def test_the_metrics_patch_is_inert_without_the_harness(monkeypatch):

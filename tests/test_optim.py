@@ -359,3 +359,20 @@ def test_mask_packing_round_trip():
         bits = pack_mask(mask)
         assert bits.numel() == math.ceil(numel / 8)
         assert torch.equal(unpack_mask(bits, numel), mask)
+
+
+def test_norm_table_holds_unclipped_norms_when_measured_before_clipping():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=50)
+    batches = make_batches(2)
+    train_step(model, optimizer, batches[0])
+    lm_loss(model, batches[1]).backward()
+    params = dict(model.named_parameters())
+    unclipped = {name: params[name].grad.norm().item() for name in optimizer.selection["names"]}
+    optimizer.measure_gradients()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # what the Trainer does between backward and step
+    optimizer.step()
+    for name, norm in unclipped.items():
+        assert optimizer.norm_table[name] == pytest.approx(norm, rel=1e-5)
+        assert norm > 1e-2  # clipping really changed them

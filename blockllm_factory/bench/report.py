@@ -25,11 +25,14 @@ class Goal:
 
 
 def human_bytes(value: Any) -> str:
+    """Four significant digits, trailing zeros kept, so that close figures stay tellable apart: 1.031 GiB."""
     if not isinstance(value, (int, float)):
         return "n/a"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.3g} {unit}" if value / size < 1000 else f"{value / size:,.0f} {unit}"
+        if abs(value) >= 1000 * size / 1024:
+            number = value / size
+            decimals = 3 if abs(number) < 10 else 2 if abs(number) < 100 else 1
+            return f"{number:.{decimals}f} {unit}"
     return f"{value:.0f} B"
 
 
@@ -50,8 +53,8 @@ def _usable(record: dict | None, key: str) -> bool:
 
 
 def _fmt(key: str, value: Any) -> str:
-    if key.endswith("_bytes"):
-        return human_bytes(value)
+    if key.endswith("_bytes"):  # one unit in every goal line, fine enough to tell close peaks apart
+        return f"{value / 2**20:,.2f} MiB" if isinstance(value, (int, float)) else "n/a"
     return f"{_number(value, 3)} s" if key.endswith("_s") else _number(value)
 
 

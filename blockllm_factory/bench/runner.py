@@ -68,18 +68,6 @@ def llamafactory_cli() -> str:
     return found
 
 
-def build_demo_assets(root: Path) -> None:
-    """Builds (or reuses) the embedded tiny model and data under ``root``."""
-    from blockllm_factory import demo
-
-    if hasattr(demo, "build_assets"):
-        demo.build_assets(root)
-    else:
-        from blockllm_factory.demo.assets import build
-
-        build(root)
-
-
 def final_train_loss(loss_curve: list[list[float]]) -> float | None:
     """Mean of the logged training losses over the last 10% of the steps (at least the last one logged)."""
     if not loss_curve:
@@ -303,7 +291,9 @@ def run_bench(
             print(f"[bench] {run.name} cannot run and will be recorded as failed: {run.problem}", file=stream)
     if suite.demo_assets is not None:
         print(f"[bench] embedded tiny model and data: {suite.demo_assets}", file=stream, flush=True)
-        build_demo_assets(suite.demo_assets)
+        from blockllm_factory.demo.assets import build  # reuses an up-to-date build
+
+        build(suite.demo_assets)
     resolve_paths(suite)
     cli = llamafactory_cli()
     out = Path(out_dir).resolve()

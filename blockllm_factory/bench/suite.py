@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ REQUIRED_KEYS = ("model_name_or_path", "stage", "dataset")
 # Arguments naming local files or folders: made absolute when they exist, so a run means the same from any directory.
 PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "deepspeed", "tokenized_path", "cache_dir")
 KINDS = ("blockllm", "full", "lora", "galore", "badam")
+MAX_STAMPED_FILES = 10000
 
 
 class SuiteError(ValueError):
@@ -74,11 +75,12 @@ class Run:
     args: dict[str, Any]
     env: dict[str, str]
     problem: str | None = None  # set when the run cannot start (reported as failed, the others still run)
+    inputs: dict[str, str] = field(default_factory=dict)  # local model/data path -> stamp of its files
 
     @property
     def fingerprint(self) -> str:
-        """Same arguments and environment, same fingerprint: a completed run with it is not run again."""
-        text = json.dumps({"args": self.args, "env": self.env}, sort_keys=True, default=str)
+        """Same arguments, environment and local input files, same fingerprint: a completed run is not run again."""
+        text = json.dumps({"args": self.args, "env": self.env, "inputs": self.inputs}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -158,14 +160,30 @@ def _named(value: Any, where: str, source: Path, required: bool) -> dict[str, di
     return entries
 
 
+def stamp(path: Path) -> str:
+    """Names, sizes and modification times of the files under ``path``: changes when a model or dataset is rebuilt."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())[:MAX_STAMPED_FILES]
+    digest = hashlib.sha256()
+    for item in files:
+        status = item.stat()
+        name = item.relative_to(path) if item != path else ""
+        digest.update(f"{name}|{status.st_size}|{status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def resolve_paths(suite: Suite, base_dir: Path | None = None) -> None:
-    """Makes the arguments naming existing local files absolute (call once the demo assets exist)."""
+    """Makes the arguments naming existing local files absolute and stamps them (once the demo assets exist)."""
     base_dir = base_dir or Path.cwd()
+    stamps: dict[Path, str] = {}
     for run in suite.runs:
         for key in PATH_KEYS:
             value = run.args.get(key)
             if isinstance(value, str) and value and (base_dir / value).exists():
-                run.args[key] = str((base_dir / value).resolve())
+                path = (base_dir / value).resolve()
+                run.args[key] = str(path)
+                if path not in stamps:
+                    stamps[path] = stamp(path)
+                run.inputs[key] = stamps[path]
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -4,9 +4,11 @@ Eleven kinds of short tasks (reverse a word, add two numbers, name a capital, ..
 parameters learns visibly within a few hundred steps on CPU. Every record is drawn from ``random.Random(seed)``
 over the fixed tables below, so the same seed gives the same records byte for byte.
 
-Besides instructions (alpaca format, stage ``sft``), the same tasks give plain text (stage ``pt``), preference
-pairs (stages ``rm`` and ``dpo``: the right answer is chosen, a plausible wrong one rejected) and labelled
-single answers (stage ``kto``), so that every LLaMA-Factory stage can be exercised on local files.
+The same facts also come as prose ("The capital of Peru is Lima."): the tiny model is pretrained on prose first,
+so that fine-tuning on instructions teaches it to answer in the chat format, as with a real base model. Besides
+instructions (alpaca format, stage ``sft``) and prose (stage ``pt``), the tasks give preference pairs (stages
+``rm`` and ``dpo``: the right answer is chosen, a plausible wrong one rejected) and labelled single answers
+(stage ``kto``), so that every LLaMA-Factory stage can be exercised on local files.
 """
 
 from __future__ import annotations
@@ -130,14 +132,38 @@ def examples(count: int, seed: int) -> list[Example]:
     return [TASKS[i % len(TASKS)](rng) for i in range(count)]
 
 
+def prose(item: Example) -> str:
+    """The fact behind an example as a plain sentence."""
+    instruction, query, right, _ = item
+    if instruction.startswith("What is the capital of "):
+        return f"The capital of {instruction.removeprefix('What is the capital of ').rstrip('?')} is {right}."
+    if instruction == "Add the two numbers.":
+        first, second = query.split(" + ")
+        return f"{first} plus {second} is {right}."
+    return PROSE[instruction].format(query=query, right=right)
+
+
+PROSE = {
+    "Reverse the letters of the word.": "The word {query} spelled backwards is {right}.",
+    "Write the word in capital letters.": "The word {query} in capital letters is {right}.",
+    "Sort the letters of the word alphabetically.": "The letters of {query} in alphabetical order are {right}.",
+    "How many letters are in the word?": "The word {query} has {right} letters.",
+    "What is the first letter of the word?": "The first letter of {query} is {right}.",
+    "Repeat the word three times.": "The word {query} three times is {right}.",
+    "Which number is larger?": "Of {query}, the larger number is {right}.",
+    "Give the opposite of the word.": "The opposite of {query} is {right}.",
+    "Which word comes after this one in the list?": "In the list, {right} comes after {query}.",
+}
+
+
 def as_instructions(items: list[Example]) -> list[dict]:
     """Alpaca records for stage ``sft``."""
     return [{"instruction": ins, "input": inp, "output": right} for ins, inp, right, _ in items]
 
 
 def as_text(items: list[Example]) -> list[dict]:
-    """Plain-text records for stage ``pt``."""
-    return [{"text": f"{ins}\n{inp}\n{right}".replace("\n\n", "\n")} for ins, inp, right, _ in items]
+    """Prose records for stage ``pt``."""
+    return [{"text": prose(item)} for item in items]
 
 
 def as_preferences(items: list[Example]) -> list[dict]:

@@ -158,6 +158,7 @@ class BlockLLM(Optimizer):
         # Hooks are attached to probed blocks only, and removed once their norm is taken.
         self._probe_handles: list[Any] = []
         self._probe_sq_norms: dict[str, torch.Tensor] = {}
+        self._premeasured_sq_norms: dict[str, torch.Tensor] = {}
         # Set by engine adapters (see distributed.py, zero.py): whether probed gradients are measured by hooks during
         # backward (else the engine reports them through record_probe_norm), and the loss scale the probed gradients
         # carry when an fp16 GradScaler scales the loss (hooks see scaled gradients; the selection is unscaled first).
@@ -235,6 +236,7 @@ class BlockLLM(Optimizer):
             self._skip_nonfinite([name for name, value in norms.items() if not math.isfinite(value)])
             return loss
         self._probe_sq_norms = {}
+        self._premeasured_sq_norms = {}
         self._norms.update(norms)
 
         self._apply_updates(selected_names)
@@ -267,11 +269,28 @@ class BlockLLM(Optimizer):
         measured = selected_names + [
             name for name in self._probed if name not in squared_norms and self._param_by_name[name].grad is not None
         ]
+        premeasured, self._premeasured_sq_norms = self._premeasured_sq_norms, {}
         for name in measured:
-            squared_norms[name] = torch.linalg.vector_norm(
-                self._param_by_name[name].grad, dtype=torch.float32
-            ).square()
+            squared_norms[name] = premeasured.get(name)
+            if squared_norms[name] is None:
+                squared_norms[name] = torch.linalg.vector_norm(
+                    self._param_by_name[name].grad, dtype=torch.float32
+                ).square()
         return squared_norms, None, selected_names
+
+    def measure_gradients(self) -> None:
+        """Measures the selected blocks' gradient norms now, for the coming :meth:`step` to use.
+
+        Call it right before something rescales the gradients, such as gradient clipping: probed blocks are measured
+        during backward, so without this the selected blocks would enter the norm table clipped and the probed ones
+        not, which biases the next selection towards probed blocks. The LLaMA-Factory patch calls it before the
+        Trainer clips.
+        """
+        self._premeasured_sq_norms = {
+            name: torch.linalg.vector_norm(self._param_by_name[name].grad, dtype=torch.float32).square()
+            for name in self._selected
+            if self._param_by_name[name].grad is not None
+        }
 
     def _apply_updates(self, selected_names: list[str]) -> None:
         for name in selected_names:
@@ -316,6 +335,7 @@ class BlockLLM(Optimizer):
         # Steps are numbered from 1 as in the selection telemetry and the Trainer's logs (global_step after the step).
         self._skipped_steps += 1
         self._probe_sq_norms = {}
+        self._premeasured_sq_norms = {}
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
@@ -480,6 +500,7 @@ class BlockLLM(Optimizer):
         self._generator.set_state(run["rng_state"])
         self._pending_losses = []
         self._probe_sq_norms = {}
+        self._premeasured_sq_norms = {}
         self._set_trainable(probed=list(run["probed"]))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
