@@ -310,8 +310,8 @@ class BenchMetricsCallback(TrainerCallback):
             "trainable_parameters": self.trainable_parameters,
             "eligible_parameters": self.eligible_parameters,
             "total_parameters": self._count_parameters(self.params),
-            # outermost first, e.g. "AcceleratedOptimizer > BlockOptimizer > AdamW" for BAdam
-            "optimizer": " > ".join(type(item).__name__ for item in self.chain) or None,
+            # outermost first, e.g. "...AcceleratedOptimizer > badam.block_optim.BlockOptimizer > torch...AdamW"
+            "optimizer": " > ".join(f"{type(item).__module__}.{type(item).__name__}" for item in self.chain) or None,
             "steps": measured_steps,
             "step_times_s": self.step_times,
             "step_time_s": statistics.median(self.step_times) if self.step_times else None,

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from conftest import CLI, cli_env
 
 from blockllm_factory.demo import data
-from blockllm_factory.demo.assets import DATASETS, EVAL_EXAMPLES, STAMP_NAME, TRAIN_EXAMPLES, build
+from blockllm_factory.demo.assets import DATASETS, EVAL_EXAMPLES, SEED, STAMP_NAME, TRAIN_EXAMPLES, build
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = ROOT / "recipes" / "demo" / "tiny_llama_blockllm_sft.yaml"
@@ -29,24 +30,23 @@ def assets(tmp_path_factory):
     return build(tmp_path_factory.mktemp("demo") / "assets")
 
 
-def test_two_builds_write_identical_files(assets, tmp_path):
-    again = build(tmp_path / "assets")
-    first, second = file_digests(assets.root), file_digests(again.root)
-    assert "model/model.safetensors" in first and "data/demo_sft.json" in first
-    assert first == second
-
-
-def test_an_up_to_date_build_is_kept_and_a_stale_one_rebuilt(tmp_path):
-    assets = build(tmp_path / "assets")
+def test_an_up_to_date_build_is_kept(assets):
     weights = assets.model_dir / "model.safetensors"
     written = weights.stat().st_mtime_ns
-    assert build(tmp_path / "assets").model_dir == assets.model_dir
-    assert weights.stat().st_mtime_ns == written  # same key: nothing rewritten
+    assert build(assets.root).model_dir == assets.model_dir
+    assert weights.stat().st_mtime_ns == written  # same code and library versions: nothing rewritten
 
-    (assets.root / STAMP_NAME).write_text("made by an older version\n")
-    weights.write_bytes(b"damaged")
-    build(tmp_path / "assets")
-    assert weights.read_bytes() != b"damaged"
+
+def test_a_stale_build_is_rebuilt_with_identical_bytes(assets, tmp_path):
+    """One rebuild shows both: a build by other code is replaced, and building again gives the same files."""
+    stale = tmp_path / "assets"
+    shutil.copytree(assets.root, stale)
+    (stale / STAMP_NAME).write_text("made by an older version\n")
+    (stale / "model" / "model.safetensors").write_bytes(b"damaged")
+    build(stale)
+    digests = file_digests(assets.root)
+    assert "model/model.safetensors" in digests and "data/demo_sft.json" in digests
+    assert file_digests(stale) == digests
     assert not list(tmp_path.glob(".assets-*")), "the staging folder is left behind"
 
 
@@ -63,7 +63,7 @@ def test_every_dataset_is_registered_with_its_records(assets):
 
 
 def test_answers_are_right_and_rejected_answers_wrong():
-    items = data.examples(len(data.TASKS) * 20, seed=5)
+    items = data.examples(TRAIN_EXAMPLES, seed=SEED)
     assert {instruction for instruction, *_ in items} >= {"Reverse the letters of the word.", "Add the two numbers."}
     for instruction, query, right, wrong in items:
         assert right != wrong, (instruction, query)
@@ -76,6 +76,7 @@ def test_answers_are_right_and_rejected_answers_wrong():
             assert int(right) == max(int(n) for n in query.split(", "))
         elif instruction.startswith("What is the capital of"):
             assert right == data.CAPITALS[instruction.removeprefix("What is the capital of ").rstrip("?")]
+        assert right in data.prose((instruction, query, right, wrong)), "the prose states the right answer"
     labels = [record["label"] for record in data.as_kto(items)]
     assert labels.count(True) == labels.count(False)
 
@@ -122,7 +123,8 @@ def test_the_readme_demo_recipe_trains_and_reports_where_its_results_are(assets,
         timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "Using BlockLLM optimizer: sparsity 0.95" in result.stdout + result.stderr
+    first_selection = json.loads((output_dir / "blockllm_selection.jsonl").read_text().splitlines()[0])
+    assert first_selection["budget"] == pytest.approx(0.05 * first_selection["eligible"], abs=1)  # sparsity 0.95
 
     losses = [
         entry["loss"]

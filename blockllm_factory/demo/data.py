@@ -72,7 +72,8 @@ def _length(rng: random.Random) -> Example:
 
 def _first_letter(rng: random.Random) -> Example:
     word = rng.choice(WORDS)
-    return "What is the first letter of the word?", word, word[0], word[-1]
+    wrong = next(letter for letter in reversed(word) if letter != word[0])  # "window" ends as it starts
+    return "What is the first letter of the word?", word, word[0], wrong
 
 
 def _repeat(rng: random.Random) -> Example:
