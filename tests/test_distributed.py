@@ -24,7 +24,7 @@ from blockllm_factory.optim.distributed import register_ddp_probe_hook
 from blockllm_factory.patches import distributed as engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import CLI, cli_env  # noqa: E402
+from conftest import CLI, cli_env, tiny_config  # noqa: E402
 from test_optim import TinyLM, lm_loss  # noqa: E402
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"
@@ -114,36 +114,21 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, pro
 
 # ---------------------------------------------------------------------------------------------------- llamafactory-cli
 def _config(assets, output_dir: Path, **extra) -> dict:
-    config = {
-        "model_name_or_path": str(assets.model_dir),
-        "dataset_dir": str(assets.dataset_dir),
-        "template": "default",
-        "stage": "sft",
-        "do_train": True,
-        "dataset": "tiny_sft",
-        "finetuning_type": "blockllm",
-        "blockllm_sparsity": 0.8,
-        "blockllm_patience": 1,  # the loss rule fires often: reselections within a few steps
-        "cutoff_len": 64,
-        "max_samples": 64,
-        "per_device_train_batch_size": 1,
-        "gradient_accumulation_steps": 2,
-        "learning_rate": 3.0e-2,  # large enough for the loss to stall now and then: reselections
-        "max_steps": STEPS,
-        "lr_scheduler_type": "cosine",
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "save_steps": 4,
-        "report_to": "none",
-        "use_cpu": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        "preprocessing_num_workers": 1,
-        "overwrite_cache": True,
-        "output_dir": str(output_dir),
-    }
-    config.update(extra)
-    return config
+    return tiny_config(
+        assets,
+        output_dir,
+        blockllm_sparsity=0.8,
+        blockllm_patience=1,  # the loss rule fires often: reselections within a few steps
+        max_samples=64,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        learning_rate=3.0e-2,  # large enough for the loss to stall now and then: reselections
+        max_steps=STEPS,
+        lr_scheduler_type="cosine",
+        save_strategy="steps",
+        save_steps=4,
+        **extra,
+    )
 
 
 def run_cli(

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from blockllm_factory.optim import BlockLLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import CLI, cli_env  # noqa: E402
+from conftest import CLI, cli_env, tiny_config  # noqa: E402
 from test_optim import TinyLM, flat_params, lm_loss, make_batches  # noqa: E402
 
 STEPS = 6
@@ -61,36 +61,20 @@ if _nan_at_call:
 
 
 def _config(assets, output_dir: Path, **extra) -> dict:
-    config = {
-        "model_name_or_path": str(assets.model_dir),
-        "dataset_dir": str(assets.dataset_dir),
-        "template": "default",
-        "stage": "sft",
-        "do_train": True,
-        "dataset": "tiny_sft",
-        "finetuning_type": "blockllm",
-        "blockllm_sparsity": 0.8,
-        "blockllm_patience": 1,
-        "cutoff_len": 64,
-        "max_samples": 64,
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "learning_rate": 2.0e-2,  # large enough for the loss to stall now and then: reselections
-        "max_steps": STEPS,
-        "lr_scheduler_type": "cosine",
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "save_steps": 3,
-        "report_to": "none",
-        "use_cpu": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        "preprocessing_num_workers": 1,
-        "overwrite_cache": True,
-        "output_dir": str(output_dir),
-    }
-    config.update(extra)
-    return config
+    return tiny_config(
+        assets,
+        output_dir,
+        blockllm_sparsity=0.8,
+        blockllm_patience=1,
+        max_samples=64,
+        gradient_accumulation_steps=2,
+        learning_rate=2.0e-2,  # large enough for the loss to stall now and then: reselections
+        max_steps=STEPS,
+        lr_scheduler_type="cosine",
+        save_strategy="steps",
+        save_steps=3,
+        **extra,
+    )
 
 
 def run_cli(config: dict, path: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
