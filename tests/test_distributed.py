@@ -10,6 +10,7 @@ communication op (about a minute; cached afterwards).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,17 +140,30 @@ def run_cli(
     extra = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **env}
     if processes > 1:
         extra.update(FORCE_TORCHRUN="1", NPROC_PER_NODE=str(processes))
-    result = subprocess.run(
-        [str(CLI), "train", str(path)],
-        cwd=path.parent,
-        env=cli_env(**extra),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    result.log = result.stdout + result.stderr
+    for attempt in range(2):
+        result = subprocess.run(
+            [str(CLI), "train", str(path)],
+            cwd=path.parent,
+            env=cli_env(**extra),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        result.log = result.stdout + result.stderr
+        if result.returncode == 0 or not is_teardown_abort(result.log):
+            break
+        # Known flake (docs/distributed.md): after training and saving, a rank can abort in C++ teardown ("terminate
+        # called without an active exception") under two-process gloo + DeepSpeed on CPU. Run once more from scratch.
+        shutil.rmtree(config["output_dir"], ignore_errors=True)
+        if "BLOCKLLM_FACTORY_RANK_DUMP" in env:
+            shutil.rmtree(env["BLOCKLLM_FACTORY_RANK_DUMP"], ignore_errors=True)
+        print(f"{path.name}: rank aborted in teardown after training (attempt {attempt + 1}); running again")
     assert result.returncode == 0, result.log[-6000:]
     return result
+
+
+def is_teardown_abort(log: str) -> bool:
+    return "terminate called without an active exception" in log and "Training completed" in log
 
 
 def load_dumps(directory: Path, world: int = 2) -> list[dict]:
