@@ -12,6 +12,8 @@ a BlockLLM, attaches two things to that trainer instance:
   which blocks were updated at each step.
 """
 
+import functools
+
 from ._version import check_llamafactory_version
 
 FINETUNING_TYPE = "blockllm"
@@ -171,16 +173,13 @@ def attach(trainer, logger) -> None:
 
 
 def build_create_optimizer(original, logger):
+    @functools.wraps(original)
     def create_optimizer(self, *args, **kwargs):
         optimizer = original(self, *args, **kwargs)
         if self.finetuning_args.finetuning_type == FINETUNING_TYPE:
             attach(self, logger)
         return optimizer
 
-    create_optimizer.__wrapped__ = original
-    create_optimizer.__doc__ = original.__doc__
-    create_optimizer.__name__ = original.__name__
-    create_optimizer.__qualname__ = original.__qualname__
     return create_optimizer
 
 

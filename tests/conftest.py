@@ -186,14 +186,12 @@ def run_cli(command: str, config: dict, workdir: Path, name: str, timeout: int =
     """Runs ``llamafactory-cli <command> <workdir>/<name>.yaml``; the CompletedProcess gets ``.log`` (both streams)."""
     path = Path(workdir) / f"{name}.yaml"
     path.write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is valid YAML
-    result = subprocess.run(
-        [str(CLI), command, str(path)],
-        cwd=workdir,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_logged([str(CLI), command, str(path)], workdir, timeout, **env)
+
+
+def run_logged(argv: list[str], cwd: Path, timeout: int, **env: str) -> subprocess.CompletedProcess:
+    """Runs ``argv`` with the CLI's environment (plus ``env``); the CompletedProcess gets ``.log`` (both streams)."""
+    result = subprocess.run(argv, cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
     result.log = result.stdout + result.stderr
     return result
 
@@ -226,16 +224,7 @@ class LlamaFactoryCLI:
         self, script: str, workdir: Path, argv: list[str] = (), timeout: int = 600, **env: str
     ) -> subprocess.CompletedProcess:
         """Runs a Python script in a fresh interpreter (the import hook active) with the CLI's environment."""
-        result = subprocess.run(
-            [sys.executable, "-c", script, *argv],
-            cwd=workdir,
-            env=cli_env(**env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        result.log = result.stdout + result.stderr
-        return result
+        return run_logged([sys.executable, "-c", script, *argv], workdir, timeout, **env)
 
 
 @pytest.fixture(scope="session")

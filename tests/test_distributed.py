@@ -25,7 +25,7 @@ from blockllm_factory.optim.distributed import register_ddp_probe_hook
 from blockllm_factory.patches import distributed as engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import CLI, cli_env, tiny_config  # noqa: E402
+from conftest import CLI, run_logged, tiny_config  # noqa: E402
 from test_optim import TinyLM, lm_loss  # noqa: E402
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"
@@ -141,15 +141,7 @@ def run_cli(
     if processes > 1:
         extra.update(FORCE_TORCHRUN="1", NPROC_PER_NODE=str(processes))
     for attempt in range(2):
-        result = subprocess.run(
-            [str(CLI), "train", str(path)],
-            cwd=path.parent,
-            env=cli_env(**extra),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        result.log = result.stdout + result.stderr
+        result = run_logged([str(CLI), "train", str(path)], path.parent, timeout, **extra)
         if result.returncode == 0 or not is_teardown_abort(result.log):
             break
         # Known flake (docs/distributed.md): after training and saving, a rank can abort in C++ teardown ("terminate
