@@ -2,8 +2,10 @@
 
 BlockLLM trains the plain model (no adapter modules); the optimizer decides at each step which parameters require
 grad. So ``init_adapter`` runs LLaMA-Factory's full-tuning path: forbidden modules (e.g. a frozen vision tower) stay
-frozen, and trainable weights are upcast to float32 unless ``pure_bf16`` is set (or ZeRO-3 keeps them in fp32 itself),
-the same rule as ``finetuning_type: full``. Saving, export and chat then treat the result as a full model.
+frozen. Under mixed precision (``bf16``/``fp16``) the weights stay in half precision, as LLaMA-Factory does for BAdam:
+BlockLLM keeps fp32 master copies of the selected coordinates only (exceptions in ``precision.py``: DeepSpeed, and fp16
+with several processes, keep LLaMA-Factory's upcast to fp32). Saving, export and chat then treat the result as a full
+model.
 """
 
 from ._version import check_llamafactory_version
@@ -20,12 +22,24 @@ def build_init_adapter(original, logger):
             logger.info_rank0(
                 "Fine-tuning method: BlockLLM (full model; the optimizer picks the trainable blocks at each step)."
             )
-        # LLaMA-Factory's full-tuning branch, with its precision rule; the type is restored even if it raises.
+        # LLaMA-Factory's full-tuning branch; the arguments are restored even if it raises. Its precision rule
+        # upcasts every trainable weight to fp32 except for pure_bf16 and BAdam; BlockLLM keeps half-precision
+        # weights in the same cases as BAdam does (see precision.keeps_half_precision_weights).
+        from .precision import keeps_half_precision_weights
+
+        keep_half = is_trainable and keeps_half_precision_weights(model_args) and not finetuning_args.pure_bf16
+        if keep_half:
+            logger.info_rank0(
+                "BlockLLM: trainable weights stay in half precision; fp32 masters exist for the selected coordinates."
+            )
+        use_badam = finetuning_args.use_badam
         finetuning_args.finetuning_type = "full"
+        finetuning_args.use_badam = use_badam or keep_half  # the flag LLaMA-Factory's precision rule reads
         try:
             return original(config, model, model_args, finetuning_args, is_trainable)
         finally:
             finetuning_args.finetuning_type = FINETUNING_TYPE
+            finetuning_args.use_badam = use_badam
 
     init_adapter.__wrapped__ = original
     init_adapter.__doc__ = original.__doc__

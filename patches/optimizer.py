@@ -29,7 +29,8 @@ def build_create_blockllm_optimizer(module):
             {"params": decay, "weight_decay": training_args.weight_decay},
         ]
         # DeepSpeed ZeRO wraps a variant that works on its partitions (see distributed.py, optim/zero.py).
-        from .distributed import blockllm_optimizer_class
+        from .distributed import blockllm_optimizer_class, uses_deepspeed_zero
+        from .precision import compact_gradients, optim_bits
 
         optimizer = blockllm_optimizer_class(training_args)(
             [group for group in param_groups if group["params"]],
@@ -43,6 +44,8 @@ def build_create_blockllm_optimizer(module):
             probe_blocks=finetuning_args.blockllm_probe_blocks,
             include_embeddings=finetuning_args.blockllm_include_embeddings,
             seed=training_args.seed,
+            optim_bits=optim_bits(training_args),
+            **({} if uses_deepspeed_zero(training_args) else {"compact_gradients": compact_gradients(training_args)}),
         )
         probed = (
             f" ({finetuning_args.blockllm_probe_blocks} blocks)" if finetuning_args.blockllm_probe == "sample" else ""
@@ -52,7 +55,8 @@ def build_create_blockllm_optimizer(module):
             f"{finetuning_args.blockllm_patience}, probe {finetuning_args.blockllm_probe}"
             f"{probed}"
             f", budget {optimizer.budget:,} of "
-            f"{optimizer.eligible_numel:,} coordinates per step."
+            f"{optimizer.eligible_numel:,} coordinates per step; "
+            f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments."
         )
         return optimizer
 

@@ -19,6 +19,9 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     """Errors name the argument to change and why."""
     if getattr(finetuning_args, "use_mca", False):
         raise ValueError("`finetuning_type: blockllm` does not run on the MCA (Megatron) backend; unset USE_MCA.")
+    from .precision import check_optim
+
+    check_optim(training_args)
     # Multi-process engines (DDP, DeepSpeed) have their own checks and settings: see distributed.py.
     from .distributed import check_distributed_setup
 

@@ -7,6 +7,9 @@ a BlockLLM, attaches two things to that trainer instance:
   has scaled for gradient accumulation, so their sum over an optimizer step's micro-steps is the step's mean loss,
   the number the Trainer logs. A callback hands it to ``record_loss`` in ``on_pre_optimizer_step``, right before
   ``optimizer.step()``: once per optimizer step, with no extra forward pass.
+* clipping: the Trainer's ``_clip_grad_norm`` (and ``_get_grad_norm``, which logs the norm when nothing is clipped)
+  measure the selected blocks before clipping and, with compact gradients, clip them where they are: in the
+  optimizer's carrier, through ``BlockLLM.clip_grad_norm_``.
 * telemetry: each (re)selection is logged through LLaMA-Factory's logger and appended to
   ``output_dir/blockllm_selection.jsonl``; with ``plot_loss: true``, ``output_dir/blockllm_selection.png`` shows
   which blocks were updated at each step.
@@ -163,9 +166,24 @@ def attach(trainer, logger) -> None:
 
     def clip_grad_norm_after_measuring(model):
         optimizer.measure_gradients()
-        return original_clip(model)
+        if optimizer.gradient_carrier is None:
+            return original_clip(model)
+        # Compact gradients live in the optimizer's carrier, which model.parameters() does not reach; the GradScaler
+        # unscales them through the optimizer's param_groups, as accelerate's clip_grad_norm_ does first.
+        trainer.accelerator.unscale_gradients()
+        return optimizer.clip_grad_norm_(trainer.args.max_grad_norm, model.parameters())
 
     trainer._clip_grad_norm = clip_grad_norm_after_measuring
+    original_get_norm = getattr(trainer, "_blockllm_original_get_grad_norm", None) or trainer._get_grad_norm
+    trainer._blockllm_original_get_grad_norm = original_get_norm
+
+    def get_grad_norm_with_compact_gradients(model, grad_norm=None):
+        if grad_norm is None and optimizer.gradient_carrier is not None:  # max_grad_norm 0: the norm for the log only
+            trainer.accelerator.unscale_gradients()
+            grad_norm = optimizer.clip_grad_norm_(float("inf"), model.parameters())
+        return original_get_norm(model, grad_norm=grad_norm)
+
+    trainer._get_grad_norm = get_grad_norm_with_compact_gradients
     # DDP/DeepSpeed/GradScaler specifics (loss feed timing, probe norms, skipped steps): see distributed.py.
     from .distributed import attach_engine
 

@@ -85,7 +85,15 @@ def test_bad_value_is_refused_by_name_before_anything_is_written(llamafactory_tr
     assert not result.output_dir.exists() or not any(result.output_dir.iterdir())
 
 
-def test_resume_from_checkpoint_continues_exactly(llamafactory_cli, tmp_path):
+EIGHT_BIT = {  # 8-bit moments need vectors of >= 4096 entries: the tiny model's embeddings and head have them
+    "optim": "adamw_bnb_8bit",
+    "blockllm_include_embeddings": True,
+    "blockllm_sparsity": 0.3,
+}
+
+
+@pytest.mark.parametrize("states", ["fp32", "8bit"])
+def test_resume_from_checkpoint_continues_exactly(states, llamafactory_cli, tmp_path):
     common = {
         "max_steps": 6,
         "gradient_accumulation_steps": 2,
@@ -93,11 +101,16 @@ def test_resume_from_checkpoint_continues_exactly(llamafactory_cli, tmp_path):
         "blockllm_patience": 1,  # reselects as soon as the loss does not fall: decided from the restored window
         "save_strategy": "steps",
         "save_steps": 3,
+        **(EIGHT_BIT if states == "8bit" else {}),
     }
     unbroken = llamafactory_cli.config(tmp_path / "unbroken", **common)
     assert_ok(llamafactory_cli.run("train", unbroken, tmp_path, "unbroken"))
     checkpoint = tmp_path / "unbroken" / "checkpoint-3"
     assert (checkpoint / "optimizer.pt").exists()
+    saved_states = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"].values()
+    quantized = [state for state in saved_states if "exp_avg_q" in state]
+    assert all(state["exp_avg_q"].dtype == torch.uint8 for state in quantized)
+    assert bool(quantized) == (states == "8bit")
 
     resumed = llamafactory_cli.config(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint), **common)
     result = llamafactory_cli.run("train", resumed, tmp_path, "resumed")
@@ -109,7 +122,8 @@ def test_resume_from_checkpoint_continues_exactly(llamafactory_cli, tmp_path):
     assert all(torch.equal(final[name], again[name]) for name in final)
     # Same selections, including those made after the checkpoint, from the restored loss window and probe state.
     assert selection_log(tmp_path / "resumed") == selection_log(tmp_path / "unbroken")
-    assert any(record["step"] > 3 for record in selection_log(tmp_path / "unbroken"))
+    if states == "fp32":  # (the restored run state is the same for 8-bit; its states are what that case checks)
+        assert any(record["step"] > 3 for record in selection_log(tmp_path / "unbroken"))
 
 
 def test_gradient_checkpointing_gives_the_same_training(llamafactory_train):
@@ -131,12 +145,43 @@ def test_gradient_checkpointing_gives_the_same_training(llamafactory_train):
     assert any(record["reason"] != "initial" for record in records)
 
 
-def test_bf16_mixed_precision_trains(llamafactory_train, tiny_llamafactory_assets):
-    result = llamafactory_train({"bf16": True, "blockllm_sparsity": 0.5, "max_steps": 3}, name="bf16")
+def save_in_dtype(source: Path, target: Path, dtype: torch.dtype) -> Path:
+    """Real checkpoints are stored in half precision, and LLaMA-Factory loads them as stored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(source, dtype=dtype).save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_half_weights_and_masters_only_for_the_selection(
+    precision, llamafactory_train, tiny_llamafactory_assets, tmp_path
+):
+    """Measured inside the run from the live tensors (the benchmark harness's callback): weights at 2 bytes each,
+    fp32 masters for at most the budget, gradients within the budget plus one tensor."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    half_model = save_in_dtype(tiny_llamafactory_assets.model_dir, tmp_path / f"{precision}_model", dtype)
+    metrics = tmp_path / f"{precision}_metrics.json"
+    result = llamafactory_train(
+        {precision: True, "blockllm_sparsity": 0.5, "max_steps": 3, "model_name_or_path": str(half_model)},
+        name=precision,
+        BLOCKLLM_FACTORY_BENCH_OUT=str(metrics),
+    )
     assert_ok(result)
-    assert "compute dtype: torch.bfloat16" in result.log
-    changed = changed_names(weights(tiny_llamafactory_assets.model_dir), weights(result.output_dir))
+    assert f"compute dtype: {dtype}" in result.log
+    assert "trainable weights stay in half precision" in result.log
+    assert all(tensor.dtype == dtype for tensor in weights(result.output_dir).values())
+    changed = changed_names(weights(half_model), weights(result.output_dir))
     assert changed and changed <= selected_names(selection_log(result.output_dir))
+
+    measured = json.loads(metrics.read_text(encoding="utf-8"))
+    budget = selection_log(result.output_dir)[0]["budget"]
+    assert measured["parameter_bytes"] == 2 * measured["total_parameters"]  # no fp32 copy of the model
+    assert 0 < measured["master_weight_bytes"] <= 4 * budget + 64
+    largest = 2 * max(tensor.numel() for tensor in weights(tiny_llamafactory_assets.model_dir).values())
+    gradient_element = 2 if precision == "bf16" else 4  # fp16's compact gradients are fp32 (for a GradScaler)
+    assert 0 < measured["gradient_bytes"] <= gradient_element * (budget + 1) + largest
 
 
 def test_exported_blockllm_model_equals_the_trained_one(llamafactory_train, llamafactory_cli, tmp_path):
@@ -214,14 +259,7 @@ run_exp(json.loads(sys.argv[1]))
 
 
 def test_pure_bf16_keeps_bf16_weights_and_trains_the_selection(llamafactory_cli, tiny_llamafactory_assets, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # Checkpoints of real models are stored in bf16; LLaMA-Factory loads them as stored.
-    bf16_model = tmp_path / "bf16_model"
-    AutoModelForCausalLM.from_pretrained(tiny_llamafactory_assets.model_dir, dtype=torch.bfloat16).save_pretrained(
-        bf16_model
-    )
-    AutoTokenizer.from_pretrained(tiny_llamafactory_assets.model_dir).save_pretrained(bf16_model)
+    bf16_model = save_in_dtype(tiny_llamafactory_assets.model_dir, tmp_path / "bf16_model", torch.bfloat16)
 
     config = llamafactory_cli.config(
         tmp_path / "out", model_name_or_path=str(bf16_model), pure_bf16=True, max_steps=3, blockllm_sparsity=0.5

@@ -185,10 +185,13 @@ def test_visit_frequency_changes_the_pick():
     assert len(picks) >= 3 and len(set(picks)) > 1
 
 
-def test_exact_probe_measures_every_block_without_keeping_gradients():
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
+def test_exact_probe_measures_every_block_without_keeping_gradients(compact):
     torch.manual_seed(0)
     model = TinyLM()
-    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=1, probe="exact")
+    optimizer = BlockLLM(
+        model.named_parameters(), lr=1e-2, sparsity=0.9, patience=1, probe="exact", compact_gradients=compact
+    )
     tokens = make_batches(1)[0]
     lm_loss(model, tokens).backward()
     # Every eligible block was measured, but no gradient survives the backward pass.
@@ -198,7 +201,9 @@ def test_exact_probe_measures_every_block_without_keeping_gradients():
     optimizer.zero_grad()
     lm_loss(model, tokens).backward()
     with_grad = {name for name, param in model.named_parameters() if param.grad is not None}
-    assert with_grad == set(optimizer.selection["names"])
+    compacted = {name for name in optimizer.block_names if optimizer.compact_gradient(name) is not None}
+    assert (compacted if compact else with_grad) == set(optimizer.selection["names"])
+    assert not (with_grad if compact else compacted)
 
 
 def test_resume_is_bit_identical():
@@ -260,18 +265,22 @@ def test_lr_scheduler_drives_learning_rate():
     assert all(torch.equal(param, frozen[name]) for name, param in model.named_parameters())
 
 
-def test_nonfinite_gradient_skips_step_and_keeps_state():
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
+def test_nonfinite_gradient_skips_step_and_keeps_state(compact):
     torch.manual_seed(0)
     model = TinyLM()
-    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=5)
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=5, compact_gradients=compact)
     for tokens in make_batches(3):
         train_step(model, optimizer, tokens)
     states = copy.deepcopy({id(param): state for param, state in optimizer.state.items()})
     before = flat_params(model)
     selection = optimizer.selection
+    # A NaN in one coordinate of a selected block's gradient, as backward produces it (before any hook sees it).
+    selected = dict(model.named_parameters())[selection["names"][0]]
+    handle = selected.register_hook(lambda grad: grad.index_fill(0, torch.tensor([0]), float("nan")))
     loss = lm_loss(model, make_batches(1, seed=9)[0])
     loss.backward()
-    next(param for param in model.parameters() if param.grad is not None).grad[0] = float("nan")
+    handle.remove()
     with pytest.warns(RuntimeWarning, match="non-finite gradient at optimizer step 4"):
         optimizer.step()
     optimizer.zero_grad()
@@ -364,7 +373,8 @@ def test_mask_packing_round_trip():
 def test_norm_table_holds_unclipped_norms_when_measured_before_clipping():
     torch.manual_seed(0)
     model = TinyLM()
-    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=50)
+    # Dense gradients: measure_gradients() before the Trainer clips (compact ones are measured in backward hooks).
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=50, compact_gradients=False)
     batches = make_batches(2)
     train_step(model, optimizer, batches[0])
     lm_loss(model, batches[1]).backward()

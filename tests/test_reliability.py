@@ -201,20 +201,26 @@ def test_nonfinite_step_is_skipped_with_a_warning_and_training_goes_on(unbroken)
 
 
 # ------------------------------------------------------------------------------------------------ fp16 loss scaling
-def _train_scaled(batches, inf_at: int | None = None, scaled: bool = True):
+def _train_scaled(batches, inf_at: int | None = None, scaled: bool = True, compact: bool = True):
     """BlockLLM under torch.amp.GradScaler on CPU (LLaMA-Factory has no loss scaling on CPU: accelerate gives fp16
     on CPU no GradScaler). The skip handling is what the trainer patch does: ``skip_step`` when the scaler skipped."""
     torch.manual_seed(0)
     model = TinyLM()
-    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=1, probe_blocks=2)
+    optimizer = BlockLLM(
+        model.named_parameters(), lr=1e-2, sparsity=0.9, patience=1, probe_blocks=2, compact_gradients=compact
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2) if scaled else None
     if scaler is not None:
         optimizer.probe_grad_scale = scaler.get_scale
     for index, tokens in enumerate(batches):
+        handle = None
+        if index == inf_at:  # an overflow in one gradient coordinate, as backward produces it
+            poisoned = next(param for param in model.parameters() if param.requires_grad)
+            handle = poisoned.register_hook(lambda grad: grad.index_fill(0, torch.tensor([0]), float("inf")))
         loss = lm_loss(model, tokens)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        if index == inf_at:
-            next(param for param in model.parameters() if param.grad is not None).grad[0, 0] = float("inf")
+        if handle is not None:
+            handle.remove()
         optimizer.record_loss(loss.item())
         if scaler is None:
             optimizer.step()
@@ -228,12 +234,13 @@ def _train_scaled(batches, inf_at: int | None = None, scaled: bool = True):
     return model, optimizer, scaler
 
 
-def test_grad_scaler_steps_equal_unscaled_steps_bit_for_bit():
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
+def test_grad_scaler_steps_equal_unscaled_steps_bit_for_bit(compact):
     """Probed blocks are measured on scaled gradients; BlockLLM divides by the scale, so the norm table, the
     selections and the weights equal those of an unscaled run exactly (power-of-two scales are exact)."""
     batches = make_batches(8, seed=3)
-    plain_model, plain, _ = _train_scaled(batches, scaled=False)
-    scaled_model, scaled, scaler = _train_scaled(batches)
+    plain_model, plain, _ = _train_scaled(batches, scaled=False, compact=compact)
+    scaled_model, scaled, scaler = _train_scaled(batches, compact=compact)
     assert scaler.get_scale() > 2.0**12  # the scale grew during the run: several different scales were used
     assert len(plain.selection_events) >= 2
     assert scaled.selection_events == plain.selection_events
@@ -241,13 +248,14 @@ def test_grad_scaler_steps_equal_unscaled_steps_bit_for_bit():
     assert_same_weights(flat_params(scaled_model), flat_params(plain_model))
 
 
-def test_grad_scaler_skip_leaves_states_and_selection_as_if_the_batch_never_came():
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
+def test_grad_scaler_skip_leaves_states_and_selection_as_if_the_batch_never_came(compact):
     batches = make_batches(8, seed=3)
-    skipped_model, skipped, scaler = _train_scaled(batches, inf_at=3)
+    skipped_model, skipped, scaler = _train_scaled(batches, inf_at=3, compact=compact)
     assert skipped.skipped_steps == 1
     # The run without the poisoned batch, with the same (halved) scale afterwards, is equal bit for bit: nothing of
     # the skipped step (moments, selection, probe norms, loss) leaked into the run.
-    reference_model, reference, _ = _train_scaled(batches[:3] + batches[4:], scaled=False)
+    reference_model, reference, _ = _train_scaled(batches[:3] + batches[4:], scaled=False, compact=compact)
     assert skipped.selection_events == reference.selection_events
     assert skipped.norm_table == reference.norm_table
     assert_same_weights(flat_params(skipped_model), flat_params(reference_model))

@@ -5,11 +5,13 @@ coordinates. Blocks are ranked by gradient norm over visit frequency; inside the
 gradient magnitude trims the update to the budget. The selection is revisited when the loss stops falling (the current
 loss is at or above the mean of the last ``patience`` losses). Gradients, Adam moments and fp32 master weights exist
 only for the selection, and every other parameter has ``requires_grad=False`` so that autograd neither computes nor
-stores anything for it.
+stores anything for it. With ``compact_gradients`` (the default), a selected block's gradient is cut down to its
+masked coordinates as soon as autograd has accumulated it, so gradient memory stays within the budget too.
 
 The cycle of one optimizer step, as the trainer sees it::
 
-    loss.backward()                # grads for the selection; probed blocks leave only their norm (hooks free them)
+    loss.backward()                # grads for the selection (compacted to the mask); probed blocks leave only their
+                                   # norm (hooks free them)
     optimizer.record_loss(loss)    # once per optimizer step, averaged over accumulation micro-steps by the caller
     optimizer.step()               # masked AdamW on the selection, norm table, patience rule, next selection/probe
     optimizer.zero_grad()
@@ -28,12 +30,15 @@ from torch.optim import Optimizer
 from .distributed import squared_norms_vector, synchronize, unpack_measurements
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
+from .quantization import check_available, dequantize_moments_, quantize_moments_, quantized
 from .selection import is_embedding_name, pick_blocks, rank_blocks, split_budget
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 ParamGroups = Iterable[dict[str, Any]]
 
 PROBES = ("sample", "exact")
+OPTIM_BITS = (32, 8)
+GRADIENT_CARRIER_NAME = "blockllm.compact_gradients"
 
 
 def _check(condition: bool, message: str) -> None:
@@ -60,6 +65,16 @@ class BlockLLM(Optimizer):
         include_embeddings: also train input embeddings and output heads (needed to pretrain from scratch). By
             default they are frozen, as in the original code.
         seed: seed of the optimizer's own random generator (block sampling); its state is saved in ``state_dict``.
+        compact_gradients: keep only the masked coordinates of each selected block's gradient. A hook cuts the dense
+            gradient down right after autograd accumulates it (the first backward after a reselection also cuts the
+            top-k mask from it) and frees it, so gradient bytes stay within ``budget`` plus one transient tensor.
+            The compact gradients are the ``.grad`` of :attr:`gradient_carrier`, a tensor in the last parameter group,
+            so a ``torch.amp.GradScaler`` unscales and checks them like any gradient. Clip with
+            :meth:`clip_grad_norm_` (``torch.nn.utils.clip_grad_norm_(model.parameters())`` no longer sees them).
+            Turn it off where an engine owns the gradient buffers (DDP, DeepSpeed): then selected blocks keep dense
+            gradients and the mask is cut at the first step from the accumulated gradient.
+        optim_bits: 32 (fp32 Adam moments) or 8 (block-wise 8-bit moments in bitsandbytes' format, for compact
+            moment vectors of at least 4096 entries; needs bitsandbytes).
     """
 
     def __init__(
@@ -75,6 +90,8 @@ class BlockLLM(Optimizer):
         probe_blocks: int = 2,
         include_embeddings: bool = False,
         seed: int = 0,
+        compact_gradients: bool = True,
+        optim_bits: int = 32,
     ) -> None:
         # Every argument is checked before any parameter or state is touched.
         _check(
@@ -103,6 +120,16 @@ class BlockLLM(Optimizer):
             isinstance(probe_blocks, int) and probe_blocks >= 0,
             f"Invalid probe_blocks: {probe_blocks!r} (allowed: an integer >= 0)",
         )
+        _check(
+            isinstance(compact_gradients, bool),
+            f"Invalid compact_gradients: {compact_gradients!r} (allowed: True, False)",
+        )
+        _check(
+            optim_bits in OPTIM_BITS and not isinstance(optim_bits, bool),
+            f"Invalid optim_bits: {optim_bits!r} (allowed: {', '.join(map(str, OPTIM_BITS))})",
+        )
+        if optim_bits == 8:
+            check_available()
         groups = self._named_groups(params)
 
         defaults = {
@@ -117,6 +144,8 @@ class BlockLLM(Optimizer):
         self.probe = probe
         self.probe_blocks = probe_blocks
         self.include_embeddings = include_embeddings
+        self.compact_gradients = compact_gradients
+        self.optim_bits = optim_bits
 
         self._param_by_name: dict[str, torch.nn.Parameter] = {}
         self._group_by_name: dict[str, dict[str, Any]] = {}
@@ -139,6 +168,15 @@ class BlockLLM(Optimizer):
         self._sizes = {name: self._block_numel(self._param_by_name[name]) for name in self.block_names}
         self.eligible_numel = sum(self._sizes.values())
         self.budget = max(1, math.floor((1.0 - self.sparsity) * self.eligible_numel))
+        # Compact gradients: one flat buffer, the .grad of a carrier tensor, holds every selected block's masked
+        # gradient at [offset, offset + keep) and, in its last entry, a sentinel that turns NaN when a probed gradient
+        # was not finite (so that a GradScaler sees the overflow even though probed gradients are freed).
+        self.gradient_carrier: torch.nn.Parameter | None = None
+        self._grad_offsets: dict[str, int] = {}
+        self._compacted: set[str] = set()
+        if compact_gradients:
+            self.gradient_carrier = self._make_gradient_carrier()
+            self.add_param_group({"params": [self.gradient_carrier], "param_names": [GRADIENT_CARRIER_NAME]})
 
         # Run state: everything here is saved by state_dict() and restored by load_state_dict().
         self._generator = torch.Generator().manual_seed(seed)
@@ -184,6 +222,15 @@ class BlockLLM(Optimizer):
             group["params"] = entries
         return groups
 
+    def _make_gradient_carrier(self) -> torch.nn.Parameter:
+        """A tensor of ``budget + 1`` entries whose ``.grad`` is the compact gradient buffer; its own data is one
+        expanded scalar (no memory). bf16 when every block is bf16, else fp32: a GradScaler refuses fp16 gradients."""
+        first = self._param_by_name[self.block_names[0]]
+        dtypes = {self._param_by_name[name].dtype for name in self.block_names}
+        dtype = torch.bfloat16 if dtypes == {torch.bfloat16} else torch.float32
+        data = torch.zeros((), dtype=dtype, device=first.device).expand(self.budget + 1)
+        return torch.nn.Parameter(data, requires_grad=False)
+
     # ------------------------------------------------------------------ public API
     def record_loss(self, value: float) -> None:
         """Feeds the training loss of the coming optimizer step; drives the patience rule."""
@@ -201,6 +248,43 @@ class BlockLLM(Optimizer):
             "budget": self.budget,
             "reselections": self._reselections,
         }
+
+    def compact_gradient(self, name: str) -> torch.Tensor | None:
+        """The compact gradient of a selected block this step (its masked coordinates, in flattened order), if any."""
+        if name not in self._compacted:
+            return None
+        offset = self._grad_offsets[name]
+        return self.gradient_carrier.grad[offset : offset + self._selected[name]]
+
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        parameters: Iterable[torch.Tensor] | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+    ) -> torch.Tensor:
+        """Like :func:`torch.nn.utils.clip_grad_norm_`, over the compact gradients of the selection (in block order)
+        and the dense gradients of ``parameters`` (e.g. ``model.parameters()``; those without a gradient are skipped).
+
+        With ``compact_gradients`` the selection's gradients live in :attr:`gradient_carrier`, where
+        ``clip_grad_norm_(model.parameters())`` cannot see them: clip with this method. The norm is that of the
+        gradient the update uses (the masked coordinates). Returns the total norm before clipping.
+        """
+        grads = [self.compact_gradient(name) for name in self.block_names if name in self._compacted]
+        if parameters is not None:
+            grads += [param.grad for param in parameters if param.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+        # The same arithmetic as torch.nn.utils.clip_grads_with_norm_, so that both paths clip bit for bit alike.
+        clip_coef_clamped = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(clip_coef_clamped.to(grad.device))
+        return total_norm
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._compacted.clear()
 
     @property
     def norm_table(self) -> dict[str, float]:
@@ -240,6 +324,7 @@ class BlockLLM(Optimizer):
         self._norms.update(norms)
 
         self._apply_updates(selected_names)
+        self._release_compact_gradients()
 
         fired = self._loss_rule(mean_loss) if mean_loss is not None else False
         self._step_count += 1
@@ -258,7 +343,10 @@ class BlockLLM(Optimizer):
     def _measure(self) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, list[str]]:
         """This rank's squared gradient norms, the share of each block they cover (None: all of it) and the selected
         blocks that have a gradient to update. Engines that shard parameters override this (see zero.py)."""
-        selected_names = [name for name in self._selected if self._param_by_name[name].grad is not None]
+        if self.compact_gradients:
+            selected_names = [name for name in self._selected if name in self._compacted]
+        else:
+            selected_names = [name for name in self._selected if self._param_by_name[name].grad is not None]
         squared_norms = dict(self._probe_sq_norms)
         if squared_norms and self.probe_grad_scale is not None:
             # Probed gradients were measured while still multiplied by the loss scale; the selection is unscaled.
@@ -266,7 +354,8 @@ class BlockLLM(Optimizer):
             squared_norms = {name: value * inverse_square for name, value in squared_norms.items()}
         # Probed blocks whose gradient was kept (no hooks, or the one kept for a GradScaler) are measured like the
         # selection; their gradients have been unscaled by then.
-        measured = selected_names + [
+        # (With compact gradients the selection was measured by its hooks, like the probed blocks.)
+        measured = [name for name in selected_names if name not in squared_norms] + [
             name for name in self._probed if name not in squared_norms and self._param_by_name[name].grad is not None
         ]
         premeasured, self._premeasured_sq_norms = self._premeasured_sq_norms, {}
@@ -284,8 +373,10 @@ class BlockLLM(Optimizer):
         Call it right before something rescales the gradients, such as gradient clipping: probed blocks are measured
         during backward, so without this the selected blocks would enter the norm table clipped and the probed ones
         not, which biases the next selection towards probed blocks. The LLaMA-Factory patch calls it before the
-        Trainer clips.
+        Trainer clips. With ``compact_gradients`` it does nothing: hooks measure every block during backward.
         """
+        if self.compact_gradients:
+            return
         self._premeasured_sq_norms = {
             name: torch.linalg.vector_norm(self._param_by_name[name].grad, dtype=torch.float32).square()
             for name in self._selected
@@ -308,7 +399,7 @@ class BlockLLM(Optimizer):
     def _keeps_gradient_for_scaler(self, name: str) -> bool:
         """On a step with no selection yet (the first), a GradScaler would find no gradient at all and refuse to step
         ("No inf checks were recorded"); one probed block keeps its gradient for it and is measured in step()."""
-        if self.probe_grad_scale is None or self._selected:
+        if self.probe_grad_scale is None or self._selected or self.compact_gradients:
             return False
         if self._kept_for_scaler is None:
             self._kept_for_scaler = name
@@ -336,6 +427,12 @@ class BlockLLM(Optimizer):
         self._skipped_steps += 1
         self._probe_sq_norms = {}
         self._premeasured_sq_norms = {}
+        self._release_compact_gradients()
+        # Masks cut during the skipped backward (compact gradients) came from a gradient that was not used: cut again.
+        for name in self._selected:
+            state = self.state.get(self._param_by_name[name])
+            if state and state["step"] == 0:
+                self.state.pop(self._param_by_name[name])
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
@@ -357,19 +454,23 @@ class BlockLLM(Optimizer):
     def _update_block(self, name: str) -> None:
         param = self._param_by_name[name]
         group = self._group_by_name[name]
+        compact = self.compact_gradient(name)
         if not self.state.get(param):
-            self._init_block_state(name)
+            self._init_block_state(name, param.grad)
         state = self.state[param]
         state["step"] += 1
         mask = unpack_mask(state["mask"], param.numel()) if "mask" in state else None
         beta1, beta2 = group["betas"]
+        if "exp_avg_q" in state:
+            dequantize_moments_(state)
         masked_adamw_(
             param.data,
-            param.grad,
+            param.grad if compact is None else compact,
             state["exp_avg"],
             state["exp_avg_sq"],
             mask,
             state.get("master"),
+            compact_grad=compact is not None,
             step=state["step"],
             lr=group["lr"],
             beta1=beta1,
@@ -377,15 +478,17 @@ class BlockLLM(Optimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
         )
+        if self.optim_bits == 8 and quantized(state["exp_avg"].numel()):
+            quantize_moments_(state)
 
-    def _init_block_state(self, name: str) -> None:
+    def _init_block_state(self, name: str, grad: torch.Tensor) -> None:
         """Cuts a newly selected block's top-k mask from its first gradient and creates its compact states."""
         param = self._param_by_name[name]
         keep = self._selected[name]
         state: dict[str, Any] = {"step": 0}
         mask = None
         if keep < param.numel():
-            scores = param.grad.reshape(-1).abs()
+            scores = grad.reshape(-1).abs()
             mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
             mask[torch.topk(scores, keep, sorted=False).indices] = True
             state["mask"] = pack_mask(mask)
@@ -395,6 +498,40 @@ class BlockLLM(Optimizer):
             flat = param.data.reshape(-1)
             state["master"] = (flat if mask is None else flat[mask]).float()
         self.state[param] = state
+
+    # ------------------------------------------------------------------ compact gradients
+    def _compact_gradient(self, name: str, param: torch.nn.Parameter) -> None:
+        """Called by a selected block's hook once autograd has accumulated its gradient: records the gradient's norm
+        (like a probed block's), cuts the mask on the first backward of a new selection, adds the masked coordinates to
+        the compact buffer and frees the dense gradient."""
+        grad = param.grad
+        self.record_probe_norm(name, torch.linalg.vector_norm(grad, dtype=torch.float32).square())
+        if not self.state.get(param):
+            self._init_block_state(name, grad)
+        state = self.state[param]
+        values = grad.reshape(-1)
+        if "mask" in state:
+            values = values[unpack_mask(state["mask"], param.numel())]
+        offset = self._grad_offsets[name]
+        self._carrier_gradient()[offset : offset + values.numel()].add_(values)
+        self._compacted.add(name)
+        param.grad = None
+
+    def _carrier_gradient(self) -> torch.Tensor:
+        carrier = self.gradient_carrier
+        if carrier.grad is None:
+            carrier.grad = torch.zeros(carrier.shape, dtype=carrier.dtype, device=carrier.device)
+        return carrier.grad
+
+    def _flag_nonfinite_probe(self, squared_norm: torch.Tensor) -> None:
+        """Makes the carrier's last entry NaN when a probed gradient was not finite, for a GradScaler to see."""
+        sentinel = self._carrier_gradient()[-1:]
+        sentinel.add_((squared_norm * 0.0).to(sentinel.dtype))
+
+    def _release_compact_gradients(self) -> None:
+        if self.gradient_carrier is not None:
+            self.gradient_carrier.grad = None
+        self._compacted.clear()
 
     # ------------------------------------------------------------------ selection
     def _reselect(self, reason: str) -> None:
@@ -436,6 +573,11 @@ class BlockLLM(Optimizer):
         self._probe_handles = []
         self._kept_for_scaler = None
         self._probed = list(probed)
+        offset = 0
+        self._grad_offsets = {}
+        for name, keep in self._selected.items():
+            self._grad_offsets[name] = offset
+            offset += keep
         trainable = set(self._selected) | set(probed)
         for name in self.block_names:
             param = self._param_by_name[name]
@@ -446,6 +588,11 @@ class BlockLLM(Optimizer):
             if name not in self._sizes:
                 param.requires_grad_(False)
                 param.grad = None
+        if self.compact_gradients:
+            for name in self._selected:
+                self._probe_handles.append(
+                    self._param_by_name[name].register_post_accumulate_grad_hook(_compact_hook(self, name))
+                )
         if not self.probe_hooks:
             return
         for name in probed:
@@ -501,15 +648,18 @@ class BlockLLM(Optimizer):
         self._pending_losses = []
         self._probe_sq_norms = {}
         self._premeasured_sq_norms = {}
+        self._release_compact_gradients()
         self._set_trainable(probed=list(run["probed"]))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         run = self._check_run_state(state_dict.get("blockllm"))
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
+        # The gradient carrier's group holds no state: a run may resume with compact gradients switched on or off.
+        saved_groups = [group for group in state_dict["param_groups"] if not _is_carrier_group(group)]
+        groups = [group for group in self.param_groups if not _is_carrier_group(group)]
+        if len(saved_groups) != len(groups):
             raise ValueError("Invalid state_dict: the number of parameter groups differs")
         index_to_param: dict[int, torch.nn.Parameter] = {}
-        for group, saved in zip(self.param_groups, saved_groups):
+        for group, saved in zip(groups, saved_groups):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError("Invalid state_dict: a parameter group has a different size")
             index_to_param.update(zip(saved["params"], group["params"]))
@@ -524,6 +674,10 @@ class BlockLLM(Optimizer):
         self._load_run_state(run)
 
 
+def _is_carrier_group(group: dict[str, Any]) -> bool:
+    return list(group.get("param_names", ())) == [GRADIENT_CARRIER_NAME]
+
+
 def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None]:
     """Records the squared gradient norm of a probed block and frees the gradient right away.
 
@@ -536,7 +690,22 @@ def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None
         owner = optimizer_ref()
         if owner is None or param.grad is None or owner._keeps_gradient_for_scaler(name):
             return
-        owner.record_probe_norm(name, torch.linalg.vector_norm(param.grad, dtype=torch.float32).square())
+        squared_norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+        owner.record_probe_norm(name, squared_norm)
+        if owner.compact_gradients:
+            owner._flag_nonfinite_probe(squared_norm)
         param.grad = None
+
+    return hook
+
+
+def _compact_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None]:
+    """Cuts a selected block's freshly accumulated gradient down to its masked coordinates (see compact_gradients)."""
+    optimizer_ref = weakref.ref(optimizer)
+
+    def hook(param: torch.Tensor) -> None:
+        owner = optimizer_ref()
+        if owner is not None and param.grad is not None:
+            owner._compact_gradient(name, param)
 
     return hook

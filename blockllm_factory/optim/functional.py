@@ -17,6 +17,7 @@ def masked_adamw_(
     mask: torch.Tensor | None,
     master: torch.Tensor | None,
     *,
+    compact_grad: bool = False,
     step: int,
     lr: float,
     beta1: float,
@@ -27,11 +28,12 @@ def masked_adamw_(
     """Updates ``param`` in place at the coordinates of ``mask`` (all of them when ``mask`` is None).
 
     ``exp_avg``/``exp_avg_sq`` (and ``master``, the fp32 copy kept for low-precision weights) are compact: they hold
-    one entry per selected coordinate, in the order of the flattened parameter.
+    one entry per selected coordinate, in the order of the flattened parameter. So is ``grad`` when ``compact_grad``
+    is true (gradients compacted to the mask during backward); otherwise it has the parameter's shape.
     """
     flat_param = param.view(-1)
     flat_grad = grad.reshape(-1)
-    selected_grad = (flat_grad if mask is None else flat_grad[mask]).float()
+    selected_grad = (flat_grad if mask is None or compact_grad else flat_grad[mask]).float()
     if master is not None:
         weights = master
     elif mask is None:

@@ -110,6 +110,13 @@ class ZeroBlockLLM(BlockLLM):
     def __init__(self, params, max_grad_norm: float = 0.0, **kwargs: Any) -> None:
         if not max_grad_norm >= 0.0:
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (allowed: max_grad_norm >= 0, 0 for none)")
+        if kwargs.get("compact_gradients"):
+            raise ValueError(
+                "Invalid compact_gradients: True under DeepSpeed ZeRO (DeepSpeed owns the gradient buffers); use False"
+            )
+        kwargs["compact_gradients"] = False
+        if kwargs.get("optim_bits", 32) != 32:
+            raise ValueError("Invalid optim_bits under DeepSpeed ZeRO: 8-bit moments are not served there; use 32")
         super().__init__(params, **kwargs)
         self.max_grad_norm = float(max_grad_norm)
         self.set_probe_hooks(False)  # DeepSpeed consumes the gradients; norms come from its partitions
