@@ -386,3 +386,20 @@ def test_norm_table_holds_unclipped_norms_when_measured_before_clipping():
     for name, norm in unclipped.items():
         assert optimizer.norm_table[name] == pytest.approx(norm, rel=1e-5)
         assert norm > 1e-2  # clipping really changed them
+
+
+def test_a_loop_that_never_records_the_loss_is_warned_once_and_reselects_every_patience_steps():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=3)
+    with pytest.warns(RuntimeWarning, match="no loss was recorded for 3 optimizer steps") as caught:
+        for tokens in make_batches(10, seed=8):
+            lm_loss(model, tokens).backward()
+            optimizer.step()  # no record_loss: a plain loop written for AdamW
+            optimizer.zero_grad()
+    assert len([warning for warning in caught if "no loss was recorded" in str(warning.message)]) == 1
+    steps = [event["step"] for event in optimizer.selection_events]
+    assert steps == [1, 3, 6, 9]  # the first selection, then one every `patience` steps
+    assert {event["reason"] for event in optimizer.selection_events[1:]} == {
+        "no loss recorded: every `patience` steps"
+    }

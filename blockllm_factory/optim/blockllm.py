@@ -191,6 +191,8 @@ class BlockLLM(Optimizer):
         self._reselections = 0
         self._skipped_steps = 0
         self._warned_nonfinite = False
+        self._steps_without_loss = 0
+        self._warned_no_loss = False
         self.selection_events: list[dict[str, Any]] = []
 
         # Hooks are attached to probed blocks only, and removed once their norm is taken.
@@ -326,7 +328,7 @@ class BlockLLM(Optimizer):
         self._apply_updates(selected_names)
         self._release_compact_gradients()
 
-        fired = self._loss_rule(mean_loss) if mean_loss is not None else False
+        fired = self._loss_rule(mean_loss) if mean_loss is not None else self._no_loss_rule()
         self._step_count += 1
         if not self._selected:
             self._reselect("initial")
@@ -336,7 +338,7 @@ class BlockLLM(Optimizer):
         elif fired and self.probe == "exact":
             self._reselect_after_probe = True  # measure every block on the next backward, then reselect
         elif fired:
-            self._reselect("loss plateau")
+            self._reselect("loss plateau" if mean_loss is not None else "no loss recorded: every `patience` steps")
         self._set_trainable(probed=self._next_probe())
         return loss
 
@@ -445,8 +447,28 @@ class BlockLLM(Optimizer):
         # Probed blocks are measured again on the next backward.
         self._set_trainable(probed=self._probed)
 
+    def _no_loss_rule(self) -> bool:
+        """Fallback when no loss reaches the optimizer: revisit the selection every ``patience`` steps (warned once),
+        rather than keeping the first selection forever."""
+        self._steps_without_loss += 1
+        if self._steps_without_loss < self.patience:
+            return False
+        self._steps_without_loss = 0
+        if not self._warned_no_loss:
+            self._warned_no_loss = True
+            warnings.warn(
+                f"BlockLLM: no loss was recorded for {self.patience} optimizer steps (call "
+                "optimizer.record_loss(loss) before each step, or pass a closure to step()); without it the loss rule "
+                "cannot fire, so the "
+                f"selection is now revisited every {self.patience} steps (patience).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return True
+
     def _loss_rule(self, loss: float) -> bool:
         """Paper, section 2.2: revisit the selection when the loss is at or above the mean of the last m losses."""
+        self._steps_without_loss = 0
         fired = len(self._losses) == self.patience and loss >= sum(self._losses) / self.patience
         self._losses.append(loss)
         return fired
@@ -618,6 +640,7 @@ class BlockLLM(Optimizer):
             "step": self._step_count,
             "reselections": self._reselections,
             "skipped_steps": self._skipped_steps,
+            "steps_without_loss": self._steps_without_loss,
             "events": [dict(event) for event in self.selection_events],
             "rng_state": self._generator.get_state(),
             "block_names": list(self.block_names),
@@ -643,6 +666,7 @@ class BlockLLM(Optimizer):
         self._step_count = run["step"]
         self._reselections = run["reselections"]
         self._skipped_steps = run["skipped_steps"]
+        self._steps_without_loss = run.get("steps_without_loss", 0)  # absent from checkpoints of version 0.1.0
         self.selection_events = [dict(event) for event in run["events"]]
         self._generator.set_state(run["rng_state"])
         self._pending_losses = []
