@@ -391,6 +391,10 @@ def _cases(assets, tmp_path, monkeypatch):
         "stage": parse(stage="ppo"),
         "adapter_only_argument": parse(lora_rank=16),
         "fsdp": parse(fsdp="full_shard"),
+        "optim": parse(optim="sgd"),
+        "optim_8bit_deepspeed": lambda: __import__(
+            "blockllm_factory.patches.precision", fromlist=["check_optim"]
+        ).check_optim(_ds_namespace(optim="adamw_bnb_8bit", deepspeed="ds_z2.json")),
         "half_patched": lambda: _half_patched(monkeypatch),
         "version": lambda: check_llamafactory_version("0.9.6"),
         "use_mca": lambda: check_training_setup(None, _ds_namespace(use_mca=True), None),
@@ -412,6 +416,10 @@ def _cases(assets, tmp_path, monkeypatch):
         "output_dir_only_incomplete": lambda: (_checkpoints(tmp_path, [(4, False)]), _resume(tmp_path, None)),
         "zero_outside_deepspeed": lambda: ZeroBlockLLM(_tiny_named_params()).step(),
         "zero_max_grad_norm": lambda: ZeroBlockLLM(_tiny_named_params(), max_grad_norm=-1.0),
+        "zero_compact_gradients": lambda: ZeroBlockLLM(_tiny_named_params(), compact_gradients=True),
+        "zero_optim_bits": lambda: ZeroBlockLLM(_tiny_named_params(), optim_bits=8),
+        "optimizer_optim_bits": lambda: BlockLLM(_tiny_named_params(), optim_bits=16),
+        "optimizer_compact_gradients": lambda: BlockLLM(_tiny_named_params(), compact_gradients="yes"),
         "zero_state_world_size": lambda: _zero_state_dict_from(ZeroBlockLLM, world_size=4),
         "zero_state_not_zero": lambda: _zero_state_dict_from(BlockLLM),
         "trainer_optimizer": _not_blockllm_trainer,
