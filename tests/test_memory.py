@@ -53,11 +53,12 @@ def run(
     return model, optimizer
 
 
+@pytest.mark.parametrize("block_size", [0, 64], ids=["tensors", "row_groups"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_compact_gradients_train_bit_for_bit_like_dense_ones(dtype):
+def test_compact_gradients_train_bit_for_bit_like_dense_ones(dtype, block_size):
     batches = make_batches(14, seed=1)
-    dense_model, dense = run(False, batches, dtype=dtype)
-    compact_model, compact = run(True, batches, dtype=dtype)
+    dense_model, dense = run(False, batches, dtype=dtype, block_size=block_size)
+    compact_model, compact = run(True, batches, dtype=dtype, block_size=block_size)
     assert dense.selection["reselections"] >= 2  # several masks were cut
     assert compact.selection_events == dense.selection_events
     assert compact.norm_table == dense.norm_table
@@ -72,8 +73,9 @@ def _gradient_bytes(model: torch.nn.Module, optimizer: BlockLLM) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
+@pytest.mark.parametrize("block_size", [0, 128], ids=["tensors", "row_groups"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gradient_bytes_stay_within_budget_plus_one_tensor_at_every_hook(dtype):
+def test_gradient_bytes_stay_within_budget_plus_one_tensor_at_every_hook(dtype, block_size):
     """Sampled by a hook registered before the optimizer's: it sees each dense gradient the moment autograd has
     accumulated it, before the optimizer compacts it (the one transient tensor)."""
     batches = make_batches(16, seed=2)
@@ -90,7 +92,14 @@ def test_gradient_bytes_stay_within_budget_plus_one_tensor_at_every_hook(dtype):
 
         for param in model.parameters():
             param.register_post_accumulate_grad_hook(sample)
-        optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, compact_gradients=compact)
+        optimizer = BlockLLM(
+            model.named_parameters(),
+            lr=1e-2,
+            sparsity=0.9,
+            patience=2,
+            compact_gradients=compact,
+            block_size=block_size,
+        )
         optimizer_box.append(optimizer)
         for index in range(0, len(batches), 2):
             for tokens in batches[index : index + 2]:

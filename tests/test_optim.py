@@ -403,3 +403,91 @@ def test_a_loop_that_never_records_the_loss_is_warned_once_and_reselects_every_p
     assert {event["reason"] for event in optimizer.selection_events[1:]} == {
         "no loss recorded: every `patience` steps"
     }
+
+
+# ------------------------------------------------------------------------------------------------ selection variants
+def test_row_group_blocks_spread_the_budget_over_more_tensors():
+    torch.manual_seed(0)
+    whole_model, rows_model = TinyLM(width=48), TinyLM(width=48)
+    rows_model.load_state_dict(whole_model.state_dict())
+    whole = BlockLLM(whole_model.named_parameters(), lr=1e-2, sparsity=0.95, patience=50)
+    rows = BlockLLM(rows_model.named_parameters(), lr=1e-2, sparsity=0.95, patience=50, block_size=48 * 8)
+    assert rows.budget == whole.budget and rows.eligible_numel == whole.eligible_numel
+    assert "layers.0.0.weight[0:8]" in rows.block_names and "layers.0.0.bias" in rows.block_names
+    before = flat_params(rows_model)
+    for tokens in make_batches(3):
+        train_step(whole_model, whole, tokens)
+        train_step(rows_model, rows, tokens)
+    blocks, kept = rows.blocks, rows.kept_coordinates
+    tensors = {blocks[name].param for name in rows.selection["names"]}
+    assert len(tensors) > len(whole.selection["names"])  # the same budget now reaches more tensors
+    changed = {name: int((param != before[name]).sum()) for name, param in rows_model.named_parameters()}
+    assert 0 < sum(changed.values()) <= rows.budget
+    # A partly selected tensor holds moments only for the coordinates of its selected row groups.
+    params = dict(rows_model.named_parameters())
+    for name in tensors:
+        state = rows.state[params[name]]
+        own = [block for block in blocks.values() if block.param == name]
+        assert state["exp_avg"].numel() == sum(kept.get(block.name, 0) for block in own)
+        if "mask" in state:
+            mask = unpack_mask(state["mask"], params[name].numel())
+            allowed = torch.zeros_like(mask)
+            for block in own:
+                if block.name in kept:
+                    allowed[block.start : block.stop] = True
+            assert not (mask & ~allowed).any()
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
+def test_row_group_blocks_resume_bit_identical(compact):
+    def run(steps, resume_at=None):
+        def build(model, seed):
+            return BlockLLM(
+                model.named_parameters(),
+                lr=1e-2,
+                sparsity=0.9,
+                patience=2,
+                seed=seed,
+                block_size=64,
+                score="norm_per_sqrt_size",
+                compact_gradients=compact,
+            )
+
+        torch.manual_seed(0)
+        model = TinyLM()
+        optimizer = build(model, 3)
+        for index, tokens in enumerate(make_batches(steps, seed=5)):
+            if index == resume_at:
+                buffer = io.BytesIO()
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+                buffer.seek(0)
+                saved = torch.load(buffer, weights_only=True)
+                model = TinyLM()
+                model.load_state_dict(saved["model"])
+                optimizer = build(model, 99)
+                optimizer.load_state_dict(saved["optimizer"])
+            train_step(model, optimizer, tokens, loss_offset=(index % 3) * 0.2)
+        return model, optimizer
+
+    unbroken, unbroken_optimizer = run(14)
+    resumed, resumed_optimizer = run(14, resume_at=6)
+    assert unbroken_optimizer.selection["reselections"] >= 2
+    assert resumed_optimizer.selection_events == unbroken_optimizer.selection_events
+    for (name, a), (_, b) in zip(unbroken.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_size_normalised_score_removes_the_bias_toward_large_blocks():
+    # Block "big" has the larger norm only because it is larger: its per-coordinate gradient is smaller.
+    norms = {"big": 10.0, "small": 4.0}
+    sizes = {"big": 10_000, "small": 100}
+    visits = {"big": 0, "small": 0}
+    assert rank_blocks(norms, visits, ["big", "small"], sizes, "norm") == ["big", "small"]
+    assert rank_blocks(norms, visits, ["big", "small"], sizes, "norm_per_sqrt_size") == ["small", "big"]
+
+
+def test_changing_block_size_is_refused_on_resume():
+    model = TinyLM()
+    saved = BlockLLM(model.named_parameters(), block_size=64).state_dict()
+    with pytest.raises(ValueError, match="saved for other blocks"):
+        BlockLLM(model.named_parameters()).load_state_dict(saved)

@@ -31,7 +31,7 @@ from .distributed import squared_norms_vector, synchronize, unpack_measurements
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
 from .quantization import check_available, dequantize_moments_, quantize_moments_, quantized
-from .selection import is_embedding_name, pick_blocks, rank_blocks, split_budget
+from .selection import SCORES, Block, cut_mask, is_embedding_name, pick_blocks, rank_blocks, split_blocks, split_budget
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 ParamGroups = Iterable[dict[str, Any]]
@@ -73,6 +73,13 @@ class BlockLLM(Optimizer):
             :meth:`clip_grad_norm_` (``torch.nn.utils.clip_grad_norm_(model.parameters())`` no longer sees them).
             Turn it off where an engine owns the gradient buffers (DDP, DeepSpeed): then selected blocks keep dense
             gradients and the mask is cut at the first step from the accumulated gradient.
+        score: how blocks are ranked: ``"norm"`` (the paper: gradient norm over visit frequency) or
+            ``"norm_per_sqrt_size"`` (the same divided by sqrt(block size), which removes the bias toward large
+            blocks).
+        block_size: 0 (the paper): every parameter tensor is one block. N > 0: matrices are split into groups of
+            whole rows of about N coordinates each (vectors and smaller tensors stay whole), so that the budget can
+            spread over more layers; a partly selected tensor holds moments and (compact) gradients only for the
+            coordinates of its selected blocks.
         optim_bits: 32 (fp32 Adam moments) or 8 (block-wise 8-bit moments in bitsandbytes' format, for compact
             moment vectors of at least 4096 entries; needs bitsandbytes).
     """
@@ -92,6 +99,8 @@ class BlockLLM(Optimizer):
         seed: int = 0,
         compact_gradients: bool = True,
         optim_bits: int = 32,
+        score: str = "norm",
+        block_size: int = 0,
     ) -> None:
         # Every argument is checked before any parameter or state is touched.
         _check(
@@ -128,6 +137,11 @@ class BlockLLM(Optimizer):
             optim_bits in OPTIM_BITS and not isinstance(optim_bits, bool),
             f"Invalid optim_bits: {optim_bits!r} (allowed: {', '.join(map(str, OPTIM_BITS))})",
         )
+        _check(score in SCORES, f"Invalid score: {score!r} (allowed: {', '.join(SCORES)})")
+        _check(
+            isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 0,
+            f"Invalid block_size: {block_size!r} (allowed: an integer >= 0, 0 for whole tensors)",
+        )
         if optim_bits == 8:
             check_available()
         groups = self._named_groups(params)
@@ -146,6 +160,8 @@ class BlockLLM(Optimizer):
         self.include_embeddings = include_embeddings
         self.compact_gradients = compact_gradients
         self.optim_bits = optim_bits
+        self.score = score
+        self.block_size = block_size
 
         self._param_by_name: dict[str, torch.nn.Parameter] = {}
         self._group_by_name: dict[str, dict[str, Any]] = {}
@@ -155,25 +171,37 @@ class BlockLLM(Optimizer):
                     raise ValueError(f"Invalid params: the parameter name {name!r} appears twice")
                 self._param_by_name[name] = param
                 self._group_by_name[name] = group
-        # Eligible blocks: trainable at construction, embeddings/heads only on request. The rest stays frozen.
-        self.block_names: list[str] = [
+        # Eligible parameters: trainable at construction, embeddings/heads only on request. The rest stays frozen.
+        self.eligible_params: list[str] = [
             name
             for name, param in self._param_by_name.items()
             if param.requires_grad and (include_embeddings or not is_embedding_name(name))
         ]
         _check(
-            bool(self.block_names),
+            bool(self.eligible_params),
             "Invalid params: no trainable parameter is eligible for BlockLLM",
         )
-        self._sizes = {name: self._block_numel(self._param_by_name[name]) for name in self.block_names}
+        # Blocks, the units of selection: whole tensors, or row groups of them (block_size).
+        self._blocks: dict[str, Block] = {}
+        self._param_blocks: dict[str, list[Block]] = {}
+        for name in self.eligible_params:
+            param = self._param_by_name[name]
+            blocks = split_blocks(name, tuple(param.shape), self._block_numel(param), block_size)
+            self._param_blocks[name] = blocks
+            self._blocks.update((block.name, block) for block in blocks)
+        self.block_names: list[str] = list(self._blocks)
+        self._sizes = {name: block.numel for name, block in self._blocks.items()}
         self.eligible_numel = sum(self._sizes.values())
         self.budget = max(1, math.floor((1.0 - self.sparsity) * self.eligible_numel))
         # Compact gradients: one flat buffer, the .grad of a carrier tensor, holds every selected block's masked
         # gradient at [offset, offset + keep) and, in its last entry, a sentinel that turns NaN when a probed gradient
         # was not finite (so that a GradScaler sees the overflow even though probed gradients are freed).
         self.gradient_carrier: torch.nn.Parameter | None = None
-        self._grad_offsets: dict[str, int] = {}
-        self._compacted: set[str] = set()
+        self._grad_offsets: dict[str, int] = {}  # parameter name -> offset of its compact gradient
+        self._compacted: set[str] = set()  # parameters whose compact gradient holds this step's gradient
+        # Derived from the selection by _set_trainable: selected blocks per parameter, and coordinates kept.
+        self._selected_by_param: dict[str, list[Block]] = {}
+        self._param_keep: dict[str, int] = {}
         if compact_gradients:
             self.gradient_carrier = self._make_gradient_carrier()
             self.add_param_group({"params": [self.gradient_carrier], "param_names": [GRADIENT_CARRIER_NAME]})
@@ -185,7 +213,7 @@ class BlockLLM(Optimizer):
         self._losses: deque[float] = deque(maxlen=patience)
         self._pending_losses: list[float] = []
         self._selected: dict[str, int] = {}  # block name -> coordinates kept
-        self._probed: list[str] = []  # blocks whose norm the next backward measures
+        self._probed: list[str] = []  # blocks whose norm the next backward measures (with all blocks of their tensor)
         self._reselect_after_probe = False
         self._step_count = 0
         self._reselections = 0
@@ -227,8 +255,8 @@ class BlockLLM(Optimizer):
     def _make_gradient_carrier(self) -> torch.nn.Parameter:
         """A tensor of ``budget + 1`` entries whose ``.grad`` is the compact gradient buffer; its own data is one
         expanded scalar (no memory). bf16 when every block is bf16, else fp32: a GradScaler refuses fp16 gradients."""
-        first = self._param_by_name[self.block_names[0]]
-        dtypes = {self._param_by_name[name].dtype for name in self.block_names}
+        first = self._param_by_name[self.eligible_params[0]]
+        dtypes = {self._param_by_name[name].dtype for name in self.eligible_params}
         dtype = torch.bfloat16 if dtypes == {torch.bfloat16} else torch.float32
         data = torch.zeros((), dtype=dtype, device=first.device).expand(self.budget + 1)
         return torch.nn.Parameter(data, requires_grad=False)
@@ -252,11 +280,12 @@ class BlockLLM(Optimizer):
         }
 
     def compact_gradient(self, name: str) -> torch.Tensor | None:
-        """The compact gradient of a selected block this step (its masked coordinates, in flattened order), if any."""
+        """The compact gradient of a parameter with selected blocks this step (its masked coordinates, in flattened
+        order), if any."""
         if name not in self._compacted:
             return None
         offset = self._grad_offsets[name]
-        return self.gradient_carrier.grad[offset : offset + self._selected[name]]
+        return self.gradient_carrier.grad[offset : offset + self._param_keep[name]]
 
     def clip_grad_norm_(
         self,
@@ -272,7 +301,7 @@ class BlockLLM(Optimizer):
         ``clip_grad_norm_(model.parameters())`` cannot see them: clip with this method. The norm is that of the
         gradient the update uses (the masked coordinates). Returns the total norm before clipping.
         """
-        grads = [self.compact_gradient(name) for name in self.block_names if name in self._compacted]
+        grads = [self.compact_gradient(name) for name in self.eligible_params if name in self._compacted]
         if parameters is not None:
             grads += [param.grad for param in parameters if param.grad is not None]
         if not grads:
@@ -287,6 +316,16 @@ class BlockLLM(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._compacted.clear()
+
+    @property
+    def blocks(self) -> dict[str, Block]:
+        """Every block by name: the parameter it belongs to and its flat coordinates [start, stop)."""
+        return dict(self._blocks)
+
+    @property
+    def kept_coordinates(self) -> dict[str, int]:
+        """Coordinates updated per step in each selected block."""
+        return dict(self._selected)
 
     @property
     def norm_table(self) -> dict[str, float]:
@@ -343,31 +382,52 @@ class BlockLLM(Optimizer):
         return loss
 
     def _measure(self) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, list[str]]:
-        """This rank's squared gradient norms, the share of each block they cover (None: all of it) and the selected
-        blocks that have a gradient to update. Engines that shard parameters override this (see zero.py)."""
+        """This rank's squared gradient norms (per block), the share of each block they cover (None: all of it) and
+        the parameters with selected blocks that have a gradient to update. Engines that shard parameters override
+        this (see zero.py)."""
         if self.compact_gradients:
-            selected_names = [name for name in self._selected if name in self._compacted]
+            selected_names = [name for name in self._selected_by_param if name in self._compacted]
         else:
-            selected_names = [name for name in self._selected if self._param_by_name[name].grad is not None]
+            selected_names = [name for name in self._selected_by_param if self._param_by_name[name].grad is not None]
         squared_norms = dict(self._probe_sq_norms)
         if squared_norms and self.probe_grad_scale is not None:
             # Probed gradients were measured while still multiplied by the loss scale; the selection is unscaled.
             inverse_square = 1.0 / float(self.probe_grad_scale()) ** 2
             squared_norms = {name: value * inverse_square for name, value in squared_norms.items()}
-        # Probed blocks whose gradient was kept (no hooks, or the one kept for a GradScaler) are measured like the
-        # selection; their gradients have been unscaled by then.
-        # (With compact gradients the selection was measured by its hooks, like the probed blocks.)
-        measured = [name for name in selected_names if name not in squared_norms] + [
-            name for name in self._probed if name not in squared_norms and self._param_by_name[name].grad is not None
-        ]
+        # Gradients still held (dense selected tensors, or probed ones kept: no hooks, or the one kept for a
+        # GradScaler) are measured now, every block of each; they have been unscaled by then. (With compact gradients
+        # the hooks measured the selection during backward, like the probed blocks.)
         premeasured, self._premeasured_sq_norms = self._premeasured_sq_norms, {}
-        for name in measured:
-            squared_norms[name] = premeasured.get(name)
-            if squared_norms[name] is None:
-                squared_norms[name] = torch.linalg.vector_norm(
-                    self._param_by_name[name].grad, dtype=torch.float32
-                ).square()
+        for name in self.eligible_params:
+            grad = self._param_by_name[name].grad
+            if grad is None:
+                continue
+            for block in self._param_blocks[name]:
+                if block.name not in squared_norms:
+                    squared_norms[block.name] = premeasured.get(block.name)
+                    if squared_norms[block.name] is None:
+                        squared_norms[block.name] = self._block_sq_norm(grad, block)
         return squared_norms, None, selected_names
+
+    def _block_sq_norm(self, grad: torch.Tensor, block: Block) -> torch.Tensor:
+        whole = block.numel == grad.numel()
+        values = grad if whole else grad.reshape(-1)[block.start : block.stop]
+        return torch.linalg.vector_norm(values, dtype=torch.float32).square()
+
+    def record_gradient_norms(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """Records the squared norm of every block of parameter ``name`` from its gradient (a hook, or an engine
+        that reduces first, e.g. DDP's communication hook); returns the parameter's total squared norm."""
+        total = None
+        for block in self._param_blocks[name]:
+            squared = self._block_sq_norm(grad, block)
+            self.record_probe_norm(block.name, squared)
+            total = squared if total is None else total + squared
+        return total
+
+    def probe_only_parameters(self) -> set[str]:
+        """Parameters whose gradient only serves to measure norms this step (probed, none of their blocks selected):
+        an engine that measures gradients itself records them with :meth:`record_gradient_norms` and discards them."""
+        return {self._blocks[name].param for name in self._probed} - set(self._selected_by_param)
 
     def measure_gradients(self) -> None:
         """Measures the selected blocks' gradient norms now, for the coming :meth:`step` to use.
@@ -380,14 +440,15 @@ class BlockLLM(Optimizer):
         if self.compact_gradients:
             return
         self._premeasured_sq_norms = {
-            name: torch.linalg.vector_norm(self._param_by_name[name].grad, dtype=torch.float32).square()
-            for name in self._selected
+            block.name: self._block_sq_norm(self._param_by_name[name].grad, block)
+            for name in self._selected_by_param
             if self._param_by_name[name].grad is not None
+            for block in self._param_blocks[name]
         }
 
     def _apply_updates(self, selected_names: list[str]) -> None:
         for name in selected_names:
-            self._update_block(name)
+            self._update_param(name)
 
     @staticmethod
     def _block_numel(param: torch.nn.Parameter) -> int:
@@ -431,7 +492,7 @@ class BlockLLM(Optimizer):
         self._premeasured_sq_norms = {}
         self._release_compact_gradients()
         # Masks cut during the skipped backward (compact gradients) came from a gradient that was not used: cut again.
-        for name in self._selected:
+        for name in self._selected_by_param:
             state = self.state.get(self._param_by_name[name])
             if state and state["step"] == 0:
                 self.state.pop(self._param_by_name[name])
@@ -473,12 +534,12 @@ class BlockLLM(Optimizer):
         self._losses.append(loss)
         return fired
 
-    def _update_block(self, name: str) -> None:
+    def _update_param(self, name: str) -> None:
         param = self._param_by_name[name]
         group = self._group_by_name[name]
         compact = self.compact_gradient(name)
         if not self.state.get(param):
-            self._init_block_state(name, param.grad)
+            self._init_param_state(name, param.grad)
         state = self.state[param]
         state["step"] += 1
         mask = unpack_mask(state["mask"], param.numel()) if "mask" in state else None
@@ -503,16 +564,14 @@ class BlockLLM(Optimizer):
         if self.optim_bits == 8 and quantized(state["exp_avg"].numel()):
             quantize_moments_(state)
 
-    def _init_block_state(self, name: str, grad: torch.Tensor) -> None:
-        """Cuts a newly selected block's top-k mask from its first gradient and creates its compact states."""
+    def _init_param_state(self, name: str, grad: torch.Tensor) -> None:
+        """Cuts a newly selected tensor's top-k mask (per selected block) from its first gradient and creates its
+        compact states."""
         param = self._param_by_name[name]
-        keep = self._selected[name]
+        keep = self._param_keep[name]
         state: dict[str, Any] = {"step": 0}
-        mask = None
-        if keep < param.numel():
-            scores = grad.reshape(-1).abs()
-            mask = torch.zeros(param.numel(), dtype=torch.bool, device=param.device)
-            mask[torch.topk(scores, keep, sorted=False).indices] = True
+        mask = cut_mask(grad, [(block, self._selected[block.name]) for block in self._selected_by_param[name]])
+        if mask is not None:
             state["mask"] = pack_mask(mask)
         state["exp_avg"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
         state["exp_avg_sq"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
@@ -523,13 +582,13 @@ class BlockLLM(Optimizer):
 
     # ------------------------------------------------------------------ compact gradients
     def _compact_gradient(self, name: str, param: torch.nn.Parameter) -> None:
-        """Called by a selected block's hook once autograd has accumulated its gradient: records the gradient's norm
-        (like a probed block's), cuts the mask on the first backward of a new selection, adds the masked coordinates to
-        the compact buffer and frees the dense gradient."""
+        """Called by the hook of a tensor with selected blocks once autograd has accumulated its gradient: records
+        the norms of all its blocks (like a probed tensor's), cuts the mask on the first backward of a new selection,
+        adds the masked coordinates to the compact buffer and frees the dense gradient."""
         grad = param.grad
-        self.record_probe_norm(name, torch.linalg.vector_norm(grad, dtype=torch.float32).square())
+        self.record_gradient_norms(name, grad)
         if not self.state.get(param):
-            self._init_block_state(name, grad)
+            self._init_param_state(name, grad)
         state = self.state[param]
         values = grad.reshape(-1)
         if "mask" in state:
@@ -557,11 +616,13 @@ class BlockLLM(Optimizer):
 
     # ------------------------------------------------------------------ selection
     def _reselect(self, reason: str) -> None:
-        ranked = rank_blocks(self._norms, self._visits, self.block_names)
+        ranked = rank_blocks(self._norms, self._visits, self.block_names, self._sizes, self.score)
         picked = pick_blocks(ranked, self._sizes, self.budget)
         keep = split_budget(picked, self._sizes, self.budget)
+        # Model order within the selection (the pick order is the rank order): states and logs follow the model.
+        keep = {name: keep[name] for name in self.block_names if name in keep}
         # The optimizer is reset with the new selection (paper, section 2.2): old moments and masters are dropped.
-        for name in self._selected:
+        for name in self._selected_by_param:
             self.state.pop(self._param_by_name[name], None)
         self._selected = keep
         for name in keep:
@@ -582,11 +643,14 @@ class BlockLLM(Optimizer):
         unselected = [name for name in self.block_names if name not in self._selected]
         if self._reselect_after_probe:
             return unselected
-        if self.probe != "sample" or not unselected or self.probe_blocks == 0:
+        # Blocks of a tensor with selected blocks are measured anyway (its whole gradient is computed): sample others.
+        selected_params = {self._blocks[name].param for name in self._selected}
+        candidates = [name for name in unselected if self._blocks[name].param not in selected_params] or unselected
+        if self.probe != "sample" or not candidates or self.probe_blocks == 0:
             return []
-        count = min(self.probe_blocks, len(unselected))
-        order = torch.randperm(len(unselected), generator=self._generator)[:count].tolist()
-        return [unselected[index] for index in sorted(order)]
+        count = min(self.probe_blocks, len(candidates))
+        order = torch.randperm(len(candidates), generator=self._generator)[:count].tolist()
+        return [candidates[index] for index in sorted(order)]
 
     def _set_trainable(self, probed: list[str]) -> None:
         """Makes exactly the selection and the probed blocks require grad; hooks turn probed gradients into norms."""
@@ -595,32 +659,37 @@ class BlockLLM(Optimizer):
         self._probe_handles = []
         self._kept_for_scaler = None
         self._probed = list(probed)
+        self._selected_by_param = {}
+        for name in self._selected:
+            block = self._blocks[name]
+            self._selected_by_param.setdefault(block.param, []).append(block)
+        self._param_keep = {
+            name: sum(self._selected[block.name] for block in blocks)
+            for name, blocks in self._selected_by_param.items()
+        }
         offset = 0
         self._grad_offsets = {}
-        for name, keep in self._selected.items():
+        for name, keep in self._param_keep.items():
             self._grad_offsets[name] = offset
             offset += keep
-        trainable = set(self._selected) | set(probed)
-        for name in self.block_names:
-            param = self._param_by_name[name]
+        probe_only = self.probe_only_parameters()
+        trainable = set(self._selected_by_param) | probe_only
+        for name, param in self._param_by_name.items():
             param.requires_grad_(name in trainable)
             if name not in trainable:
                 param.grad = None
-        for name, param in self._param_by_name.items():
-            if name not in self._sizes:
-                param.requires_grad_(False)
-                param.grad = None
         if self.compact_gradients:
-            for name in self._selected:
+            for name in self._selected_by_param:
                 self._probe_handles.append(
                     self._param_by_name[name].register_post_accumulate_grad_hook(_compact_hook(self, name))
                 )
         if not self.probe_hooks:
             return
-        for name in probed:
-            self._probe_handles.append(
-                self._param_by_name[name].register_post_accumulate_grad_hook(_probe_hook(self, name))
-            )
+        for name in self.eligible_params:
+            if name in probe_only:
+                self._probe_handles.append(
+                    self._param_by_name[name].register_post_accumulate_grad_hook(_probe_hook(self, name))
+                )
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -714,8 +783,7 @@ def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None
         owner = optimizer_ref()
         if owner is None or param.grad is None or owner._keeps_gradient_for_scaler(name):
             return
-        squared_norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
-        owner.record_probe_norm(name, squared_norm)
+        squared_norm = owner.record_gradient_norms(name, param.grad)
         if owner.compact_gradients:
             owner._flag_nonfinite_probe(squared_norm)
         param.grad = None

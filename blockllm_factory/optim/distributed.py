@@ -112,14 +112,14 @@ def register_ddp_probe_hook(ddp_model: torch.nn.parallel.DistributedDataParallel
 
         def measure(fut) -> torch.Tensor:
             reduced = fut.value()
-            probed = set(optimizer._probed)
+            probed = optimizer.probe_only_parameters()
             offset = 0
             for param in params:
                 numel = param.numel()
                 name = name_of.get(id(param))
                 if name in probed:
                     grad = reduced.narrow(0, offset, numel)
-                    optimizer.record_probe_norm(name, torch.linalg.vector_norm(grad, dtype=torch.float32).square())
+                    optimizer.record_gradient_norms(name, grad)
                     grad.mul_(0.0)  # zero, but inf/NaN stay NaN: a GradScaler must still see an overflow here
                 offset += numel
             return reduced

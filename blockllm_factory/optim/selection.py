@@ -3,6 +3,12 @@
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# How blocks are ranked: the paper's gradient norm over visit frequency, or the same divided by sqrt(block size).
+SCORES = ("norm", "norm_per_sqrt_size")
 
 # Input/output embeddings and heads, matched on parameter names (as the original BlockLLM code does, but on whole
 # name components so that e.g. "attention.output.dense" is not taken for an output head).
@@ -16,22 +22,65 @@ def is_embedding_name(name: str) -> bool:
     return EMBEDDING_PATTERN.search(name) is not None
 
 
+@dataclass(frozen=True)
+class Block:
+    """A unit of selection: the flat coordinates [start, stop) of the parameter ``param``."""
+
+    name: str
+    param: str
+    start: int
+    stop: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+def split_blocks(name: str, shape: Sequence[int], numel: int, block_size: int) -> list[Block]:
+    """The blocks of one parameter: the whole tensor (``block_size`` 0, the paper), or groups of whole rows of about
+    ``block_size`` coordinates for a matrix (a row group of a q/k/v projection with ``block_size`` = head_dim x hidden
+    is one attention head). Vectors (norms, biases) and tensors smaller than ``block_size`` stay whole."""
+    if block_size <= 0 or len(shape) < 2 or numel <= block_size:
+        return [Block(name, name, 0, numel)]
+    rows = int(shape[0])
+    row_numel = numel // rows
+    rows_per_block = max(1, block_size // row_numel)
+    if rows_per_block >= rows:
+        return [Block(name, name, 0, numel)]
+    return [
+        Block(
+            f"{name}[{first}:{min(rows, first + rows_per_block)}]",
+            name,
+            first * row_numel,
+            min(rows, first + rows_per_block) * row_numel,
+        )
+        for first in range(0, rows, rows_per_block)
+    ]
+
+
 def visit_frequency(visits: Mapping[str, int], name: str) -> float:
     """The paper's sum-normalised visit count f_l, smoothed by one visit each so that unvisited blocks stay finite."""
     total = sum(visits.values()) + len(visits)
     return (visits[name] + 1) / total
 
 
-def rank_blocks(norms: Mapping[str, float], visits: Mapping[str, int], names: Sequence[str]) -> list[str]:
-    """Blocks in decreasing order of ||G_l|| / f_l; ties keep model order so that ranks are deterministic."""
+def rank_blocks(
+    norms: Mapping[str, float],
+    visits: Mapping[str, int],
+    names: Sequence[str],
+    sizes: Mapping[str, int] | None = None,
+    score: str = "norm",
+) -> list[str]:
+    """Blocks in decreasing order of ||G_l|| / f_l (``score="norm"``, the paper) or ||G_l|| / (f_l sqrt(|l|))
+    (``"norm_per_sqrt_size"``: the norm grows with sqrt(size) for gradients of equal per-coordinate magnitude, which
+    otherwise favours large tensors); ties keep model order so that ranks are deterministic."""
     order = {name: index for index, name in enumerate(names)}
-    return sorted(
-        names,
-        key=lambda name: (
-            -norms.get(name, 0.0) / visit_frequency(visits, name),
-            order[name],
-        ),
-    )
+
+    def value(name: str) -> float:
+        ranked = norms.get(name, 0.0) / visit_frequency(visits, name)
+        return ranked / math.sqrt(sizes[name]) if score == "norm_per_sqrt_size" else ranked
+
+    return sorted(names, key=lambda name: (-value(name), order[name]))
 
 
 def pick_blocks(ranked: Sequence[str], sizes: Mapping[str, int], budget: int) -> list[str]:
@@ -58,3 +107,21 @@ def split_budget(picked: Sequence[str], sizes: Mapping[str, int], budget: int) -
     fraction = budget / total
     keep = {name: math.floor(fraction * sizes[name]) for name in picked}
     return {name: count for name, count in keep.items() if count > 0}
+
+
+def cut_mask(grad: torch.Tensor, kept: Sequence[tuple[Block, int]]) -> torch.Tensor | None:
+    """The flat bool mask of one parameter: in each selected block, its ``keep`` coordinates of largest gradient
+    magnitude; None when the selected blocks keep every coordinate of the parameter."""
+    flat = grad.reshape(-1)
+    if all(keep == block.numel for block, keep in kept) and sum(keep for _, keep in kept) == flat.numel():
+        return None
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    for block, keep in kept:
+        if keep == block.numel:
+            mask[block.start : block.stop] = True
+        elif block.numel == flat.numel():
+            mask[torch.topk(flat.abs(), keep, sorted=False).indices] = True
+        else:
+            scores = flat[block.start : block.stop].abs()
+            mask[torch.topk(scores, keep, sorted=False).indices + block.start] = True
+    return mask

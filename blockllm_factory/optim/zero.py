@@ -115,6 +115,10 @@ class ZeroBlockLLM(BlockLLM):
                 "Invalid compact_gradients: True under DeepSpeed ZeRO (DeepSpeed owns the gradient buffers); use False"
             )
         kwargs["compact_gradients"] = False
+        if kwargs.get("block_size", 0) != 0:
+            raise ValueError(
+                "Invalid block_size under DeepSpeed ZeRO: row-group blocks are not served there; use 0 (whole tensors)"
+            )
         if kwargs.get("optim_bits", 32) != 32:
             raise ValueError("Invalid optim_bits under DeepSpeed ZeRO: 8-bit moments are not served there; use 32")
         super().__init__(params, **kwargs)
