@@ -491,3 +491,39 @@ def test_changing_block_size_is_refused_on_resume():
     saved = BlockLLM(model.named_parameters(), block_size=64).state_dict()
     with pytest.raises(ValueError, match="saved for other blocks"):
         BlockLLM(model.named_parameters()).load_state_dict(saved)
+
+
+def _final_loss(seed: int, ranking: str, monkeypatch, **options) -> float:
+    """Mean loss of the last 10 of 60 steps, with BlockLLM's ranking as implemented, or replaced by a random or a
+    reversed order of the blocks (the same batches and initial weights for all three)."""
+    import random
+
+    import blockllm_factory.optim.blockllm as blockllm_module
+
+    ranked = blockllm_module.rank_blocks
+    order = random.Random(seed)
+    replacements = {
+        "ranked": ranked,
+        "random": lambda norms, visits, names, *args, **kwargs: order.sample(list(names), len(names)),
+        "reversed": lambda *args, **kwargs: list(reversed(ranked(*args, **kwargs))),
+    }
+    monkeypatch.setattr(blockllm_module, "rank_blocks", replacements[ranking])
+    torch.manual_seed(seed)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=3, **options)
+    losses = [train_step(model, optimizer, tokens) for tokens in make_batches(60, seed=seed)]
+    monkeypatch.setattr(blockllm_module, "rank_blocks", ranked)
+    return sum(losses[-10:]) / 10
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"block_size": 64, "score": "norm_per_sqrt_size"}], ids=["paper", "row_groups_sqrt_size"]
+)
+def test_gradient_ranking_beats_random_and_reversed_selection_on_the_same_batches(options, monkeypatch):
+    """Fails when the ranking is ignored (ranked ~ random) or inverted (ranked ~ reversed); three seeds."""
+    mean = {
+        ranking: sum(_final_loss(seed, ranking, monkeypatch, **options) for seed in range(3)) / 3
+        for ranking in ("ranked", "random", "reversed")
+    }
+    assert mean["ranked"] < mean["random"] - 0.08, mean
+    assert mean["random"] < mean["reversed"], mean
