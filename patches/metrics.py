@@ -19,6 +19,13 @@ What is measured, and when:
 - trainable parameters: the coordinates the optimizer updates in a step (``optimizer.selection["coordinates"]`` where
   the optimizer reports a selection, as BlockLLM does; otherwise the parameters with ``requires_grad``), the largest
   value seen after an optimizer step.
+- what changed: for every parameter tensor (tied weights once, under all their names), whether its values at the end
+  of training differ from those at the start, by two integer checksums of its bits taken at both ends (no copy of the
+  weights is kept). The report derives from it what a method trains (embeddings, head, norms, layers).
+- gradients also include the ``.grad`` of tensors an optimizer holds in its ``param_groups`` that are not the model's
+  (a compact-gradient carrier, BAdam's fp32 copies); such a tensor's own storage counts as a master weight (a few
+  bytes for a carrier whose data is an expanded scalar).
+- a run that raises (e.g. out of memory) still writes what was measured until then, with the error.
 - step times (step begin to step end, device synchronised), tokens per step (``num_input_tokens_seen``), the logged
   training losses and the evaluation losses.
 """
@@ -46,6 +53,8 @@ ENV_VAR = "BLOCKLLM_FACTORY_BENCH_OUT"
 SCHEMA = 1
 _PATCHED_FLAG = "_blockllm_factory_bench_metrics"
 _MAX_WALK_DEPTH = 6
+_CHECKSUM_CHUNK = 1 << 22  # elements per pass: bounds the int64 temporaries of a checksum to a few tens of MB
+_BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def apply(module: Any) -> None:
@@ -60,8 +69,13 @@ def apply(module: Any) -> None:
         callbacks = config.get("callbacks")
         if callbacks is None:
             callbacks = config["callbacks"] = []
-        callbacks.append(BenchMetricsCallback(out_path))
-        return original(config)
+        callback = BenchMetricsCallback(out_path)
+        callbacks.append(callback)
+        try:
+            return original(config)
+        except BaseException as error:  # e.g. out of memory: keep the figures measured so far, then fail as before
+            callback.record_failure(error)
+            raise
 
     _training_function.__wrapped__ = original  # type: ignore[attr-defined]
     module._training_function = _training_function
@@ -94,6 +108,25 @@ def _optimizer_chain(optimizer: Any) -> list[Any]:
     return chain
 
 
+def _checksum(tensor: Any) -> tuple[int, int] | None:
+    """The sum and the sum of squares (wrapping int64) of a tensor's bits: a changed value changes them, except by a
+    coincidence too unlikely to matter. None for an empty, meta or partitioned (ZeRO-3) tensor."""
+    if tensor.numel() == 0 or tensor.device.type == "meta" or tensor.untyped_storage().data_ptr() == 0:
+        return None
+    flat = tensor.detach().reshape(-1)
+    view = _BIT_VIEWS.get(flat.element_size())
+    if view is None:
+        return None
+    bits = flat.view(view)
+    total = torch.zeros((), dtype=torch.int64, device=flat.device)
+    squares = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for start in range(0, bits.numel(), _CHECKSUM_CHUNK):
+        chunk = bits[start : start + _CHECKSUM_CHUNK].to(torch.int64)
+        total += chunk.sum()
+        squares += (chunk * chunk).sum()
+    return int(total), int(squares)
+
+
 def _state_of(optimizer: Any) -> Mapping | None:
     try:
         state = optimizer.state
@@ -109,7 +142,16 @@ class BenchMetricsCallback(TrainerCallback):
         self.out_path = out_path
         self.chain: list[Any] = []
         self.params: list[Any] = []
+        self.param_names: dict[int, list[str]] = {}  # id(parameter) -> its names (several for tied weights)
         self.param_ptrs: set[int] = set()
+        self.held: list[Any] = []  # optimizer-held tensors that are not the model's, as of the last full sample
+        self.initial_checksums: dict[int, tuple[int, int] | None] = {}
+        self.changed: dict[int, bool | None] = {}
+        self.parameter_dtypes: dict[str, int] = {}
+        self.sparsity: float | None = None
+        self.error: str | None = None
+        self._started = False
+        self._final_peak: int | None = None
         self.hooked: set[int] = set()
         self.handles: list[Any] = []
         self.device: Any = None
@@ -134,7 +176,14 @@ class BenchMetricsCallback(TrainerCallback):
         self._world_zero = bool(state.is_world_process_zero)
         self._world_size = int(getattr(args, "world_size", 1) or 1)
         self.params = list(model.parameters())
+        for name, param in model.named_parameters(remove_duplicate=False):
+            self.param_names.setdefault(id(param), []).append(name)
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in self.params}
+        for param in self.params:
+            self.parameter_dtypes[str(param.dtype).removeprefix("torch.")] = (
+                self.parameter_dtypes.get(str(param.dtype).removeprefix("torch."), 0) + param.numel()
+            )
+        self.initial_checksums = {id(param): _checksum(param) for param in self.params}
         self.device = next((p.device for p in self.params if p.device.type != "meta"), torch.device("cpu"))
         self.chain = _optimizer_chain(optimizer)
         chain_ids = {id(item) for item in self.chain}
@@ -142,6 +191,8 @@ class BenchMetricsCallback(TrainerCallback):
             eligible = getattr(item, "eligible_numel", None)
             if isinstance(eligible, int):
                 self.eligible_parameters = eligible
+                sparsity = getattr(item, "sparsity", None)
+                self.sparsity = float(sparsity) if isinstance(sparsity, (int, float)) else None
 
         def on_step(opt: Any, *_args: Any, **_kwargs: Any) -> None:
             if id(opt) in chain_ids:
@@ -151,6 +202,7 @@ class BenchMetricsCallback(TrainerCallback):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.load_average = [os.getloadavg()[0]]
+        self._started = True
         self._sample_full()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any):
@@ -194,7 +246,19 @@ class BenchMetricsCallback(TrainerCallback):
             handle.remove()
         self.handles = []
         self.load_average = self.load_average[:1] + [os.getloadavg()[0]]
+        if self.device is not None and self.device.type == "cuda":
+            self._final_peak = torch.cuda.max_memory_allocated(self.device)  # before the checksums' temporaries
+        self.changed = {}
+        for param in self.params:
+            before, after = self.initial_checksums.get(id(param)), _checksum(param)
+            self.changed[id(param)] = None if before is None or after is None else before != after
         self._write()
+
+    def record_failure(self, error: BaseException) -> None:
+        """Writes the figures measured until ``error`` ended the run, with the error (nothing before training)."""
+        self.error = f"{type(error).__name__}: {str(error)[:500]}"
+        if self._started:
+            self._write()
 
     # ------------------------------------------------------------------ sampling
     def _synchronize(self) -> None:
@@ -202,7 +266,7 @@ class BenchMetricsCallback(TrainerCallback):
             torch.cuda.synchronize(self.device)
 
     def _on_gradient(self, _param: Any) -> None:
-        gradients = self._gradient_bytes()
+        gradients = self._gradient_bytes(self.held)
         self._record(gradients=gradients, **self.last)
 
     def _gradient_bytes(self, extra: Iterable[Any] = ()) -> int:
@@ -233,6 +297,7 @@ class BenchMetricsCallback(TrainerCallback):
             state = _state_of(item)
             if state is not None:
                 self._walk_state(state, states, masters, visited, depth=0)
+        self.held = held
         self.last = {"parameter": parameters.bytes, "optimizer_state": states.bytes, "master_weight": masters.bytes}
         self._record(gradients=self._gradient_bytes(held), **self.last)
 
@@ -288,7 +353,8 @@ class BenchMetricsCallback(TrainerCallback):
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         on_gpu = self.device is not None and self.device.type == "cuda"
         if on_gpu:
-            peak, source = torch.cuda.max_memory_allocated(self.device), "cuda_max_memory_allocated"
+            peak = self._final_peak if self._final_peak is not None else torch.cuda.max_memory_allocated(self.device)
+            source = "cuda_max_memory_allocated"
             device_name = torch.cuda.get_device_name(self.device)
         else:
             peak, source, device_name = peak_rss, "cpu_peak_rss", "cpu"
@@ -309,7 +375,17 @@ class BenchMetricsCallback(TrainerCallback):
             "master_weight_bytes": self.peaks["master_weight"],
             "trainable_parameters": self.trainable_parameters,
             "eligible_parameters": self.eligible_parameters,
+            "sparsity": self.sparsity,
             "total_parameters": self._count_parameters(self.params),
+            "parameter_dtypes": self.parameter_dtypes,
+            # per parameter tensor: its names, size, and whether its values changed during training (None: unknown)
+            "parameters": [
+                {"names": self.param_names.get(id(p), []), "numel": p.numel(), "changed": self.changed.get(id(p))}
+                for p in self.params
+            ]
+            if self.changed
+            else None,
+            "error": self.error,
             # outermost first, e.g. "...AcceleratedOptimizer > badam.block_optim.BlockOptimizer > torch...AdamW"
             "optimizer": " > ".join(f"{type(item).__module__}.{type(item).__name__}" for item in self.chain) or None,
             "steps": measured_steps,

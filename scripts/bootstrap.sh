@@ -10,7 +10,7 @@ PY="$VENV/bin/python"
 # Everything the product and its tests need, resolved through constraints.txt (the working set measured in
 # ../shared/ENVIRONMENT.md). torch/torchaudio/torchvision are pinned: a plain `pip install llamafactory`
 # resolves a broken pair.
-DEPS=(setuptools wheel torch torchaudio torchvision llamafactory trl badam galore-torch bitsandbytes
+DEPS=(setuptools wheel torch torchaudio torchvision llamafactory trl badam galore-torch apollo-torch bitsandbytes
       deepspeed matplotlib pytest ruff playwright)
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }

@@ -1,12 +1,15 @@
 """``blockllm-factory bench``: suite validation, the measurement callback, the goals, and the harness end to end.
 
-The end-to-end test runs the installed console script on a tiny suite (full fine-tuning, a method that cannot start
-training, BlockLLM) through the real ``llamafactory-cli train`` path, then runs the same command again.
+The end-to-end tests run the installed console script through the real ``llamafactory-cli train`` path: a tiny suite
+(full fine-tuning, a method that cannot start training, BlockLLM) run twice, and a suite that builds its model from a
+``config.json`` at its real vocabulary size and runs BlockLLM over two seeds and two learning rates. The shipped suites
+that are too long for tests (real shapes, quality) are validated and planned, not run.
 """
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -16,11 +19,14 @@ import pytest
 import torch
 import yaml
 
-from blockllm_factory.bench import report
-from blockllm_factory.bench.suite import SuiteError, load_suite
+from blockllm_factory.bench import models, report, runner
+from blockllm_factory.bench.suite import KINDS, SuiteError, load_suite
 from blockllm_factory.patches import metrics
 
 BENCH = Path(sys.executable).with_name("blockllm-factory")
+ROOT = Path(__file__).resolve().parent.parent
+SUITES = ROOT / "recipes" / "bench"
+MODELS = ROOT / "recipes" / "models"
 RUN_FIELDS = (
     "name",
     "status",
@@ -67,6 +73,26 @@ def _minimal(**base) -> dict:
         (lambda s: s.pop("methods"), "'methods'"),
         (lambda s: s["methods"].update({"bad name": {}}), "methods.bad name"),
         (lambda s: s.update(env={"X": [1]}), "env.X"),
+        (lambda s: s.update(seeds=[1, 1]), "seeds: expected distinct integers"),
+        (lambda s: (s.update(seeds=[1, 2]), s["base"].update(seed=3)), "base.seed and seeds"),
+        (lambda s: s["methods"]["full"].update(sweep={"max_steps": [1, 2]}), "methods.full.sweep.max_steps"),
+        (lambda s: s["methods"]["full"].update(sweep={"learning_rate": 0.1}), "sweep.learning_rate must be a non-emp"),
+        (lambda s: s["methods"]["full"].update(sweep={"learning_rate": [1.0e-3, 0.001]}), "listed twice"),
+        (
+            lambda s: s["methods"]["full"].update(learning_rate=0.1, sweep={"learning_rate": [0.1, 0.2]}),
+            "methods.full.sweep.learning_rate: the method also sets 'learning_rate'",
+        ),
+        (lambda s: (s["base"].pop("model_name_or_path"), s.update(model_config="no/such")), "model_config: 'no/such'"),
+        (lambda s: s.update(model_config=str(MODELS / "qwen2.5_0.5b")), "model_name_or_path (base) and model_config"),
+        (
+            lambda s: (
+                s["base"].pop("model_name_or_path"),
+                s.update(model_config=str(MODELS / "qwen2.5_0.5b"), build_dtype="int8"),
+            ),
+            "build_dtype: 'int8' is not allowed (allowed: bfloat16, float16, float32)",
+        ),
+        (lambda s: s["methods"]["full"].update(model_config="x"), "methods.full.model_config"),
+        (lambda s: s.update(goals=["fastest"]), "goals: unknown goal 'fastest' (allowed: state_share_of_full"),
     ],
 )
 def test_a_bad_suite_is_refused_naming_the_key(tmp_path, change, named):
@@ -152,6 +178,47 @@ def test_a_rebuilt_local_model_makes_new_runs(tmp_path):
     assert fingerprint() != first
 
 
+def test_seeds_and_a_sweep_make_one_run_per_value_and_seed(tmp_path):
+    suite = _minimal(learning_rate=1e-4)
+    suite["seeds"] = [7, 8]
+    suite["methods"]["blockllm"] = {"finetuning_type": "blockllm", "sweep": {"learning_rate": ["LR", 3.0e-3]}}
+    path = _write_suite(tmp_path / "suite.yaml", suite)
+    path.write_text(path.read_text().replace("LR", "1e-3"))  # YAML 1.2 spelling: a number, as LLaMA-Factory reads it
+    runs = {run.name: run for run in load_suite(path).runs}
+    assert list(runs) == [
+        "full/seed=7",
+        "full/seed=8",
+        "blockllm/learning_rate=0.001/seed=7",
+        "blockllm/learning_rate=0.001/seed=8",
+        "blockllm/learning_rate=0.003/seed=7",
+        "blockllm/learning_rate=0.003/seed=8",
+    ]
+    run = runs["blockllm/learning_rate=0.001/seed=8"]
+    assert (run.args["seed"], run.args["learning_rate"], run.config) == (8, 1e-3, "blockllm/learning_rate=0.001")
+    assert runs["full/seed=7"].args["learning_rate"] == 1e-4  # the base value where the method has no sweep
+    assert len({r.fingerprint for r in runs.values()}) == len(runs)
+    # --seeds replaces the suite's seeds; --set cannot flatten a seed or a swept argument
+    assert {r.seed for r in load_suite(path, seeds=[3]).runs} == {3}
+    with pytest.raises(SuiteError, match="--set seed"):
+        load_suite(path, settings={"seed": 1})
+    with pytest.raises(SuiteError, match="--set learning_rate: methods.blockllm.sweep varies it"):
+        load_suite(path, settings={"learning_rate": 1e-3})
+
+
+def test_the_command_plans_seeds_from_the_command_line(tmp_path, capsys):
+    from blockllm_factory.cli import main
+
+    suite = _minimal(seed=5)
+    path = _write_suite(tmp_path / "suite.yaml", suite)
+    assert main(["bench", str(path), "--plan", "--seeds", "1,2"]) == 0
+    printed = capsys.readouterr().out
+    assert "full/seed=1:" in printed and "full/seed=2:" in printed and "seed=5" not in printed
+    assert main(["bench", str(path), "--plan", "--seeds", "1,x"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert main(["bench", str(path)]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err
+
+
 def test_a_method_can_drop_a_base_argument_with_null(tmp_path):
     suite = _minimal(optim="adamw_torch")
     suite["methods"]["plain"] = {"finetuning_type": "full", "optim": None}
@@ -174,7 +241,6 @@ class _Module:
 
 
 def test_the_harness_and_the_patch_agree_on_the_variable():
-    from blockllm_factory.bench import runner
 
     assert runner.METRICS_ENV == metrics.ENV_VAR
 
@@ -281,6 +347,397 @@ def test_the_callback_counts_optimizer_held_copies_as_master_weights(tmp_path):
     assert figures["trainable_parameters"] == sum(p.numel() for p in model[1].parameters())
 
 
+class _CompactGradients(torch.optim.Optimizer):
+    """The layout of BlockLLM's compact gradients and 8-bit moments: the selected rows' gradient is moved, in a
+    post-accumulate-grad hook, into the ``.grad`` of a carrier tensor held in ``param_groups`` (its data an expanded
+    scalar), and the moments are uint8 codes with a per-block absmax."""
+
+    def __init__(self, model: torch.nn.Module, rows: int) -> None:
+        self.weight = model[0].weight
+        self.rows = rows
+        self.carrier = torch.zeros(1).expand(rows * self.weight.shape[1]).requires_grad_(True)
+        super().__init__([{"params": list(model.parameters()) + [self.carrier]}], {"lr": 1e-2})
+        for param in model.parameters():
+            param.requires_grad_(param is self.weight)
+        self.weight.register_post_accumulate_grad_hook(self._compact)
+
+    def _compact(self, param: torch.Tensor) -> None:
+        self.carrier.grad = param.grad[: self.rows].reshape(-1).clone()
+        param.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grad = self.carrier.grad.view(self.rows, -1)
+        self.weight[: self.rows] -= self.defaults["lr"] * grad
+        state = self.state[self.weight]
+        state["exp_avg_q"] = torch.zeros(grad.numel(), dtype=torch.uint8)
+        state["exp_avg_sq_q"] = torch.zeros(grad.numel(), dtype=torch.uint8)
+        state["absmax"] = torch.ones(grad.numel() // 64 + 1)
+
+    def zero_grad(self, set_to_none=True):
+        self.carrier.grad = None
+
+
+def test_the_callback_counts_a_compact_gradient_carrier_and_8bit_states(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(32, 8))
+    optimizer = _CompactGradients(model, rows=4)
+    figures = _drive(model, optimizer, steps=2, out=tmp_path / "m.json")
+    compact = 4 * 16 * 4  # 4 rows of 16 fp32 gradients
+    # The layer's dense gradient lives only inside the hook that compacts it; what is held is the carrier's.
+    assert figures["gradient_bytes"] == compact
+    # The carrier's own data is one expanded scalar: a few bytes, not a master copy of the selection.
+    assert figures["master_weight_bytes"] == optimizer.carrier.untyped_storage().nbytes() < compact
+    state = optimizer.state[optimizer.weight]
+    assert figures["optimizer_state_bytes"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert figures["parameter_bytes"] == _nbytes(model.parameters())
+
+
+def test_the_callback_reports_which_tensors_changed_with_tied_weights_once(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    model[2].weight = model[0].weight  # tied: one tensor under two names
+    model[1].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    figures = _drive(model, optimizer, steps=2, out=tmp_path / "m.json")
+    changed = {tuple(entry["names"]): entry["changed"] for entry in figures["parameters"]}
+    assert changed == {
+        ("0.weight", "2.weight"): True,
+        ("0.bias",): True,
+        ("1.weight",): False,
+        ("1.bias",): False,
+        ("2.bias",): True,
+    }
+    assert figures["parameter_dtypes"] == {"float32": sum(p.numel() for p in model.parameters())}
+
+
+def test_a_run_that_raises_still_writes_its_figures_and_the_error(monkeypatch, tmp_path):
+    out = tmp_path / "m.json"
+    monkeypatch.setenv(metrics.ENV_VAR, str(out))
+    model = torch.nn.Linear(16, 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    class Module:
+        @staticmethod
+        def _training_function(config):
+            from transformers import TrainerControl, TrainerState
+
+            (callback,) = config["callbacks"]
+            callback.on_train_begin(
+                types.SimpleNamespace(world_size=1), TrainerState(), TrainerControl(), model=model, optimizer=optimizer
+            )
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(metrics, "check_llamafactory_version", lambda: None)
+    metrics.apply(Module)
+    with pytest.raises(torch.OutOfMemoryError):
+        Module._training_function({"callbacks": []})
+    figures = json.loads(out.read_text())
+    assert figures["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert figures["parameter_bytes"] == _nbytes(model.parameters())
+
+
+# ---------------------------------------------------------------- report: floor, seeds, sweeps, what a run trains
+
+
+def test_the_floor_is_the_formula_of_the_run_s_own_counts():
+    record = {"kind": "blockllm", "total_parameters": 1000, "eligible_parameters": 800, "sparsity": 0.95}
+    bf16, formula = report.floor(record, {"bf16": True})
+    assert bf16 == round(2 * 1000 + (1 - 0.95) * (4 + 8 + 2) * 800)
+    assert "(1 - 0.95)" in formula and "800" in formula
+    eight_bit, _ = report.floor(record, {"pure_bf16": True, "optim": "adamw_bnb_8bit"})
+    assert eight_bit == round(2 * 1000 + (1 - 0.95) * (4 + 2 + 2) * 800)
+    fp32, _ = report.floor(record, {})
+    assert fp32 == round(4 * 1000 + (1 - 0.95) * (8 + 4) * 800)  # no master copy for fp32 weights
+    assert report.floor(dict(record, kind="full"), {"bf16": True}) is None
+
+
+def _seeded(method, kind, lr, seed, eval_loss, status="ok", **figures):
+    return {
+        "name": f"{method}/learning_rate={lr:g}/seed={seed}",
+        "method": method,
+        "group": None,
+        "kind": kind,
+        "config": f"{method}/learning_rate={lr:g}",
+        "sweep": {"learning_rate": lr},
+        "seed": seed,
+        "status": status,
+        "error": None if status == "ok" else "boom",
+        "final_train_loss": eval_loss - 0.1,
+        "eval_loss": eval_loss if status == "ok" else None,
+        "sparsity": SPARSITY if kind == "blockllm" else None,
+        **figures,
+    }
+
+
+def test_a_sweep_reports_the_best_value_by_mean_eval_loss_over_seeds_and_keeps_every_value():
+    runs = [
+        _seeded("blockllm", "blockllm", 1e-3, 1, 3.0),
+        _seeded("blockllm", "blockllm", 1e-3, 2, 3.2),
+        _seeded("blockllm", "blockllm", 1e-2, 1, 2.0),  # the best single run ...
+        _seeded("blockllm", "blockllm", 1e-2, 2, 4.2),  # ... but not the best mean
+        _seeded("blockllm", "blockllm", 3e-2, 1, 1.0),
+        _seeded("blockllm", "blockllm", 3e-2, 2, 1.0, status="failed"),  # a failed seed disqualifies its value
+    ]
+    (summary,) = report.summarize(runs)
+    assert summary["best"] == {"learning_rate": 1e-3} and summary["best_by"] == "eval_loss"
+    assert summary["eval_loss"] == pytest.approx(3.1)
+    stats = summary["eval_loss_stats"]
+    assert (stats["min"], stats["max"], stats["n"]) == (3.0, 3.2, 2)
+    assert stats["std"] == pytest.approx(math.sqrt(0.02))
+    assert [point["sweep"]["learning_rate"] for point in summary["points"]] == [1e-3, 1e-2, 3e-2]
+    assert [point["status"] for point in summary["points"]] == ["ok", "ok", "failed"]
+    markdown = report.markdown({"runs": runs, "results": [summary]})
+    assert "### Sweep" in markdown and "| blockllm | learning_rate=0.001 | ok | 2 of 2 | " in markdown
+    assert "3.1000 ± 0.1414 [3.0000, 3.2000] | **best** |" in markdown
+
+
+def test_goals_compare_the_means_of_each_method_at_its_best_value():
+    runs = [
+        _seeded("blockllm", "blockllm", 1e-2, seed, loss, peak_tracked_bytes=100, floor_bytes=95)
+        for seed, loss in ((1, 2.0), (2, 2.2))
+    ]
+    runs += [_seeded("lora", "lora", 1e-2, seed, loss, peak_tracked_bytes=90) for seed, loss in ((1, 2.0), (2, 2.4))]
+    runs += [_seeded("badam", "badam", lr, 1, loss, peak_tracked_bytes=300) for lr, loss in ((1e-3, 2.05), (1e-2, 9))]
+    runs += [_seeded("apollo", "apollo", 1e-2, 1, 5.0, peak_tracked_bytes=200)]
+    summaries = report.summarize(runs)
+    names = ["eval_loss_at_or_below_lora_badam", "peak_tracked_lowest", "peak_tracked_near_floor"]
+    ((subject, listed, _),) = report.goals(summaries, names)
+    statuses = {goal.text: goal.status for goal in listed}
+    assert statuses["mean eval loss at or below LoRA's and BAdam's"] == "missed"  # 2.1 > BAdam's best 2.05
+    assert statuses["peak tracked bytes the lowest of all methods"] == "missed"  # LoRA holds less
+    assert "apollo" in listed[1].detail  # every other kind is a reference
+    assert statuses["peak tracked bytes within 10% of the floor"] == "met"
+
+
+@pytest.mark.parametrize(
+    "names, changed, expected",
+    [
+        (  # LoRA: only adapters change
+            [
+                "base_model.model.model.embed_tokens.weight",
+                "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight",
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+                "base_model.model.model.layers.1.mlp.up_proj.lora_B.default.weight",
+                "base_model.model.model.norm.weight",
+                "base_model.model.lm_head.weight",
+            ],
+            [False, False, True, True, False, False],
+            "LoRA adapters on layers 0-1 of 2 [MLP, attention]",
+        ),
+        (  # tied embeddings and a few layer tensors
+            [
+                ["model.embed_tokens.weight", "lm_head.weight"],
+                "model.layers.0.input_layernorm.weight",
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.2.mlp.down_proj.weight",
+                "model.layers.3.mlp.down_proj.weight",
+                "model.norm.weight",
+            ],
+            [True, True, False, True, True, False],
+            "embeddings (tied to the head); norms (1 of 2); layers 2-3 of 4 (2 of 3 weight tensors) [MLP]",
+        ),
+    ],
+)
+def test_what_a_run_trains_is_read_from_the_tensors_that_changed(names, changed, expected):
+    parameters = [
+        {"names": name if isinstance(name, list) else [name], "numel": 10, "changed": flag}
+        for name, flag in zip(names, changed)
+    ]
+    described = report.describe_trained(parameters)
+    assert described["summary"] == expected
+    assert described["changed_tensor_parameters"] == 10 * sum(changed)
+
+
+# ---------------------------------------------------------------- shipped shapes and suites (planned, not run)
+
+
+def _shape_table() -> dict[str, dict[str, str]]:
+    """The table of recipes/models/README.md that documents the real shapes, by config folder."""
+    lines = [line for line in (MODELS / "README.md").read_text().splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[[i for i, line in enumerate(lines) if "shape of" in line][0]].split("|")]
+    rows = {}
+    for line in lines:
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) == len(header) and (MODELS / cells[1] / "config.json").is_file() and "shape of" not in line:
+            rows[cells[1]] = dict(zip(header, cells))
+    return rows
+
+
+def test_the_shipped_real_shapes_have_the_documented_sizes():
+    table = _shape_table()
+    assert {"qwen2.5_0.5b", "llama3.2_1b", "llama2_7b"} <= set(table)
+    for name, row in table.items():
+        config = json.loads((MODELS / name / "config.json").read_text())
+        shape = models.shape(MODELS / name / "config.json")  # on the meta device: nothing is allocated
+        assert shape["parameters"] == int(row["parameters"].replace(",", "")), name
+        assert shape["vocab_size"] == int(row["vocab"].replace(",", "")) == config["vocab_size"], name
+        assert (shape["layers"], shape["hidden_size"]) == (int(row["layers"]), int(row["hidden"])), name
+        assert shape["tie_word_embeddings"] == (row["tied"] == "yes"), name
+
+
+def test_the_memory_gpu_suite_plans_every_method_at_both_shapes_and_precisions(capsys):
+    from blockllm_factory.cli import main
+
+    suite = load_suite(SUITES / "memory_gpu.yaml")
+    assert all(run.problem is None for run in suite.runs), [(run.name, run.problem) for run in suite.runs]
+    methods = list(dict.fromkeys(run.method for run in suite.runs))
+    assert {run.kind for run in suite.runs} == set(KINDS)
+    assert len(suite.runs) == len(suite.groups) * len(methods)
+    assert {build.config.parent.name for build in suite.builds} == {"llama3.2_1b", "llama2_7b"}
+    assert {build.dtype for build in suite.builds} == {"bfloat16"}
+    precisions = set()
+    for run in suite.runs:
+        assert run.build is not None and "model_name_or_path" not in run.args  # the harness builds and sets it
+        assert (run.args["cutoff_len"], run.args["per_device_train_batch_size"]) == (1024, 1)
+        assert run.args["disable_gradient_checkpointing"] is False
+        precisions.add((run.build.config.parent.name, bool(run.args.get("pure_bf16")), bool(run.args.get("bf16"))))
+    assert precisions == {(shape, pure, not pure) for shape in ("llama3.2_1b", "llama2_7b") for pure in (True, False)}
+    eight_bit = [run for run in suite.runs if run.kind == "blockllm" and run.args.get("optim") == "adamw_bnb_8bit"]
+    assert len(eight_bit) == len(suite.groups)
+    assert main(["bench", str(SUITES / "memory_gpu.yaml"), "--plan"]) == 0
+    printed = capsys.readouterr().out
+    for build in suite.builds:
+        assert f"{models.shape(build.config)['parameters']:,} parameters" in printed
+    assert sum(line.startswith("  ") for line in printed.splitlines()) == len(suite.runs)
+
+
+def test_the_memory_cpu_suite_runs_every_method_at_the_half_billion_shape_in_bf16():
+    suite = load_suite(SUITES / "memory_cpu.yaml")
+    assert all(run.problem is None for run in suite.runs)
+    assert {run.kind for run in suite.runs} == set(KINDS)
+    assert {(build.config.parent.name, build.dtype) for build in suite.builds} == {("qwen2.5_0.5b", "bfloat16")}
+    assert all(run.args["bf16"] is True and run.args["use_cpu"] is True for run in suite.runs)
+    by_method = {run.method: run for run in suite.runs}
+    assert by_method["blockllm_8bit"].args == {**by_method["blockllm"].args, "optim": "adamw_bnb_8bit"}
+    assert {"peak_tracked_lowest", "peak_tracked_near_floor", "gradient_share_of_full"} <= set(suite.goals)
+
+
+@pytest.mark.parametrize("name", ["quality_sft.yaml", "quality_pt.yaml"])
+def test_the_quality_suites_sweep_every_method_over_three_seeds(name):
+    suite = load_suite(SUITES / name)
+    assert all(run.problem is None for run in suite.runs)
+    assert len(suite.seeds) >= 3
+    methods = list(dict.fromkeys(run.method for run in suite.runs))
+    assert {"blockllm", "lora", "badam", "full", "galore"} <= {run.kind for run in suite.runs}
+    for method in methods:
+        runs = [run for run in suite.runs if run.method == method]
+        rates = {run.args["learning_rate"] for run in runs}
+        assert len(rates) >= 3 and all(isinstance(rate, float) for rate in rates), method
+        assert len(runs) == len(rates) * len(suite.seeds), method
+        assert {run.seed for run in runs} == set(suite.seeds)
+    for run in suite.runs:
+        assert run.args["max_steps"] >= 300 and run.args["do_eval"] and run.args["eval_dataset"]
+    assert "eval_loss_at_or_below_lora_badam" in suite.goals
+
+
+def test_the_pretraining_suite_trains_on_the_unseen_domain_text(tmp_path):
+    from blockllm_factory.demo import data, domain
+
+    suite = load_suite(SUITES / "quality_pt.yaml")
+    assert suite.domain_text is not None
+    built = domain.build(tmp_path / "domain")
+    info = json.loads((built / "dataset_info.json").read_text())
+    assert {run.args["dataset"] for run in suite.runs} | {run.args["eval_dataset"] for run in suite.runs} <= set(info)
+    assert {run.args["stage"] for run in suite.runs} == {"pt"}
+    assert {(Path.cwd() / run.args["dataset_dir"]).resolve() for run in suite.runs} == {suite.domain_text}
+    stamp = (built / "domain_pt.json").stat().st_mtime_ns
+    assert domain.build(tmp_path / "domain") == built and (built / "domain_pt.json").stat().st_mtime_ns == stamp
+    again = domain.build(tmp_path / "again")
+    for file in info.values():
+        assert (again / file["file_name"]).read_bytes() == (built / file["file_name"]).read_bytes()
+    train = [record["text"] for record in json.loads((built / "domain_pt.json").read_text())]
+    held_out = [record["text"] for record in json.loads((built / "domain_pt_eval.json").read_text())]
+    assert train != held_out[: len(train)]
+    # None of the domain's statements appears in what the base model was pretrained on.
+    base_text = " ".join(data.prose(item) for item in data.examples(4000, seed=0))
+    phrases = {max(re.split(r"\{[^}]*\}", template), key=len).strip() for template in domain.TEMPLATES}
+    assert all(phrase and phrase not in base_text for phrase in phrases), phrases
+    assert all(any(phrase in text for text in train) for phrase in phrases)
+
+
+def test_a_model_is_built_at_its_config_s_vocabulary_in_its_dtype_once_and_the_same_every_time(tmp_path):
+    from safetensors import safe_open
+
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "vocab_size": models.TOKENIZER_VOCAB + 1000,
+        "tie_word_embeddings": True,
+    }
+    (tmp_path / "shape").mkdir()
+    (tmp_path / "shape" / "config.json").write_text(json.dumps(config))
+    build = models.ModelBuild(models.config_file(tmp_path / "shape"), "bfloat16")
+    folder = models.build_model(build, tmp_path / "a")
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        tensors = {name: weights.get_tensor(name) for name in weights.keys()}
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.bfloat16}
+    assert tensors["model.embed_tokens.weight"].shape == (config["vocab_size"], config["hidden_size"])
+    assert "lm_head.weight" not in tensors  # tied, as the config says
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert len(tokenizer) < config["vocab_size"]
+    assert json.loads((folder / "config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
+    modified = (folder / "model.safetensors").stat().st_mtime_ns
+    assert models.build_model(build, tmp_path / "a") == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == modified  # reused, not rebuilt
+    again = models.build_model(build, tmp_path / "b")
+    assert (again / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------- out of memory is a result
+
+FAKE_CLI = """#!{python}
+import json, os, sys
+config = open(sys.argv[2]).read()
+if "huge" in config:
+    print("Traceback (most recent call last):")
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 64.00 GiB")
+    sys.exit(1)
+with open(os.environ["BLOCKLLM_FACTORY_BENCH_OUT"], "w") as out:
+    json.dump({{"steps": 2, "step_times_s": [0.1, 0.1], "step_time_s": 0.1, "peak_memory_bytes": 1000,
+               "loss_curve": [[1, 2.0], [2, 1.5]], "eval_curve": []}}, out)
+"""
+
+
+def test_an_out_of_memory_run_is_recorded_as_a_result_and_the_suite_goes_on(tmp_path, monkeypatch, capsys):
+    from blockllm_factory.cli import main
+
+    cli = tmp_path / "llamafactory-cli"
+    cli.write_text(FAKE_CLI.format(python=sys.executable))
+    cli.chmod(0o755)
+    monkeypatch.setattr(runner, "llamafactory_cli", lambda: str(cli))
+    suite = _minimal()
+    suite["base"].pop("model_name_or_path")
+    suite["groups"] = {"huge": {"model_name_or_path": "huge"}, "small": {"model_name_or_path": "small"}}
+    suite["methods"]["lora"] = {}
+    path = _write_suite(tmp_path / "suite.yaml", suite)
+    out = tmp_path / "out"
+    assert main(["bench", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[bench 1/4] huge/full: OUT OF MEMORY" in printed and "[bench 3/4] small/full: ok" in printed
+    runs = _runs(json.loads((out / "report.json").read_text()))
+    assert [runs[name]["status"] for name in ("huge/full", "huge/lora", "small/full", "small/lora")] == [
+        "out of memory",
+        "out of memory",
+        "ok",
+        "ok",
+    ]
+    assert "CUDA out of memory" in runs["huge/full"]["error"]
+    markdown = (out / "report.md").read_text()
+    assert "## Out of memory" in markdown and "- full at huge (huge/full): out of memory" in markdown
+    assert "## Failed runs" not in markdown
+    assert main(["bench", str(path), "--out", str(out)]) == 0  # a result: not tried again
+    assert "huge/full: skipped, ran out of memory earlier" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- goals
 
 
@@ -357,7 +814,13 @@ def bench_runs(tiny_llamafactory_assets, tmp_path_factory):
         "methods": {
             "full": {"finetuning_type": "full"},
             "broken": {"finetuning_type": "no_such_method"},
-            "blockllm": {"finetuning_type": "blockllm", "blockllm_sparsity": SPARSITY, "blockllm_patience": 3},
+            # patience beyond the run: one selection, so the coordinates that change are the ones selected
+            "blockllm": {
+                "finetuning_type": "blockllm",
+                "blockllm_sparsity": SPARSITY,
+                "blockllm_patience": 100,
+                "blockllm_include_embeddings": False,
+            },
         },
     }
     path = _write_suite(root / "suite.yaml", suite)
@@ -366,7 +829,7 @@ def bench_runs(tiny_llamafactory_assets, tmp_path_factory):
 
     def bench() -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(BENCH), "bench", str(path), "--out", str(out)],
+            [str(BENCH), "bench", str(path), "--out", str(out), "--keep-models"],
             cwd=root,
             env=env,
             capture_output=True,
@@ -431,11 +894,40 @@ def test_bench_figures_are_consistent_with_the_methods(bench_runs):
     assert block["optimizer"].endswith("BlockLLM")
 
 
-def test_bench_blockllm_trains_about_one_minus_sparsity_of_the_eligible_parameters(bench_runs):
-    block = _runs(bench_runs.first_report)["blockllm"]
-    assert block["status"] == "ok", block["error"]
-    expected = (1 - SPARSITY) * block["eligible_parameters"]
-    assert block["trainable_parameters"] == pytest.approx(expected, rel=0.1)
+def _changed_coordinates(before: dict, after: dict) -> dict[str, int]:
+    return {name: int((after[name] != tensor).sum()) for name, tensor in before.items()}
+
+
+def test_bench_blockllm_changes_one_minus_sparsity_of_the_eligible_coordinates(bench_runs, tiny_llamafactory_assets):
+    """Counted from the weights themselves: the model before training against the model the run saved."""
+    from safetensors.torch import load_file
+
+    before = load_file(tiny_llamafactory_assets.model_dir / "model.safetensors")
+    after = load_file(bench_runs.out / "runs" / "blockllm" / "output" / "model.safetensors")
+    changed = _changed_coordinates(before, after)
+    embeddings = {name for name in before if "embed_tokens" in name or "lm_head" in name}
+    eligible = sum(tensor.numel() for name, tensor in before.items() if name not in embeddings)
+    assert sum(changed.values()) == pytest.approx((1 - SPARSITY) * eligible, rel=0.02)
+    assert all(changed[name] == 0 for name in embeddings)
+    full_changed = _changed_coordinates(
+        before, load_file(bench_runs.out / "runs" / "full" / "output" / "model.safetensors")
+    )
+    # Full fine-tuning changes every coordinate outside the embeddings (rows of unseen tokens get no gradient).
+    assert all(full_changed[name] == before[name].numel() for name in before if name not in embeddings)
+
+
+def test_bench_reports_what_each_method_trained(bench_runs, tiny_llamafactory_assets):
+    from safetensors.torch import load_file
+
+    runs = _runs(bench_runs.first_report)
+    full, block = runs["full"]["trained"], runs["blockllm"]["trained"]
+    assert full["embeddings"] and full["head"] and block["embeddings"] is False and block["head"] is False
+    before = load_file(tiny_llamafactory_assets.model_dir / "model.safetensors")
+    after = load_file(bench_runs.out / "runs" / "blockllm" / "output" / "model.safetensors")
+    changed_tensors = sum(count > 0 for count in _changed_coordinates(before, after).values())
+    assert block["changed_tensors"] == changed_tensors < full["changed_tensors"]
+    markdown = (bench_runs.out / "report.md").read_text()
+    assert f"| {runs['blockllm']['trains']} |" in markdown and "embeddings" not in runs["blockllm"]["trains"]
 
 
 def test_bench_records_a_failed_method_and_runs_the_others(bench_runs):
@@ -465,3 +957,118 @@ def test_bench_run_again_skips_completed_runs_and_retries_the_failed_one(bench_r
     first, second = _runs(bench_runs.first_report), _runs(bench_runs.second_report)
     for name in ("full", "blockllm"):
         assert second[name] == first[name]
+
+
+# ---------------------------------------------------------------- end to end: a built shape, seeds and a sweep
+
+
+@pytest.fixture(scope="module")
+def shaped_runs(tiny_llamafactory_assets, tmp_path_factory):
+    """BlockLLM over two seeds and two learning rates on a model the harness builds from a config.json (tied
+    embeddings, a vocabulary larger than the tokenizer's), in bf16 mixed precision, through the console script."""
+    root = tmp_path_factory.mktemp("shaped")
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "vocab_size": models.TOKENIZER_VOCAB + 1000,
+        "tie_word_embeddings": True,
+    }
+    (root / "shape").mkdir()
+    (root / "shape" / "config.json").write_text(json.dumps(config))
+    suite = {
+        "env": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
+        "model_config": str(root / "shape"),
+        "build_dtype": "bfloat16",
+        "seeds": [0, 1],
+        "goals": ["peak_tracked_near_floor", "gradient_share_of_full"],
+        "base": {
+            "dataset_dir": str(tiny_llamafactory_assets.dataset_dir),
+            "dataset": "tiny_sft",
+            "val_size": 0.25,
+            "template": "default",
+            "stage": "sft",
+            "do_eval": True,
+            "eval_strategy": "no",
+            "cutoff_len": 64,
+            "max_samples": 32,
+            "use_cpu": True,
+            "bf16": True,
+            "per_device_train_batch_size": 2,
+            "per_device_eval_batch_size": 4,
+            "max_steps": 3,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "preprocessing_num_workers": 1,
+            "dataloader_num_workers": 0,
+            "overwrite_cache": True,
+        },
+        "methods": {
+            "blockllm": {
+                "finetuning_type": "blockllm",
+                "blockllm_sparsity": SPARSITY,
+                "sweep": {"learning_rate": [1.0e-3, 1.0e-2]},
+            },
+        },
+    }
+    path = _write_suite(root / "suite.yaml", suite)
+    out = root / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_TORCHRUN", "BLOCKLLM_FACTORY_DISABLE")}
+    result = subprocess.run(
+        [str(BENCH), "bench", str(path), "--out", str(out)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return types.SimpleNamespace(
+        out=out,
+        result=result,
+        config=config,
+        shape=root / "shape",
+        report=json.loads((out / "report.json").read_text()),
+    )
+
+
+def test_the_harness_trains_the_shape_it_built_once(shaped_runs):
+    assert shaped_runs.result.returncode == 0, shaped_runs.result.stdout + shaped_runs.result.stderr
+    built = shaped_runs.out / "models" / "shape-bfloat16"
+    assert (built / models.STAMP_NAME).is_file()
+    assert shaped_runs.result.stdout.count("[bench] model shape-bfloat16") == 1
+    expected = models.shape(models.config_file(shaped_runs.shape))["parameters"]
+    for run in shaped_runs.report["runs"]:
+        assert run["status"] == "ok", run["error"]
+        assert run["args"]["model_name_or_path"] == str(built)
+        assert run["total_parameters"] == expected  # the config's vocabulary and tied head reached the training
+        floor = 2 * run["total_parameters"] + (1 - SPARSITY) * (4 + 8 + 2) * run["eligible_parameters"]
+        assert run["floor_bytes"] == round(floor)
+
+
+def test_seeds_and_sweep_values_reach_the_training_and_the_report_keeps_them_all(shaped_runs):
+    runs = _runs(shaped_runs.report)
+    assert sorted(runs) == [f"blockllm/learning_rate={lr}/seed={seed}" for lr in ("0.001", "0.01") for seed in (0, 1)]
+    for name, run in runs.items():
+        written = yaml.safe_load((shaped_runs.out / "runs" / name / "train.yaml").read_text())
+        assert (written["seed"], written["learning_rate"]) == (run["seed"], run["sweep"]["learning_rate"])
+    for lr in ("0.001", "0.01"):  # another seed, another data order and split: other losses
+        curves = [runs[f"blockllm/learning_rate={lr}/seed={seed}"]["loss_curve"] for seed in (0, 1)]
+        assert curves[0] != curves[1]
+    (summary,) = shaped_runs.report["results"]
+    means = {}
+    for point in summary["points"]:
+        losses = [runs[name]["eval_loss"] for name in point["runs"]]
+        assert point["eval_loss_stats"]["mean"] == pytest.approx(sum(losses) / 2)
+        assert (point["eval_loss_stats"]["min"], point["eval_loss_stats"]["max"]) == (min(losses), max(losses))
+        means[point["sweep"]["learning_rate"]] = point["eval_loss"]
+    assert summary["best"] == {"learning_rate": min(means, key=means.get)} and summary["best_by"] == "eval_loss"
+    markdown = (shaped_runs.out / "report.md").read_text()
+    assert "### Sweep" in markdown and "**best**" in markdown and "Floor: 2 B x" in markdown
+    assert "peak tracked bytes within 10% of the floor" in markdown
+    assert summary["trained"]["embeddings"] is False and summary["trained"]["layers"]
+    assert (shaped_runs.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

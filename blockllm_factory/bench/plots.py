@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .files import write_atomic
-from .report import group_runs
+from .report import group_runs, summarize, values_label
 
 CATEGORIES = (
     ("parameter_bytes", "weights"),
@@ -13,10 +13,6 @@ CATEGORIES = (
     ("optimizer_state_bytes", "optimizer states"),
     ("master_weight_bytes", "master weights"),
 )
-
-
-def _panels(runs: list[dict]) -> dict[str | None, list[dict]]:
-    return group_runs(runs) or {None: []}
 
 
 def _figure(panels: int, height: float = 4.0):
@@ -30,21 +26,56 @@ def _save(figure, path: Path) -> None:
     write_atomic(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
 
 
+def _across_seeds(curves: list[list[list[float]]]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Steps every curve logged, and the mean, minimum and maximum of the curves there."""
+    tables = [dict(curve) for curve in curves]
+    steps = sorted(set.intersection(*(set(table) for table in tables))) if tables else []
+    columns = [[table[step] for table in tables] for step in steps]
+    return (
+        steps,
+        [sum(column) / len(column) for column in columns],
+        [min(column) for column in columns],
+        [max(column) for column in columns],
+    )
+
+
 def loss_plot(runs: list[dict], path: Path) -> None:
-    grouped = _panels(runs)
+    """Per group, one line per method at its best value: the mean over the seeds, with a band from their minimum to
+    their maximum; evaluation losses as dots (mean) with bars (minimum to maximum)."""
+    grouped = group_runs(summarize(runs)) or {None: []}
+    by_config: dict[str, list[dict]] = {}
+    for record in runs:
+        by_config.setdefault(record.get("config") or record["name"], []).append(record)
     figure, axes = _figure(len(grouped))
-    for axis, (group, records) in zip(axes, grouped.items()):
+    for axis, (group, methods) in zip(axes, grouped.items()):
         drawn = False
-        for record in records:
-            if record.get("status") != "ok" or not record.get("loss_curve"):
+        for summary in methods:
+            records = [
+                r for r in by_config.get(summary["config"], []) if r.get("status") == "ok" and r.get("loss_curve")
+            ]
+            steps, means, lows, highs = _across_seeds([r["loss_curve"] for r in records])
+            if not steps:
                 continue
-            steps, losses = zip(*record["loss_curve"])
-            (line,) = axis.plot(steps, losses, linewidth=1.2, label=record["method"])
-            if record.get("eval_curve"):
-                eval_steps, eval_losses = zip(*record["eval_curve"])
-                axis.plot(eval_steps, eval_losses, "o", color=line.get_color(), markersize=6)
+            label = summary["method"]
+            if summary.get("best"):
+                label += f" ({values_label(summary['best'])})"
+            if len(records) > 1:
+                label += f", {len(records)} seeds"
+            (line,) = axis.plot(steps, means, linewidth=1.2, label=label)
+            if len(records) > 1:
+                axis.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
+            evaluated = [r["eval_curve"] for r in records if r.get("eval_curve")]
+            if evaluated:
+                eval_steps, eval_means, eval_lows, eval_highs = _across_seeds(evaluated)
+                errors = [
+                    [m - lo for m, lo in zip(eval_means, eval_lows)],
+                    [hi - m for m, hi in zip(eval_means, eval_highs)],
+                ]
+                axis.errorbar(
+                    eval_steps, eval_means, yerr=errors, fmt="o", color=line.get_color(), markersize=6, capsize=3
+                )
             drawn = True
-        axis.set_title(f"Training loss{f' ({group})' if group else ''}; dots: evaluation loss")
+        axis.set_title(f"Training loss{f' ({group})' if group else ''}; band: seeds' range; dots: evaluation loss")
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("loss")
         if drawn:
@@ -54,13 +85,16 @@ def loss_plot(runs: list[dict], path: Path) -> None:
     _save(figure, path)
 
 
-def memory_plot(runs: list[dict], path: Path) -> None:
-    """Per group: the peak as stacked categories (left) and the measured tensors alone, without "other" (right)."""
+def memory_plot(methods: list[dict], path: Path) -> None:
+    """Per group: the peak as stacked categories (left) and the measured tensors alone, without "other", beside
+    BlockLLM's floor (right); one bar per method (its best value, means over the seeds; see report.summarize)."""
     from matplotlib.figure import Figure
 
-    grouped = _panels(runs)
-    peaks = [r.get("peak_memory_bytes") or 0 for r in runs if r.get("status") == "ok"]
+    grouped = group_runs(methods) or {None: []}
+    peaks = [r.get("peak_memory_bytes") or 0 for r in methods if r.get("status") == "ok"]
     scale, unit = (2**30, "GiB") if max(peaks, default=0) >= 2**30 else (2**20, "MiB")
+    tracked = [r.get("peak_tracked_bytes") or 0 for r in methods if r.get("status") == "ok"]
+    scale_tracked, unit_tracked = (2**30, "GiB") if max(tracked, default=0) >= 2**30 else (2**20, "MiB")
     figure = Figure(figsize=(12, 4.5 * len(grouped)), layout="constrained")
     colors = ("#4c72b0", "#dd8452", "#c44e52", "#8172b3", "#b5b5b5")
     for row, (group, records) in enumerate(grouped.items()):
@@ -71,7 +105,7 @@ def memory_plot(runs: list[dict], path: Path) -> None:
         suffix = f" ({group})" if group else ""
         for column, with_other in enumerate((True, False)):
             axis = figure.add_subplot(len(grouped), 2, 2 * row + column + 1)
-            unit_here, scale_here = (unit, scale) if with_other else ("MiB", 2**20)
+            unit_here, scale_here = (unit, scale) if with_other else (unit_tracked, scale_tracked)
             bottoms = [0.0] * len(done)
             for (key, label), color in zip(CATEGORIES, colors):
                 heights = [(r.get(key) or 0) / scale_here for r in done]
@@ -82,6 +116,19 @@ def memory_plot(runs: list[dict], path: Path) -> None:
                 axis.bar(names, other, bottom=bottoms, label="other (peak minus the above)", color=colors[-1])
                 axis.set_title(f"Peak memory{suffix}: bar = {measure}", fontsize="medium")
             else:
+                floors = [
+                    (index, r["floor_bytes"] / scale_here) for index, r in enumerate(done) if r.get("floor_bytes")
+                ]
+                if floors:
+                    axis.scatter(
+                        [index for index, _ in floors],
+                        [value for _, value in floors],
+                        marker="_",
+                        s=600,
+                        color="black",
+                        label="BlockLLM floor (formula)",
+                        zorder=3,
+                    )
                 axis.set_title(f"Measured tensors{suffix}: per-category peaks", fontsize="medium")
             axis.set_ylabel(unit_here)
             axis.tick_params(axis="x", labelrotation=20)

@@ -1,8 +1,16 @@
-"""The report of a suite: ``report.json``, ``report.md`` (tables, ratios to full fine-tuning, goals) and the plots."""
+"""The report of a suite: ``report.json``, ``report.md`` (tables, ratios to full fine-tuning, goals) and the plots.
+
+Runs that differ only in their seed are one *configuration*; the configurations of a method differ in the values of
+its sweep. :func:`summarize` gives one record per method of a group: its best configuration (lowest mean eval loss)
+with mean, standard deviation, minimum and maximum of the losses over the seeds, and every configuration beside it.
+Ratios, goals and the memory plot use these records; a suite without seeds or sweeps has one run per record.
+"""
 
 from __future__ import annotations
 
 import math
+import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +22,94 @@ GOAL_SPARSITY = 0.95
 SHARE_OF_FULL = 0.055  # optimizer-state and gradient bytes, at most this share of full fine-tuning's
 STEP_TIME_SHARE_OF_FULL = 0.75
 STEP_TIME_SHARE_OF_BADAM = 1.05
+FLOOR_MARGIN = 1.10  # issue 9: peak tracked bytes within 10% of the floor
 BASELINES = ("full", "lora", "galore", "badam")
+OTHERS = "others"  # as a goal's reference: the first method of every other kind in the group
+FLOOR = "floor"  # as a goal's reference: the subject's own floor (floor_bytes)
+OK_STATUSES = ("ok", "out of memory")  # results; "failed" is not one
+# LLaMA-Factory `optim` names that give BlockLLM 8-bit moments (patches/precision.py).
+EIGHT_BIT_OPTIMS = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
+LOSS_KEYS = ("final_train_loss", "eval_loss")
+MEAN_KEYS = (
+    "peak_memory_bytes",
+    "peak_tracked_bytes",
+    "parameter_bytes",
+    "gradient_bytes",
+    "optimizer_state_bytes",
+    "master_weight_bytes",
+    "floor_bytes",
+    "trainable_parameters",
+    "eligible_parameters",
+    "total_parameters",
+    "step_time_s",
+    "step_cpu_time_s",
+    "tokens_per_s",
+)
+
+
+@dataclass(frozen=True)
+class GoalSpec:
+    """``subject[key] (<|<=) factor x reference[reference_key or key]`` for every reference.
+
+    A reference is a kind (the group's first method of that kind), :data:`OTHERS` (the first method of every kind but
+    the subject's) or :data:`FLOOR` (the subject's own ``floor_bytes``)."""
+
+    text: str
+    key: str
+    references: tuple[str, ...]
+    factor: float = 1.0
+    strict: bool = False
+    reference_key: str | None = None
+
+
+# Every goal a suite may list under `goals:`; the first nine, issue 5's, are graded when it lists none.
+GOALS: dict[str, GoalSpec] = {
+    "state_share_of_full": GoalSpec(
+        f"optimizer-state bytes <= {SHARE_OF_FULL} x full AdamW's", "optimizer_state_bytes", ("full",), SHARE_OF_FULL
+    ),
+    "state_below_badam_galore": GoalSpec(
+        "optimizer-state bytes below BAdam's and GaLore's", "optimizer_state_bytes", ("badam", "galore"), strict=True
+    ),
+    "gradient_share_of_full": GoalSpec(
+        f"gradient bytes <= {SHARE_OF_FULL} x full fine-tuning's", "gradient_bytes", ("full",), SHARE_OF_FULL
+    ),
+    "gradient_below_badam_galore": GoalSpec(
+        "gradient bytes below BAdam's and GaLore's", "gradient_bytes", ("badam", "galore"), strict=True
+    ),
+    "peak_lowest": GoalSpec("peak memory the lowest of the five", "peak_memory_bytes", BASELINES, strict=True),
+    "step_time_share_of_full": GoalSpec(
+        f"step time <= {STEP_TIME_SHARE_OF_FULL} x full fine-tuning's",
+        "step_time_s",
+        ("full",),
+        STEP_TIME_SHARE_OF_FULL,
+    ),
+    "step_time_share_of_badam": GoalSpec(
+        f"step time <= {STEP_TIME_SHARE_OF_BADAM} x BAdam's", "step_time_s", ("badam",), STEP_TIME_SHARE_OF_BADAM
+    ),
+    "train_loss_at_or_below_baselines": GoalSpec(
+        "final train loss at or below BAdam's, GaLore's and LoRA's", "final_train_loss", ("badam", "galore", "lora")
+    ),
+    "eval_loss_at_or_below_baselines": GoalSpec(
+        "eval loss at or below BAdam's, GaLore's and LoRA's", "eval_loss", ("badam", "galore", "lora")
+    ),
+    "peak_tracked_lowest": GoalSpec(
+        "peak tracked bytes the lowest of all methods", "peak_tracked_bytes", (OTHERS,), strict=True
+    ),
+    "peak_tracked_near_floor": GoalSpec(
+        f"peak tracked bytes within {FLOOR_MARGIN - 1:.0%} of the floor",
+        "peak_tracked_bytes",
+        (FLOOR,),
+        FLOOR_MARGIN,
+        reference_key="floor_bytes",
+    ),
+    "eval_loss_at_or_below_lora_badam": GoalSpec(
+        "mean eval loss at or below LoRA's and BAdam's", "eval_loss", ("lora", "badam")
+    ),
+    "train_loss_at_or_below_lora_badam": GoalSpec(
+        "mean final train loss at or below LoRA's and BAdam's", "final_train_loss", ("lora", "badam")
+    ),
+}
+DEFAULT_GOALS = tuple(GOALS)[:9]
 
 
 @dataclass
@@ -58,33 +153,271 @@ def _fmt(key: str, value: Any) -> str:
     return f"{_number(value, 3)} s" if key.endswith("_s") else _number(value)
 
 
-def _compare(
-    text: str, subject: dict, key: str, references: list[tuple[str, dict | None]], factor: float, strict: bool
-) -> Goal:
-    """Goal ``subject[key] (<|<=) factor * reference[key]`` for every reference: missed as soon as one comparison
-    fails, met only when all of them could be made and hold."""
+# ---------------------------------------------------------------- floor
+
+
+def _true(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"))
+
+
+def floor(record: dict, args: dict[str, Any]) -> tuple[int, str] | None:
+    """BlockLLM's memory floor for a run, and the formula with its figures; None for other kinds or missing figures.
+
+    Weights at their bytes per parameter (2 under bf16/fp16/pure_bf16, else 4) x all parameters, plus (1 - sparsity)
+    x (4 B fp32 master in half precision only + 8 B Adam moments, 2 B when 8-bit + a gradient at the weights' bytes)
+    per eligible parameter. A target beside the measured figures, never in place of them."""
+    total, eligible, sparsity = (record.get(key) for key in ("total_parameters", "eligible_parameters", "sparsity"))
+    if record.get("kind") != "blockllm" or not all(isinstance(v, (int, float)) for v in (total, eligible, sparsity)):
+        return None
+    half = any(_true(args.get(key)) for key in ("bf16", "fp16", "pure_bf16"))
+    weight = 2 if half else 4
+    master = 4 if half else 0
+    moments = 2 if str(args.get("optim", "")) in EIGHT_BIT_OPTIMS else 8
+    per_selected = master + moments + weight
+    value = weight * total + (1.0 - float(sparsity)) * per_selected * eligible
+    formula = (
+        f"{weight} B x {total:,} + (1 - {sparsity:g}) x ({master} master + {moments} moments + {weight} gradient) B "
+        f"x {eligible:,} eligible"
+    )
+    return int(round(value)), formula
+
+
+# ---------------------------------------------------------------- what a run trains
+
+_EMBEDDING = re.compile(
+    r"(^|\.)(embed_tokens|embed_in|embed_positions|wte|wpe|word_embeddings|position_embeddings|"
+    r"token_type_embeddings|shared|embeddings)(\.|$)"
+)
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)(\.|$)")
+_NORM = re.compile(r"(^|\.)([^.]*norm[^.]*|ln_[^.]*)(\.|$)", re.IGNORECASE)
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_ADAPTER = re.compile(r"(^|\.)(lora_[A-Za-z_]+|lora_magnitude_vector)(\.|$)")
+_ATTENTION = re.compile(r"(^|\.)(self_attn|attn|attention|q_proj|k_proj|v_proj|o_proj|query|key|value)(\.|$)")
+_MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn|gate_proj|up_proj|down_proj|fc1|fc2)(\.|$)")
+
+
+def _spans(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans: list[str] = []
+    for number in sorted(numbers):
+        if spans and number == int(spans[-1].split("-")[-1]) + 1:
+            spans[-1] = f"{spans[-1].split('-')[0]}-{number}"
+        else:
+            spans.append(str(number))
+    return ", ".join(spans)
+
+
+def describe_trained(parameters: list[dict] | None) -> dict[str, Any] | None:
+    """What a run trained, from the parameter tensors whose values changed between the start and the end of training
+    (``parameters``: ``[{"names": [...], "numel": n, "changed": bool | None}]`` as the measurement callback writes;
+    tied weights are one entry with several names). None when the run did not report it."""
+    if not parameters:
+        return None
+    layer_count = 0
+    changed_layers: set[int] = set()
+    adapter_layers: set[int] = set()
+    parts_in_layers: set[str] = set()
+    counts = {"norms": [0, 0], "layer_tensors": [0, 0]}
+    embeddings = head = tied = adapters = False
+    changed_tensors = changed_numel = unmeasured = other = 0
+    for entry in parameters:
+        names = entry.get("names") or []
+        changed = entry.get("changed")
+        layers = {int(m.group(1)) for m in (_LAYER.search(n) for n in names) if m}
+        layer_count = max([layer_count] + [index + 1 for index in layers])
+        if changed is None:
+            unmeasured += 1
+            continue
+        changed_tensors += int(changed)
+        changed_numel += entry.get("numel", 0) if changed else 0
+        is_embedding = any(_EMBEDDING.search(n) for n in names)
+        is_head = any(_HEAD.search(n) for n in names)
+        if is_embedding or is_head:
+            tied |= is_embedding and is_head
+            embeddings |= changed and is_embedding
+            head |= changed and is_head
+        elif any(_ADAPTER.search(n) for n in names):
+            if changed:
+                adapters = True
+                adapter_layers.update(layers)
+                parts_in_layers.update(_parts(names))
+        elif any(_NORM.search(n) for n in names):
+            counts["norms"][0] += int(changed)
+            counts["norms"][1] += 1
+        elif layers:
+            counts["layer_tensors"][0] += int(changed)
+            counts["layer_tensors"][1] += 1
+            if changed:
+                changed_layers.update(layers)
+                parts_in_layers.update(_parts(names))
+        else:
+            other += int(changed)
+    pieces = []
+    if adapters:
+        pieces.append(f"LoRA adapters on layers {_spans(list(adapter_layers))} of {layer_count}")
+    if embeddings:
+        pieces.append("embeddings (tied to the head)" if tied else "embeddings")
+    if head and not tied:
+        pieces.append("head")
+    norms_changed, norms_total = counts["norms"]
+    if norms_changed:
+        pieces.append(f"norms ({norms_changed} of {norms_total})")
+    layer_changed, layer_total = counts["layer_tensors"]
+    if changed_layers:
+        pieces.append(
+            f"layers {_spans(list(changed_layers))} of {layer_count} ({layer_changed} of {layer_total} weight tensors)"
+        )
+    if other:
+        pieces.append(f"{other} other tensors")
+    summary = "; ".join(pieces) or "nothing changed"
+    if parts_in_layers:
+        summary += f" [{', '.join(sorted(parts_in_layers))}]"
+    if unmeasured:
+        summary += f" ({unmeasured} tensors not measured)"
+    return {
+        "summary": summary,
+        "embeddings": embeddings,
+        "head": head or (tied and embeddings),
+        "norms": counts["norms"],
+        "layers": sorted(changed_layers | adapter_layers),
+        "layer_count": layer_count,
+        "layer_tensors": counts["layer_tensors"],
+        "adapters": adapters,
+        "changed_tensors": changed_tensors,
+        "tensors": len(parameters),
+        "changed_tensor_parameters": changed_numel,
+        "unmeasured_tensors": unmeasured,
+    }
+
+
+def _parts(names: list[str]) -> set[str]:
+    found = {"attention" for n in names if _ATTENTION.search(n)} | {"MLP" for n in names if _MLP.search(n)}
+    return found or {"other"}
+
+
+# ---------------------------------------------------------------- seeds and sweeps
+
+
+def _stats(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def _point(records: list[dict]) -> dict[str, Any]:
+    """One configuration (the runs that differ only in seed): status, loss statistics and mean figures."""
+    done = [r for r in records if r.get("status") == "ok"]
+    statuses = {r.get("status") for r in records}
+    status = "ok" if statuses == {"ok"} else "out of memory" if statuses <= set(OK_STATUSES) else "failed"
+    first = records[0]
+    point: dict[str, Any] = {
+        "config": first.get("config") or first["name"],
+        "sweep": first.get("sweep") or {},
+        "runs": [r["name"] for r in records],
+        "seeds": [r.get("seed") for r in records],
+        "status": status,
+        "ok_runs": len(done),
+        "error": None if status == "ok" else next((r.get("error") for r in records if r.get("status") != "ok"), None),
+    }
+    for key in LOSS_KEYS:
+        stats = _stats([r[key] for r in done if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])])
+        point[f"{key}_stats"] = stats
+        point[key] = stats["mean"] if stats else None
+    source = done or records
+    for key in MEAN_KEYS:
+        values = [r[key] for r in source if isinstance(r.get(key), (int, float))]
+        point[key] = (
+            (statistics.fmean(values) if key.endswith("_s") else round(statistics.fmean(values))) if values else None
+        )
+    trains = [r.get("trained") for r in done if r.get("trained")]
+    point["trained"] = trains[0] if trains else None
+    point["trains"] = trains[0]["summary"] if trains else None
+    if len({t["summary"] for t in trains}) > 1:
+        point["trains"] += " (differs between seeds: see report.json)"
+    for key in ("peak_memory_source", "optimizer", "sparsity", "floor_formula"):
+        point[key] = next((r.get(key) for r in source if r.get(key) is not None), None)
+    return point
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One record per method of a group, in suite order: its best configuration's figures (means over the seeds),
+    which configuration that is (``best``: the sweep values, ``best_by``: the loss it was chosen by) and ``points``,
+    every configuration's summary."""
+    by_method: dict[tuple[str | None, str], dict[str, list[dict]]] = {}
+    for record in runs:
+        method_key = (record.get("group"), record.get("method") or record["name"])
+        by_method.setdefault(method_key, {}).setdefault(record.get("config") or record["name"], []).append(record)
+    summaries = []
+    for (group, method), configs in by_method.items():
+        points = [_point(records) for records in configs.values()]
+        best, best_by = None, None
+        for key in LOSS_KEYS[::-1]:  # eval loss first, else the final train loss
+            candidates = [p for p in points if p["status"] == "ok" and p[key] is not None]
+            if candidates:
+                best, best_by = min(candidates, key=lambda p: p[key]), key
+                break
+        chosen = best or points[0]
+        first = next(iter(configs.values()))[0]
+        summaries.append(
+            {
+                **{key: value for key, value in chosen.items() if key not in ("runs", "seeds")},
+                "name": f"{group}/{method}" if group else method,
+                "method": method,
+                "group": group,
+                "kind": first.get("kind"),
+                "best": chosen["sweep"] if best is not None else None,
+                "best_by": best_by,
+                "points": points,
+            }
+        )
+    return summaries
+
+
+# ---------------------------------------------------------------- goals
+
+
+def _compare(subject: dict, spec: GoalSpec, references: list[tuple[str, dict | None]]) -> Goal:
+    """Missed as soon as one comparison fails, met only when all of them could be made and hold."""
+    key, text = spec.key, spec.text
     if not _usable(subject, key):
         return Goal(text, "not measured", f"{subject['name']} has no {key} ({subject.get('status')})")
     value = subject[key]
+    reference_key = spec.reference_key or key
     parts, failed, missing = [], False, False
     for label, reference in references:
-        if not _usable(reference, key):
+        if not _usable(reference, reference_key):
             missing = True
             why = "not in the suite" if reference is None else f"{reference['name']} {reference.get('status')}"
+            if reference is not None and reference is subject:
+                why = f"no {reference_key}"
             parts.append(f"{label}: {why}")
             continue
-        bound = factor * reference[key]
-        holds = value < bound if strict else value <= bound
+        bound = spec.factor * reference[reference_key]
+        holds = value < bound if spec.strict else value <= bound
         failed |= not holds
-        scaled = f"{factor:g} x {_fmt(key, reference[key])} = {_fmt(key, bound)}" if factor != 1 else _fmt(key, bound)
+        shown = _fmt(key, reference[reference_key])
+        scaled = f"{spec.factor:g} x {shown} = {_fmt(key, bound)}" if spec.factor != 1 else _fmt(key, bound)
         parts.append(f"{label} {scaled} ({'holds' if holds else 'does not hold'})")
+    if not references:
+        missing = True
+        parts.append("no other method in the group")
     status = "missed" if failed else "not measured" if missing else "met"
     return Goal(text, status, f"{subject['name']} {_fmt(key, value)}; " + "; ".join(parts))
 
 
-def goals(group_records: list[dict]) -> list[tuple[dict, list[Goal], str | None]]:
-    """For every BlockLLM run of a group: its goals and a note on the sparsity it ran at."""
-    first = {kind: next((r for r in group_records if r.get("kind") == kind), None) for kind in BASELINES}
+def goals(
+    group_records: list[dict], names: list[str] | tuple[str, ...] | None = None
+) -> list[tuple[dict, list[Goal], str | None]]:
+    """For every BlockLLM record of a group: its goals (``names`` from :data:`GOALS`, default :data:`DEFAULT_GOALS`)
+    and a note on the sparsity it ran at."""
+    kinds = list(dict.fromkeys(r.get("kind") for r in group_records))
+    first = {kind: next((r for r in group_records if r.get("kind") == kind), None) for kind in kinds + list(BASELINES)}
     result = []
     for subject in (r for r in group_records if r.get("kind") == "blockllm"):
         sparsity = subject.get("sparsity")
@@ -93,81 +426,18 @@ def goals(group_records: list[dict]) -> list[tuple[dict, list[Goal], str | None]
             note = f"the run used the default blockllm_sparsity; the goals are stated at {GOAL_SPARSITY}"
         elif not math.isclose(float(sparsity), GOAL_SPARSITY):
             note = f"the run used blockllm_sparsity {sparsity}; the goals are stated at {GOAL_SPARSITY}"
-        full, badam, galore, lora = first["full"], first["badam"], first["galore"], first["lora"]
-        listed = [
-            _compare(
-                f"optimizer-state bytes <= {SHARE_OF_FULL} x full AdamW's",
-                subject,
-                "optimizer_state_bytes",
-                [("full", full)],
-                SHARE_OF_FULL,
-                strict=False,
-            ),
-            _compare(
-                "optimizer-state bytes below BAdam's and GaLore's",
-                subject,
-                "optimizer_state_bytes",
-                [("badam", badam), ("galore", galore)],
-                1.0,
-                strict=True,
-            ),
-            _compare(
-                f"gradient bytes <= {SHARE_OF_FULL} x full fine-tuning's",
-                subject,
-                "gradient_bytes",
-                [("full", full)],
-                SHARE_OF_FULL,
-                strict=False,
-            ),
-            _compare(
-                "gradient bytes below BAdam's and GaLore's",
-                subject,
-                "gradient_bytes",
-                [("badam", badam), ("galore", galore)],
-                1.0,
-                strict=True,
-            ),
-            _compare(
-                "peak memory the lowest of the five",
-                subject,
-                "peak_memory_bytes",
-                [(kind, first[kind]) for kind in BASELINES],
-                1.0,
-                strict=True,
-            ),
-            _compare(
-                f"step time <= {STEP_TIME_SHARE_OF_FULL} x full fine-tuning's",
-                subject,
-                "step_time_s",
-                [("full", full)],
-                STEP_TIME_SHARE_OF_FULL,
-                strict=False,
-            ),
-            _compare(
-                f"step time <= {STEP_TIME_SHARE_OF_BADAM} x BAdam's",
-                subject,
-                "step_time_s",
-                [("badam", badam)],
-                STEP_TIME_SHARE_OF_BADAM,
-                strict=False,
-            ),
-            _compare(
-                "final train loss at or below BAdam's, GaLore's and LoRA's",
-                subject,
-                "final_train_loss",
-                [("badam", badam), ("galore", galore), ("lora", lora)],
-                1.0,
-                strict=False,
-            ),
-            _compare(
-                "eval loss at or below BAdam's, GaLore's and LoRA's",
-                subject,
-                "eval_loss",
-                [("badam", badam), ("galore", galore), ("lora", lora)],
-                1.0,
-                strict=False,
-            ),
-        ]
+        listed = []
+        for name in names or DEFAULT_GOALS:
+            spec = GOALS[name]
+            references: list[tuple[str, dict | None]] = []
+            for reference in spec.references:
+                if reference == FLOOR:
+                    references.append(("floor", subject))
+                elif reference == OTHERS:
+                    references += [(kind, first[kind]) for kind in kinds if kind != "blockllm"]
+                else:
+                    references.append((reference, first.get(reference)))
+            listed.append(_compare(subject, spec, references))
         result.append((subject, listed, note))
     return result
 
@@ -180,14 +450,16 @@ def group_runs(runs: list[dict]) -> dict[str | None, list[dict]]:
     return grouped
 
 
-def _table(records: list[dict]) -> list[str]:
-    full = next((r for r in records if r.get("kind") == "full" and r.get("status") == "ok"), None)
-    ref = full or {}
+# ---------------------------------------------------------------- markdown
+
+
+def _table(records: list[dict], reference: dict | None) -> list[str]:
+    ref = reference or {}
     lines = [
         "| run | method | status | peak memory | x full | weights | gradients | x full | optimizer states "
-        "| x full | master weights | trainable params | step time (median) | x full | step CPU time | tokens/s "
-        "| final train loss | eval loss |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| x full | master weights | peak tracked | floor | x floor | trainable params | step time (median) | x full "
+        "| step CPU time | tokens/s | final train loss | eval loss |",
+        "|---|---|---|" + "---:|" * 18,
     ]
     for r in records:
         trainable = r.get("trainable_parameters")
@@ -209,6 +481,9 @@ def _table(records: list[dict]) -> list[str]:
                     human_bytes(r.get("optimizer_state_bytes")),
                     _ratio(r.get("optimizer_state_bytes"), ref.get("optimizer_state_bytes")),
                     human_bytes(r.get("master_weight_bytes")),
+                    human_bytes(r.get("peak_tracked_bytes")),
+                    human_bytes(r.get("floor_bytes")) if r.get("floor_bytes") else "",
+                    _ratio(r.get("peak_tracked_bytes"), r.get("floor_bytes")) if r.get("floor_bytes") else "",
                     f"{trainable:,}{share}" if isinstance(trainable, int) else "n/a",
                     f"{step:.3f} s" if isinstance(step, (int, float)) else "n/a",
                     _ratio(step, ref.get("step_time_s")),
@@ -220,9 +495,79 @@ def _table(records: list[dict]) -> list[str]:
             )
             + " |"
         )
-    if full is None:
+    if reference is None:
         lines.append("")
         lines.append("No completed full fine-tuning run in this group: the `x full` ratios are n/a.")
+    return lines
+
+
+def _spread(stats: dict | None) -> str:
+    if not stats:
+        return "n/a"
+    if stats["n"] == 1:
+        return f"{stats['mean']:.4f}"
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f} [{stats['min']:.4f}, {stats['max']:.4f}]"
+
+
+def values_label(sweep: dict | None) -> str:
+    """``{"learning_rate": 0.003}`` -> ``learning_rate=0.003``."""
+    return ", ".join(
+        f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in (sweep or {}).items()
+    )
+
+
+def _method_table(summaries: list[dict]) -> list[str]:
+    lines = [
+        "| method | kind | best value | runs ok | final train loss (mean ± std [min, max]) "
+        "| eval loss (mean ± std [min, max]) | trains (parameters that changed) |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for s in summaries:
+        runs = sum(len(p["runs"]) for p in s["points"])
+        ok = sum(p["ok_runs"] for p in s["points"])
+        best = values_label(s.get("best")) or ("-" if len(s["points"]) == 1 else "n/a")
+        lines.append(
+            f"| {s['name']} | {s.get('kind') or ''} | {best} | {ok} of {runs} "
+            f"| {_spread(s.get('final_train_loss_stats'))} | {_spread(s.get('eval_loss_stats'))} "
+            f"| {s.get('trains') or 'n/a'} |"
+        )
+    return lines
+
+
+def _sweep_table(summaries: list[dict]) -> list[str]:
+    lines = [
+        "| method | values | status | runs ok | final train loss (mean ± std [min, max]) "
+        "| eval loss (mean ± std [min, max]) | best |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for s in summaries:
+        for p in s["points"]:
+            best = "**best**" if s.get("best") is not None and p["sweep"] == s["best"] else ""
+            lines.append(
+                f"| {s['name']} | {values_label(p['sweep']) or '-'} | {p['status']} "
+                f"| {p['ok_runs']} of {len(p['runs'])} | {_spread(p.get('final_train_loss_stats'))} "
+                f"| {_spread(p.get('eval_loss_stats'))} | {best} |"
+            )
+    return lines
+
+
+def _gaps(summaries: list[dict]) -> list[str]:
+    """BlockLLM's mean eval loss beside every other method's, with what each trains."""
+    lines = []
+    for subject in (s for s in summaries if s.get("kind") == "blockllm" and s.get("eval_loss") is not None):
+        if not any(other.get("eval_loss") is not None for other in summaries if other is not subject):
+            continue
+        lines.append(
+            f"- {subject['name']} mean eval loss {subject['eval_loss']:.4f} (trains: {subject.get('trains') or 'n/a'})"
+        )
+        for other in summaries:
+            if other is subject or other.get("eval_loss") is None:
+                continue
+            gap = subject["eval_loss"] - other["eval_loss"]
+            lines.append(
+                f"  - {other['name']} {other['eval_loss']:.4f}: BlockLLM {'+' if gap >= 0 else '-'}{abs(gap):.4f} "
+                f"(trains: {other.get('trains') or 'n/a'})"
+            )
     return lines
 
 
@@ -265,14 +610,32 @@ def markdown(document: dict) -> str:
         ]
     lines += [
         "Byte figures are peaks of live tensors (storages counted once), sampled after each gradient "
-        "accumulation and around every optimizer step; step time is the median; final train loss is the mean "
-        "logged loss over the last 10% of the steps. See docs/benchmarks.md.",
+        "accumulation and around every optimizer step; peak tracked is the largest sum of the four categories at one "
+        "sample; floor is BlockLLM's target (weights at their bytes per parameter x all parameters + (1 - sparsity) x "
+        "(4 B master + 8 B moments, 2 B with 8-bit states + a gradient) per eligible parameter), a formula beside the "
+        "measured figures; step time is the median; final train loss is the mean logged loss over the last 10% of the "
+        "steps; trains lists the parameter tensors whose values changed during the run. See docs/benchmarks.md.",
         "",
     ]
+    summaries = document.get("results") or summarize(runs)
+    grouped_summaries = group_runs(summaries)
     for group, records in group_runs(runs).items():
-        lines += [f"## Results{f' ({group})' if group else ''}", ""] + _table(records) + [""]
-        graded = goals(records)
-        lines += [f"### Goals{f' ({group})' if group else ''}", ""]
+        suffix = f" ({group})" if group else ""
+        methods = grouped_summaries.get(group, [])
+        reference = next((s for s in methods if s.get("kind") == "full" and s.get("status") == "ok"), None)
+        lines += [f"## Results{suffix}", ""] + _table(records, reference) + [""]
+        lines += [f"### Per method{suffix}", ""]
+        if any(len(s["points"]) > 1 or s["points"][0]["ok_runs"] > 1 for s in methods):
+            lines += [
+                "Each method at its best value (lowest mean eval loss over the seeds; by final train loss where no "
+                "run evaluated); figures are over the seeds of that value.",
+                "",
+            ]
+        lines += _method_table(methods) + [""]
+        if any(len(s["points"]) > 1 for s in methods):
+            lines += [f"### Sweep{suffix}", ""] + _sweep_table(methods) + [""]
+        graded = goals(methods, document.get("goals"))
+        lines += [f"### Goals{suffix}", ""]
         if not graded:
             lines += ["No BlockLLM run in this group, so the goals were not measured.", ""]
         for subject, listed, note in graded:
@@ -284,18 +647,34 @@ def markdown(document: dict) -> str:
             )
             if note:
                 lines.append(f"Note: {note}.")
+            for key in ("floor_formula",):
+                if subject.get(key):
+                    lines.append(f"Floor: {subject[key]} = {human_bytes(subject.get('floor_bytes'))}.")
             lines.append("")
             for goal in listed:
                 lines.append(f"- **{goal.status.upper()}**: {goal.text}. {goal.detail}.")
             lines.append("")
-    failed = [r for r in runs if r.get("status") != "ok"]
+        gaps = _gaps(methods)
+        if gaps:
+            lines += [f"### Eval loss gaps{suffix}", ""] + gaps + [""]
+    out_of_memory = [r for r in runs if r.get("status") == "out of memory"]
+    if out_of_memory:
+        lines += ["## Out of memory", ""]
+        lines += [
+            f"- {r.get('method')} at {r.get('group') or 'the suite model'} ({r['name']}): out of memory; peak before "
+            f"it {human_bytes(r.get('peak_memory_bytes'))} ({r.get('error')})"
+            for r in out_of_memory
+        ]
+        lines.append("")
+    failed = [r for r in runs if r.get("status") not in OK_STATUSES]
     if failed:
         lines += ["## Failed runs", ""]
         lines += [f"- {r['name']}: {r.get('error')} (log: `{r.get('log')}`)" for r in failed]
         lines.append("")
     lines += [
-        "Plots: `loss.png` (training loss per step, evaluation loss as markers), `memory.png` (peak memory "
-        "split into weights, gradients, optimizer states, master weights and other).",
+        "Plots: `loss.png` (training loss per step, the band spanning the seeds' minimum to maximum, evaluation loss "
+        "as markers), `memory.png` (peak memory split into weights, gradients, optimizer states, master weights and "
+        "other).",
         "",
     ]
     return "\n".join(lines)
@@ -304,7 +683,8 @@ def markdown(document: dict) -> str:
 def write_all(document: dict, out: Path) -> None:
     from . import plots
 
+    document["results"] = summarize(document["runs"])
     write_json(out / "report.json", document)
     write_text(out / "report.md", markdown(document))
     plots.loss_plot(document["runs"], out / "loss.png")
-    plots.memory_plot(document["runs"], out / "memory.png")
+    plots.memory_plot(document["results"], out / "memory.png")

@@ -9,8 +9,12 @@ Layout of ``--out DIR``::
     runs/<run>/result.json                            the run's row of the report; present = finished
     runs/<run>/output/                                LLaMA-Factory's output_dir (weights removed unless kept)
 
-A run whose ``result.json`` says ``ok`` for the same arguments and environment is skipped on the next invocation; a
-failed run is tried again.
+    models/<config>-<dtype>/                          models built from a suite's model_config (random weights)
+
+A run whose ``result.json`` says ``ok`` (or ``out of memory``: a result too) for the same arguments and environment is
+skipped on the next invocation; a failed run is tried again. A run that ran out of memory (CUDA's or the host
+allocator's error in its log) is recorded with that status, the figures measured until then and its group (the model
+shape), and the suite goes on.
 """
 
 from __future__ import annotations
@@ -29,14 +33,18 @@ from typing import IO, Any
 
 from . import report
 from .files import write_json
-from .report import human_bytes
-from .suite import Run, Suite, load_suite, resolve_paths
+from .report import OK_STATUSES, human_bytes
+from .suite import Run, Suite, SuiteError, load_suite, plan, resolve_paths
 
 METRICS_ENV = "BLOCKLLM_FACTORY_BENCH_OUT"  # read by blockllm_factory.patches.metrics
 RESULT_FILE = "result.json"
 FINAL_LOSS_SHARE = 0.1  # final_train_loss: mean of the logged losses over the last 10% of the steps
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "checkpoint-*")
 ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)|AssertionError|KeyError)\b.*")
+# CUDA's allocator (torch.OutOfMemoryError, "CUDA out of memory"), the CPU allocator, Python's MemoryError.
+OUT_OF_MEMORY = re.compile(r"OutOfMemoryError|CUDA out of memory|DefaultCPUAllocator: can't allocate|\bMemoryError\b")
+OUT_OF_MEMORY_STATUS = "out of memory"
+MODELS_DIR = "models"
 RUN_FIELDS = (
     "peak_memory_bytes",
     "peak_memory_source",
@@ -49,6 +57,7 @@ RUN_FIELDS = (
     "trainable_parameters",
     "eligible_parameters",
     "total_parameters",
+    "parameter_dtypes",
     "optimizer",
     "device_name",
     "steps",
@@ -100,6 +109,15 @@ def error_from_log(log_path: Path, returncode: int | None) -> str:
     return "; ".join(parts)
 
 
+def out_of_memory(log_path: Path) -> bool:
+    """Whether the run's log ends in an allocator's out-of-memory error."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()[-400:]
+    except OSError:
+        return False
+    return any(OUT_OF_MEMORY.search(line) for line in lines)
+
+
 def _record(run: Run, status: str, error: str | None, metrics: dict[str, Any], wall: float, log: Path) -> dict:
     loss_curve = metrics.get("loss_curve") or []
     eval_curve = metrics.get("eval_curve") or []
@@ -108,10 +126,16 @@ def _record(run: Run, status: str, error: str | None, metrics: dict[str, Any], w
         "method": run.method,
         "group": run.group,
         "kind": run.kind,
+        "config": run.config,
+        "seed": run.seed,
+        "sweep": run.sweep,
         "status": status,
         "error": error,
     }
     record.update({key: metrics.get(key) for key in RUN_FIELDS})
+    sparsity = None
+    if run.kind == "blockllm":
+        sparsity = run.args.get("blockllm_sparsity", metrics.get("sparsity"))
     record.update(
         {
             "final_train_loss": final_train_loss(loss_curve),
@@ -119,12 +143,14 @@ def _record(run: Run, status: str, error: str | None, metrics: dict[str, Any], w
             "loss_curve": loss_curve,
             "eval_curve": eval_curve,
             "wall_time_s": round(wall, 1),
-            "sparsity": run.args.get("blockllm_sparsity") if run.kind == "blockllm" else None,
-            "fingerprint": run.fingerprint,
-            "log": str(log),
-            "args": run.args,
+            "sparsity": sparsity,
+            "trained": report.describe_trained(metrics.get("parameters")),
         }
     )
+    record["trains"] = record["trained"]["summary"] if record["trained"] else None
+    floor = report.floor(record, run.args)
+    record["floor_bytes"], record["floor_formula"] = floor if floor else (None, None)
+    record.update({"fingerprint": run.fingerprint, "log": str(log), "args": run.args})
     return record
 
 
@@ -187,6 +213,9 @@ def execute(run: Run, run_dir: Path, cli: str, keep_models: bool = False) -> dic
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
     if returncode != 0:
+        if out_of_memory(log):
+            error = f"{OUT_OF_MEMORY_STATUS}: {error_from_log(log, returncode)}"
+            return _record(run, OUT_OF_MEMORY_STATUS, error, metrics, wall, log)
         return _record(run, "failed", error_from_log(log, returncode), metrics, wall, log)
     if not metrics or not metrics.get("steps"):
         error = (
@@ -203,7 +232,11 @@ def execute(run: Run, run_dir: Path, cli: str, keep_models: bool = False) -> dic
 def progress_line(index: int, total: int, record: dict, skipped: bool = False) -> str:
     head = f"[bench {index}/{total}] {record['name']}:"
     if skipped:
-        return f"{head} skipped, completed earlier with the same arguments (--force runs it again)"
+        what = "ran out of memory" if record["status"] == OUT_OF_MEMORY_STATUS else "completed"
+        return f"{head} skipped, {what} earlier with the same arguments (--force runs it again)"
+    if record["status"] == OUT_OF_MEMORY_STATUS:
+        peak = human_bytes(record.get("peak_memory_bytes"))
+        return f"{head} OUT OF MEMORY after {record['wall_time_s']:.0f} s (peak before it {peak}): {record['error']}"
     if record["status"] != "ok":
         return f"{head} FAILED after {record['wall_time_s']:.0f} s: {record['error']}"
     source = "peak RSS" if record.get("peak_memory_source") == "cpu_peak_rss" else "CUDA max allocated"
@@ -243,6 +276,8 @@ def machine_info(records: list[dict]) -> dict[str, Any]:
         "trl",
         "badam",
         "galore-torch",
+        "apollo-torch",
+        "bitsandbytes",
         "blockllm-factory",
     ):
         try:
@@ -263,6 +298,39 @@ def machine_info(records: list[dict]) -> dict[str, Any]:
     }
 
 
+def select(suite: Suite, only: list[str] | None) -> list[Run]:
+    """The runs ``--only`` names: a run, a method, a group, or a leading part of run names (``blockllm/seed=1``)."""
+    if not only:
+        return suite.runs
+
+    def named(run: Run, name: str) -> bool:
+        return run.method == name or run.name == name or run.name.startswith(name.rstrip("/") + "/")
+
+    unknown = [name for name in only if not any(named(run, name) for run in suite.runs)]
+    if unknown:
+        names = sorted({run.name for run in suite.runs} | {run.method for run in suite.runs})
+        raise SuiteError(f"--only {unknown[0]!r}: no such run or method (runs: {', '.join(names)})")
+    return [run for run in suite.runs if any(named(run, name) for name in only)]
+
+
+def build_models(suite: Suite, selected: list[Run], out: Path, stream: IO[str]) -> None:
+    """Builds (or reuses) the random-weight models of the selected runs under ``out/models`` and points every run of
+    the suite at its model, so that stored results of runs not selected keep their fingerprints."""
+    from .models import build_model
+
+    needed = {run.build for run in selected if run.build is not None}
+    for build in suite.builds:
+        folder = build.folder(out / MODELS_DIR)
+        if build in needed:
+            print(
+                f"[bench] model {build.name}: random weights from {build.config} ({folder})", file=stream, flush=True
+            )
+            build_model(build, out / MODELS_DIR)
+        for run in suite.runs:
+            if run.build == build:
+                run.args["model_name_or_path"] = str(folder)
+
+
 def run_bench(
     suite_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -270,22 +338,15 @@ def run_bench(
     force: bool = False,
     only: list[str] | None = None,
     overrides: dict[str, Any] | None = None,
+    seeds: list[int] | None = None,
     keep_models: bool = False,
     command: str | None = None,
     stream: IO[str] | None = None,
 ) -> dict:
     """Runs (or resumes) a suite and writes the report; returns the report. Raises SuiteError for a bad suite."""
     stream = stream or sys.stdout
-    suite: Suite = load_suite(suite_path, settings=overrides)
-    selected = suite.runs
-    if only:
-        names = {run.name for run in suite.runs} | {run.method for run in suite.runs}
-        unknown = [name for name in only if name not in names]
-        if unknown:
-            from .suite import SuiteError
-
-            raise SuiteError(f"--only {unknown[0]!r}: no such run or method (runs: {', '.join(sorted(names))})")
-        selected = [run for run in suite.runs if run.name in only or run.method in only]
+    suite: Suite = load_suite(suite_path, settings=overrides, seeds=seeds)
+    selected = select(suite, only)
     for run in suite.runs:
         if run.problem:
             print(f"[bench] {run.name} cannot run and will be recorded as failed: {run.problem}", file=stream)
@@ -294,10 +355,16 @@ def run_bench(
         from blockllm_factory.demo.assets import build  # reuses an up-to-date build
 
         build(suite.demo_assets)
-    resolve_paths(suite)
+    if suite.domain_text is not None:
+        print(f"[bench] unseen-domain text: {suite.domain_text}", file=stream, flush=True)
+        from blockllm_factory.demo import domain  # reuses an up-to-date build
+
+        domain.build(suite.domain_text)
     cli = llamafactory_cli()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    build_models(suite, selected, out, stream)
+    resolve_paths(suite)
 
     records: dict[str, dict] = {}
     for run in suite.runs:  # results of earlier invocations (same arguments) stay in the report
@@ -307,7 +374,7 @@ def run_bench(
     for index, run in enumerate(selected, start=1):
         run_dir = out / "runs" / run.name
         stored = records.get(run.name)
-        if not force and stored is not None and stored.get("status") == "ok":
+        if not force and stored is not None and stored.get("status") in OK_STATUSES:
             print(progress_line(index, len(selected), stored, skipped=True), file=stream, flush=True)
             continue
         print(
@@ -322,12 +389,34 @@ def run_bench(
     return _write_report(suite, out, records, command)
 
 
+def plan_bench(
+    suite_path: str | os.PathLike,
+    *,
+    only: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    seeds: list[int] | None = None,
+    stream: IO[str] | None = None,
+) -> list[Run]:
+    """``--plan``: validates the suite and prints the runs it stands for and the shapes it builds; trains nothing."""
+    stream = stream or sys.stdout
+    suite = load_suite(suite_path, settings=overrides, seeds=seeds)
+    selected = select(suite, only)
+    lines = plan(suite)
+    if only:
+        names = {run.name for run in selected}
+        lines = [line for line in lines if not line.startswith("  ") or line.split(":")[0].strip() in names]
+    print("\n".join(lines), file=stream, flush=True)
+    return selected
+
+
 def _write_report(suite: Suite, out: Path, records: dict[str, dict], command: str | None) -> dict:
     ordered = [records[run.name] for run in suite.runs if run.name in records]
     document = {
         "suite": str(suite.path),
         "description": suite.description,
         "command": command,
+        "seeds": suite.seeds,
+        "goals": suite.goals,
         "machine": machine_info(ordered),
         "runs": ordered,
     }
