@@ -313,3 +313,19 @@ def test_8bit_resume_is_bit_identical():
 def test_new_options_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         BlockLLM(TinyLM().named_parameters(), **kwargs)
+
+
+def test_8bit_moments_of_a_new_selection_are_created_8bit():
+    """The hooks of a new selection create its states during backward; fp32 zeros for all of them at once would be
+    the optimizer-state peak, so they are made 8-bit directly (codes with absmax 0 decode to exact zeros)."""
+    torch.manual_seed(0)
+    model = WideMLP()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.5, patience=3, optim_bits=8)
+    (inputs, targets), (more_inputs, more_targets) = _regression_batches(2)
+    torch.nn.functional.mse_loss(model(inputs), targets).backward()
+    optimizer.step()  # the first step measures and selects
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(more_inputs), more_targets).backward()  # hooks cut masks, create states
+    large = [state for state in optimizer.state.values() if state and "exp_avg_q" in state]
+    assert large and all("exp_avg" not in state for state in large)
+    assert all(state["exp_avg_absmax"].abs().sum() == 0 for state in large)

@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 from .distributed import squared_norms_vector, synchronize, unpack_measurements
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
-from .quantization import check_available, dequantize_moments_, quantize_moments_, quantized
+from .quantization import check_available, dequantize_moments_, quantize_moments_, quantized, zero_moments_
 from .selection import SCORES, Block, cut_mask, is_embedding_name, pick_blocks, rank_blocks, split_blocks, split_budget
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
@@ -573,8 +573,12 @@ class BlockLLM(Optimizer):
         mask = cut_mask(grad, [(block, self._selected[block.name]) for block in self._selected_by_param[name]])
         if mask is not None:
             state["mask"] = pack_mask(mask)
-        state["exp_avg"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
-        state["exp_avg_sq"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
+        if self.optim_bits == 8 and quantized(keep):
+            # Straight to 8-bit: fp32 zeros for the whole new selection at once would be the states' peak.
+            zero_moments_(state, keep, param.device)
+        else:
+            state["exp_avg"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
         if param.dtype != torch.float32:
             flat = param.data.reshape(-1)
             state["master"] = (flat if mask is None else flat[mask]).float()

@@ -54,6 +54,17 @@ def quantize_moments_(state: dict[str, Any]) -> None:
         state[f"{key}_qmap"] = code
 
 
+def zero_moments_(state: dict[str, Any], numel: int, device: torch.device) -> None:
+    """8-bit moments of ``numel`` zeros, made without an fp32 buffer: with absmax 0 every code decodes to 0, which is
+    what quantising fp32 zeros would give."""
+    functional = _functional()
+    blocks = -(-numel // BLOCKSIZE)
+    for key, signed in MOMENTS:
+        state[f"{key}_q"] = torch.zeros(numel, dtype=torch.uint8, device=device)
+        state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=device)
+        state[f"{key}_qmap"] = functional.create_dynamic_map(signed=signed).to(device)
+
+
 def dequantize_moments_(state: dict[str, Any]) -> None:
     """Inverse of :func:`quantize_moments_`: fp32 moments back in ``state[key]`` for one update."""
     functional = _functional()
