@@ -468,6 +468,14 @@ class BlockLLM(Optimizer):
             self._kept_for_scaler = name
         return self._kept_for_scaler == name
 
+    def disable_compact_gradients(self) -> None:
+        """Switches to dense gradients of the selected blocks, for an engine that reduces gradients after autograd
+        accumulated them (DDP): compacting them in a hook would act on each rank's local gradient. The carrier's
+        parameter group stays (it holds no state) so that checkpoints keep their layout."""
+        self.compact_gradients = False
+        self._release_compact_gradients()
+        self._set_trainable(probed=self._probed)
+
     def set_probe_hooks(self, enabled: bool) -> None:
         """Turns the probe hooks on or off (an engine that measures probed gradients itself turns them off)."""
         self.probe_hooks = bool(enabled)

@@ -99,12 +99,15 @@ def register_ddp_probe_hook(ddp_model: torch.nn.parallel.DistributedDataParallel
     squared norm of every probed block's averaged gradient and zeroes that gradient: probed blocks then add nothing
     to gradient clipping, as in one process, where the hooks free them (a non-finite gradient becomes NaN instead, so
     that an fp16 GradScaler still skips the step and lowers its scale). The result is the norm a single process
-    would measure on the global batch.
+    would measure on the global batch. Compact gradients are switched off (dense gradients for the selection): their
+    hooks would compact each rank's gradient before DDP averages it.
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     name_of = {id(param): name for name, param in optimizer._param_by_name.items()}
     optimizer.set_probe_hooks(False)
+    # DDP reduces .grad after autograd accumulated it: the selection keeps dense gradients under DDP.
+    optimizer.disable_compact_gradients()
 
     def allreduce_then_measure_probes(state, bucket):
         params = bucket.parameters()
