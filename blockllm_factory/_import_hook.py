@@ -9,9 +9,14 @@ not later, matters: sibling modules copy names with ``from .x import y`` right a
 Start-up cost: this file imports ``sys`` and ``os`` only (both loaded by ``site`` already); nothing from torch or
 LLaMA-Factory is imported until a process imports LLaMA-Factory itself.
 
+Compatibility: before a patch runs, ``blockllm_factory.patches._surfaces.check_surfaces`` checks that the module (and
+the library internals the patch touches) still has every function, field and parameter the patch relies on; a
+LLaMA-Factory release is accepted or refused by that, not by its version number.
+
 Safety: a failing patch never breaks a start or an import. The first failure is reported once on stderr, later watched
 modules are left unpatched, and :data:`failures` lets ``finetuning_type: blockllm`` refuse to run on a half-patched
-LLaMA-Factory instead of silently training with something else. ``BLOCKLLM_FACTORY_DISABLE=1`` turns the hook off.
+LLaMA-Factory instead of silently training with something else (where the arguments themselves could not be patched,
+a stand-in accepts ``blockllm`` only to refuse it with that reason). ``BLOCKLLM_FACTORY_DISABLE=1`` turns the hook off.
 """
 
 import os
@@ -36,6 +41,8 @@ WATCHED: dict[str, str] = {
     "llamafactory.webui.components.train": "blockllm_factory.patches.webui",
     "llamafactory.webui.runner": "blockllm_factory.patches.webui",
 }
+
+ARGUMENTS_MODULE = "llamafactory.hparams.finetuning_args"
 
 # Watched module -> error message of a patch that failed (or was skipped after an earlier failure).
 failures: dict[str, str] = {}
@@ -62,14 +69,34 @@ def _report(fullname: str, error: BaseException) -> None:
 def _apply(fullname: str, module) -> None:
     if failures:  # after one failure, leave the rest of LLaMA-Factory as it is
         failures.setdefault(fullname, "skipped after an earlier failure")
+        _refuse_blockllm(fullname, module)
         return
     try:
+        # What the patch needs is checked first (patches/_surfaces.py), so that a failure names it; the patch's own
+        # apply() builds everything before it assigns anything, so a failing patch changes nothing.
+        from blockllm_factory.patches._surfaces import check_surfaces
+
+        check_surfaces(fullname, module)
         __import__(WATCHED[fullname])
         sys.modules[WATCHED[fullname]].apply(module)
     except Exception as error:  # noqa: BLE001 - a patch must never break the import of LLaMA-Factory
         _report(fullname, error)
+        _refuse_blockllm(fullname, module)
     else:
         applied.append(fullname)
+
+
+def _refuse_blockllm(fullname: str, module) -> None:
+    """Where the arguments could not be patched, ``finetuning_type: blockllm`` is still parsed, only to be refused with
+    the reason (:data:`failures`), instead of LLaMA-Factory's own "Invalid fine-tuning method"."""
+    if fullname != ARGUMENTS_MODULE:
+        return
+    try:
+        from blockllm_factory.patches.arguments import apply_refusal
+
+        apply_refusal(module)
+    except Exception:  # noqa: BLE001, S110 - the stderr report above already names the failure
+        pass
 
 
 class _PatchFinder:

@@ -15,6 +15,7 @@ from ._version import check_llamafactory_version
 FINETUNING_TYPE = "blockllm"
 STAGES = ("pt", "sft", "rm", "dpo", "kto")
 PROBES = ("sample", "exact")
+SCORES = ("norm", "norm_per_sqrt_size")
 
 # Other optimizers and methods LLaMA-Factory switches on by flag; BlockLLM is itself the optimizer.
 EXCLUSIVE_FLAGS = (
@@ -74,6 +75,26 @@ class BlockLLMArguments:
             )
         },
     )
+    blockllm_score: Literal["norm", "norm_per_sqrt_size"] = field(
+        default="norm",
+        metadata={
+            "help": (
+                "How BlockLLM ranks blocks: `norm` (the paper: gradient norm over visit frequency) or "
+                "`norm_per_sqrt_size` (the same divided by the square root of the block's size, which removes the "
+                "bias toward large tensors)."
+            )
+        },
+    )
+    blockllm_block_size: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Size of BlockLLM's blocks (>= 0): 0 (the paper) makes every weight tensor one block; N > 0 splits "
+                "matrices into groups of whole rows of about N coordinates (e.g. head_dim x hidden_size: one "
+                "attention head of q/k/v), so that the budget spreads over more layers. Not under DeepSpeed."
+            )
+        },
+    )
 
 
 def check_blockllm_values(args: BlockLLMArguments) -> None:
@@ -96,6 +117,13 @@ def check_blockllm_values(args: BlockLLMArguments) -> None:
         raise ValueError(
             f"`blockllm_include_embeddings` must be true or false, got {args.blockllm_include_embeddings!r}."
         )
+    if args.blockllm_score not in SCORES:
+        raise ValueError(f"`blockllm_score` must be one of {', '.join(SCORES)}, got {args.blockllm_score!r}.")
+    block_size = args.blockllm_block_size
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0:
+        raise ValueError(
+            f"`blockllm_block_size` must be an integer >= 0 (0: whole tensors, the paper), got {block_size!r}."
+        )
 
 
 def _adapter_only_defaults(module) -> dict[str, object]:
@@ -107,14 +135,28 @@ def _adapter_only_defaults(module) -> dict[str, object]:
     return defaults
 
 
-def check_blockllm_combination(args, adapter_only_defaults: dict[str, object]) -> None:
-    """Refuses what cannot go with ``finetuning_type: blockllm``, naming the offending argument."""
-    from blockllm_factory import _import_hook  # why: refuse to train on a half-patched LLaMA-Factory
+def check_fully_patched() -> None:
+    """Never train ``blockllm`` on a half-patched LLaMA-Factory: the first patch that failed is named."""
+    from blockllm_factory import _import_hook
 
     if _import_hook.failures:
         module, reason = next(iter(_import_hook.failures.items()))
         raise RuntimeError(
             f"`finetuning_type: blockllm` is unavailable: blockllm-factory could not patch {module} ({reason})."
+        )
+
+
+def check_blockllm_combination(args, adapter_only_defaults: dict[str, object]) -> None:
+    """Refuses what cannot go with ``finetuning_type: blockllm``, naming the offending argument."""
+    check_fully_patched()
+    if args.stage == "ppo":
+        from ._version import installed_version
+
+        raise ValueError(
+            "`stage: ppo` cannot be combined with `finetuning_type: blockllm`: LLaMA-Factory's PPO trainer requires "
+            "trl<=0.9.6 and the transformers 4 tokenizer API, while its other stages require the installed trl "
+            f"{installed_version('trl')} and transformers {installed_version('transformers')}, so PPO does not run "
+            "here with any fine-tuning method; for preference tuning use `stage: dpo` or `stage: kto`."
         )
     if args.stage not in STAGES:
         raise ValueError(
@@ -138,10 +180,9 @@ def check_blockllm_combination(args, adapter_only_defaults: dict[str, object]) -
         )
 
 
-def build_finetuning_arguments(module):
-    """A subclass of LLaMA-Factory's ``FinetuningArguments`` that knows ``blockllm``; nothing else changes."""
-    original = module.FinetuningArguments
-    adapter_only_defaults = _adapter_only_defaults(module)
+def with_blockllm_type(original, post_init):
+    """A dataclass subclass of ``original`` with the ``blockllm_*`` fields, ``blockllm`` among the allowed
+    ``finetuning_type`` values, and ``post_init`` as its ``__post_init__``."""
     finetuning_spec = next(spec for spec in dataclasses.fields(original) if spec.name == "finetuning_type")
     allowed = tuple(getattr(finetuning_spec.type, "__args__", ())) + (FINETUNING_TYPE,)
 
@@ -152,23 +193,47 @@ def build_finetuning_arguments(module):
             metadata={"help": "Which fine-tuning method to use (`blockllm`: the BlockLLM optimizer, full model)."},
         )
 
-        def __post_init__(self):
-            check_blockllm_values(self)
-            if self.finetuning_type != FINETUNING_TYPE:
-                return original.__post_init__(self)
-
-            check_blockllm_combination(self, adapter_only_defaults)
-            # LLaMA-Factory's own checks assert the finetuning type; blockllm shares every rule of full tuning.
-            self.finetuning_type = "full"
-            try:
-                original.__post_init__(self)
-            finally:
-                self.finetuning_type = FINETUNING_TYPE
+        __post_init__ = post_init
 
     FinetuningArguments.__module__ = original.__module__
     FinetuningArguments.__qualname__ = original.__qualname__
     FinetuningArguments.__doc__ = original.__doc__
     return FinetuningArguments
+
+
+def build_finetuning_arguments(module):
+    """A subclass of LLaMA-Factory's ``FinetuningArguments`` that knows ``blockllm``; nothing else changes."""
+    original = module.FinetuningArguments
+    adapter_only_defaults = _adapter_only_defaults(module)
+
+    def __post_init__(self):
+        check_blockllm_values(self)
+        if self.finetuning_type != FINETUNING_TYPE:
+            return original.__post_init__(self)
+
+        check_blockllm_combination(self, adapter_only_defaults)
+        # LLaMA-Factory's own checks assert the finetuning type; blockllm shares every rule of full tuning.
+        self.finetuning_type = "full"
+        try:
+            original.__post_init__(self)
+        finally:
+            self.finetuning_type = FINETUNING_TYPE
+
+    return with_blockllm_type(original, __post_init__)
+
+
+def apply_refusal(module) -> None:
+    """Called by the import hook when this module could not be patched: ``finetuning_type: blockllm`` (and the
+    ``blockllm_*`` fields) still parse, and are refused with the failure, instead of LLaMA-Factory's own
+    "Invalid fine-tuning method"; every other method behaves exactly as before."""
+    original = module.FinetuningArguments
+
+    def __post_init__(self):
+        if self.finetuning_type == FINETUNING_TYPE:
+            check_fully_patched()
+        return original.__post_init__(self)
+
+    module.FinetuningArguments = with_blockllm_type(original, __post_init__)
 
 
 def apply(module) -> None:

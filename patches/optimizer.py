@@ -45,6 +45,8 @@ def build_create_blockllm_optimizer(module):
             include_embeddings=finetuning_args.blockllm_include_embeddings,
             seed=training_args.seed,
             optim_bits=optim_bits(training_args),
+            score=finetuning_args.blockllm_score,
+            block_size=finetuning_args.blockllm_block_size,
             **({} if uses_deepspeed_zero(training_args) else {"compact_gradients": compact_gradients(training_args)}),
         )
         probed = (
@@ -52,9 +54,9 @@ def build_create_blockllm_optimizer(module):
         )
         logger.info_rank0(
             f"Using BlockLLM optimizer: sparsity {finetuning_args.blockllm_sparsity}, patience "
-            f"{finetuning_args.blockllm_patience}, probe {finetuning_args.blockllm_probe}"
-            f"{probed}"
-            f", budget {optimizer.budget:,} of "
+            f"{finetuning_args.blockllm_patience}, probe {finetuning_args.blockllm_probe}{probed}, score "
+            f"{finetuning_args.blockllm_score}, blocks of "
+            f"{finetuning_args.blockllm_block_size or 'whole tensors'}, budget {optimizer.budget:,} of "
             f"{optimizer.eligible_numel:,} coordinates per step; "
             f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments."
         )

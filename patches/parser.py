@@ -3,6 +3,7 @@
 ``FinetuningArguments.__post_init__`` (see :mod:`.arguments`) cannot see the training arguments. ``get_train_args``
 calls the module-level ``_check_extra_dependencies(model_args, finetuning_args, training_args)`` after its own checks
 and before anything is loaded, so a wrapper of that function is the earliest place that sees all three.
+``get_ray_args`` is wrapped to refuse ``USE_RAY=1`` before LLaMA-Factory starts Ray.
 
 ``get_train_args`` is wrapped too, for one rule of full tuning that it applies by comparing the type with "full":
 a reward model (stage rm) cannot resume from a checkpoint, because the value-head checkpoint layout does not load
@@ -10,15 +11,18 @@ back into the model (the weights would silently stay at their initial values).
 """
 
 from ._version import check_llamafactory_version
+from .launch import ray_refusal, requested_finetuning_type
 
 FINETUNING_TYPE = "blockllm"
 NO_RESUME_STAGES = ("rm", "ppo")  # as LLaMA-Factory does for full and freeze tuning
 
 
 def check_training_setup(model_args, finetuning_args, training_args) -> None:
-    """Errors name the argument to change and why."""
-    if getattr(finetuning_args, "use_mca", False):
-        raise ValueError("`finetuning_type: blockllm` does not run on the MCA (Megatron) backend; unset USE_MCA.")
+    """Errors name the argument to change and why; warnings go to LLaMA-Factory's log."""
+    # Launchers and loaders that would train on another engine (MCA, accelerate's FSDP, Ray, unsloth): launch.py.
+    from .launch import check_launch
+
+    check_launch(model_args, finetuning_args, training_args)
     from .precision import check_optim
 
     check_optim(training_args)
@@ -26,6 +30,19 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     from .distributed import check_distributed_setup
 
     check_distributed_setup(model_args, finetuning_args, training_args)
+    deepspeed_config = None
+    if training_args.deepspeed:
+        from ._surfaces import check_deepspeed_surfaces
+        from .distributed import _deepspeed_config
+
+        check_deepspeed_surfaces()
+        deepspeed_config = _deepspeed_config(training_args)
+    # Defaults that would silently cost the run, read from the model's files: model_checks.py.
+    from llamafactory.extras import logging
+
+    from .model_checks import check_model_setup
+
+    check_model_setup(model_args, finetuning_args, training_args, deepspeed_config, logging.get_logger(__name__))
 
 
 def build_check_extra_dependencies(original):
@@ -56,9 +73,25 @@ def build_get_train_args(original, logger):
     return get_train_args
 
 
+def build_get_ray_args(original, read_args):
+    """Ray is refused before LLaMA-Factory starts it (each Ray worker would refuse it again when parsing)."""
+
+    def get_ray_args(args=None):
+        ray_args = original(args)
+        if getattr(ray_args, "use_ray", False) and requested_finetuning_type(read_args(args)) == FINETUNING_TYPE:
+            raise ValueError(ray_refusal())
+        return ray_args
+
+    get_ray_args.__wrapped__ = original
+    get_ray_args.__doc__ = original.__doc__
+    return get_ray_args
+
+
 def apply(module) -> None:
     check_llamafactory_version()
     check_extra_dependencies = build_check_extra_dependencies(module._check_extra_dependencies)
     get_train_args = build_get_train_args(module.get_train_args, module.logger)
+    get_ray_args = build_get_ray_args(module.get_ray_args, module.read_args)
     module._check_extra_dependencies = check_extra_dependencies
     module.get_train_args = get_train_args
+    module.get_ray_args = get_ray_args

@@ -8,7 +8,8 @@
   APOLLO, BAdam and LLaMA Pro (LLaMA-Factory itself disables quantization for non-adapter methods).
 * ``runner``: ``_parse_train_args`` turns the panel into ``blockllm_*`` arguments; ``_initialize`` refuses what the
   parse-time checks would refuse, with their message, by running those very checks on the arguments the runner built
-  (``FinetuningArguments.__post_init__`` from :mod:`.arguments`, :func:`.parser.check_training_setup`).
+  (``FinetuningArguments.__post_init__`` from :mod:`.arguments`, :func:`.parser.check_training_setup`) on a view of
+  the training arguments built without their set-up, which would start distributed state and DeepSpeed in the server.
 """
 
 import dataclasses
@@ -200,6 +201,24 @@ def field_view(dataclass_type, args: dict[str, Any], **extra: Any) -> SimpleName
     return SimpleNamespace(**values)
 
 
+def deepspeed_view(args: dict[str, Any]) -> SimpleNamespace | None:
+    """What the training arguments' ``hf_deepspeed_config`` would hold, read without setting DeepSpeed up: the config
+    file with ``gradient_clipping: auto`` filled from ``max_grad_norm``, as transformers fills it."""
+    import json
+
+    path = args.get("deepspeed")
+    if path is None:
+        return None
+    if isinstance(path, dict):
+        config = dict(path)
+    else:
+        with open(path, encoding="utf-8") as file:
+            config = json.load(file)
+    if config.get("gradient_clipping") == "auto":
+        config["gradient_clipping"] = float(args.get("max_grad_norm", 1.0))
+    return SimpleNamespace(config=config)
+
+
 def refusal(args: dict[str, Any]) -> str:
     """The message parse time would refuse these training arguments with, or "" if it would accept them."""
     from llamafactory import hparams
@@ -212,10 +231,17 @@ def refusal(args: dict[str, Any]) -> str:
             args, allow_extra_keys=True
         )
         model_args = field_view(hparams.ModelArguments, args)
-        training_args = field_view(hparams.TrainingArguments, args, world_size=launch_world_size(args))
+        training_args = field_view(
+            hparams.TrainingArguments,
+            args,
+            world_size=launch_world_size(args),
+            hf_deepspeed_config=deepspeed_view(args),
+        )
         check_training_setup(model_args, finetuning_args, training_args)
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError) as error:  # the refusals, as the CLI prints them after the type
         return str(error)
+    except Exception as error:  # noqa: BLE001 - anything else the CLI would stop on: shown, never a crashed page
+        return f"{type(error).__name__}: {error}"
     return ""
 
 

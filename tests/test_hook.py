@@ -125,13 +125,171 @@ def test_blockllm_is_refused_by_name_when_a_patch_failed(tmp_path):
     assert "llamafactory.train.trainer_utils" in result.stderr
 
 
-@pytest.mark.parametrize("version", ["0.9.4", "0.9.6", "0.10.0", "1.0.0"])
-def test_unsupported_llamafactory_versions_are_refused_naming_the_range(version):
+# --- the gate: a version floor, then the surfaces themselves (patches/_surfaces.py) -------------------------------
+
+
+@pytest.mark.parametrize("version", ["0.9.4", "0.8.3", "unknown"])
+def test_versions_older_than_the_minimum_are_refused_naming_it(version):
     with pytest.raises(RuntimeError) as error:
         check_llamafactory_version(version)
     assert version in str(error.value) and SUPPORTED_RANGE in str(error.value)
 
 
-@pytest.mark.parametrize("version", ["0.9.5", "0.9.5.dev0", "0.9.5.post1"])
-def test_the_tested_release_line_is_accepted(version):
+@pytest.mark.parametrize("version", ["0.9.5", "0.9.5.dev0", "0.9.5.post1", "0.9.6.dev0", "0.10.0"])
+def test_the_minimum_and_newer_versions_are_left_to_the_surface_check(version):
     assert check_llamafactory_version(version) == version
+
+
+ALL_WATCHED = """
+import importlib, json
+from blockllm_factory import _import_hook
+
+for name in _import_hook.WATCHED:  # some are imported lazily by LLaMA-Factory (the DPO trainer, the web UI)
+    importlib.import_module(name)
+print(json.dumps({"applied": sorted(_import_hook.applied), "failures": _import_hook.failures}))
+"""
+
+
+def test_every_watched_module_of_the_installed_versions_has_its_surfaces_and_is_patched(tmp_path):
+    from blockllm_factory._import_hook import WATCHED
+    from blockllm_factory.patches._surfaces import SURFACES
+
+    assert set(SURFACES) == set(WATCHED)  # no surface without a check
+    result = python(ALL_WATCHED, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"applied": sorted(WATCHED), "failures": {}}
+
+
+SIMULATED_NEWER = """
+import json, sys
+import llamafactory
+
+llamafactory.__version__ = "0.9.6.dev0"  # what LLaMA-Factory's main branch reports; these surfaces are unchanged there
+from blockllm_factory import _import_hook
+from llamafactory.train.tuner import run_exp
+
+run_exp(json.loads(sys.argv[1]))
+print(json.dumps({"failures": _import_hook.failures, "version": llamafactory.__version__}))
+"""
+
+
+def test_a_newer_version_with_unchanged_surfaces_trains_with_blockllm(llamafactory_cli, tmp_path):
+    config = llamafactory_cli.config(tmp_path / "out", max_steps=2, blockllm_sparsity=0.5)
+    result = llamafactory_cli.python(SIMULATED_NEWER, tmp_path, argv=[json.dumps(config)])
+    assert result.returncode == 0, result.log[-4000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"failures": {}, "version": "0.9.6.dev0"}
+    assert "Using BlockLLM optimizer" in result.log
+    assert (tmp_path / "out" / "blockllm_selection.jsonl").read_text().strip()
+
+
+# A release that changed a surface, simulated from outside: sitecustomize runs after the .pth hook is installed and
+# changes the watched module right before its patch would run.
+BREAK_SURFACE = """
+import os
+from blockllm_factory import _import_hook
+
+_apply = _import_hook._apply
+BREAK = os.environ["BLOCKLLM_TEST_BREAK"]
+
+
+def _apply_to_a_changed_release(fullname, module):
+    if BREAK == "arguments" and fullname == "llamafactory.hparams.finetuning_args":
+        del module.FreezeArguments  # as if renamed
+    if BREAK == "adapter" and fullname == "llamafactory.model.adapter":
+        original = module.init_adapter
+        module.init_adapter = lambda config, model, model_args, finetuning_args: original(
+            config, model, model_args, finetuning_args, True
+        )  # as if is_trainable had been dropped
+    _apply(fullname, module)
+
+
+_import_hook._apply = _apply_to_a_changed_release
+"""
+BROKEN = {
+    "arguments": (
+        "llamafactory.hparams.finetuning_args",
+        "patches/arguments.py needs `llamafactory.hparams.finetuning_args.FreezeArguments` (missing)",
+    ),
+    "adapter": (
+        "llamafactory.model.adapter",
+        "patches/adapter.py needs `llamafactory.model.adapter.init_adapter(config, model, model_args, "
+        "finetuning_args, is_trainable)` (found (config, model, model_args, finetuning_args))",
+    ),
+}
+PARSE_FORMS = """
+import json, sys
+import llamafactory.train.tuner  # as llamafactory-cli train: every training module imported before parsing
+from llamafactory.hparams import get_train_args
+
+config = json.loads(sys.argv[1])
+argv = [word for key, value in config.items() for word in (f"--{key}", str(value))]
+results = {}
+for form, args in (("yaml", config), ("command line", argv), ("full", {**config, "finetuning_type": "full"})):
+    try:
+        get_train_args(args)
+        results[form] = "accepted"
+    except Exception as error:
+        results[form] = f"{type(error).__name__}: {error}"
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+def test_a_changed_surface_is_named_when_blockllm_is_requested(broken, llamafactory_cli, tmp_path):
+    module, needs = BROKEN[broken]
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BREAK_SURFACE)
+    env = {"PYTHONPATH": str(tmp_path / "site"), "BLOCKLLM_TEST_BREAK": broken}
+    config = llamafactory_cli.config(tmp_path / "out", max_steps=1)
+    unavailable = (
+        f"RuntimeError: `finetuning_type: blockllm` is unavailable: blockllm-factory could not patch {module}"
+    )
+
+    # The user's command: the import-time report on stderr, then the refusal, before any model loads.
+    result = llamafactory_cli.run("train", config, tmp_path, "train", timeout=300, **env)
+    assert result.returncode != 0
+    reports = [line for line in result.stderr.splitlines() if line.startswith("blockllm-factory: could not patch")]
+    assert len(reports) == 1 and module in reports[0] and needs in reports[0]
+    assert unavailable in result.log and needs in result.log
+    assert "Invalid fine-tuning method" not in result.log and "invalid choice" not in result.log
+    assert "trainable params" not in result.log
+
+    if broken != "arguments":
+        return
+    # Every form of the arguments gets the same message (not argparse's "invalid choice"); other methods parse.
+    parsed = llamafactory_cli.python(PARSE_FORMS, tmp_path, argv=[json.dumps(config)], **env)
+    assert parsed.returncode == 0, parsed.log[-4000:]
+    results = json.loads(parsed.stdout.strip().splitlines()[-1])
+    assert results["yaml"].startswith(unavailable) and needs in results["yaml"]
+    assert results["command line"] == results["yaml"]
+    assert results["full"] == "accepted"
+
+
+def test_a_library_surface_is_named_with_its_version(monkeypatch):
+    import llamafactory.train.sft.trainer as sft_trainer
+    import transformers
+
+    from blockllm_factory.patches._surfaces import check_surfaces
+
+    check_surfaces("llamafactory.train.sft.trainer", sft_trainer)  # the installed transformers has it
+    monkeypatch.delattr(transformers.Trainer, "_clip_grad_norm")
+    with pytest.raises(RuntimeError) as error:
+        check_surfaces("llamafactory.train.sft.trainer", sft_trainer)
+    message = str(error.value)
+    assert f"transformers {transformers.__version__}" in message
+    assert "patches/trainer.py needs `transformers.Trainer._clip_grad_norm` (missing)" in message
+
+
+def test_deepspeed_surfaces_are_checked_for_deepspeed_runs(monkeypatch):
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from blockllm_factory.patches._surfaces import check_deepspeed_surfaces
+
+    check_deepspeed_surfaces()
+    monkeypatch.delattr(DeepSpeedZeroOptimizer_Stage3, "get_param_id")
+    with pytest.raises(RuntimeError) as error:
+        check_deepspeed_surfaces()
+    assert "needs `deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3.get_param_id` (missing)" in str(
+        error.value
+    )

@@ -388,6 +388,13 @@ def _cases(assets, tmp_path, monkeypatch):
         "blockllm_probe": parse(blockllm_probe="all"),
         "blockllm_probe_blocks": parse(blockllm_probe_blocks=-1),
         "blockllm_include_embeddings": parse(blockllm_include_embeddings="yes"),
+        "blockllm_score": parse(blockllm_score="size"),
+        "blockllm_block_size": parse(blockllm_block_size=-1),
+        "deepspeed_block_size": lambda: check_distributed_setup(
+            None,
+            _ds_namespace(blockllm_block_size=64),
+            _ds_namespace(deepspeed="ds.json", resume_from_checkpoint=None, do_train=False, output_dir="", fsdp=""),
+        ),
         "stage": parse(stage="ppo"),
         "adapter_only_argument": parse(lora_rank=16),
         "fsdp": parse(fsdp="full_shard"),
@@ -396,7 +403,7 @@ def _cases(assets, tmp_path, monkeypatch):
             "blockllm_factory.patches.precision", fromlist=["check_optim"]
         ).check_optim(_ds_namespace(optim="adamw_bnb_8bit", deepspeed="ds_z2.json")),
         "half_patched": lambda: _half_patched(monkeypatch),
-        "version": lambda: check_llamafactory_version("0.9.6"),
+        "version": lambda: check_llamafactory_version("0.9.4"),
         "use_mca": lambda: check_training_setup(None, _ds_namespace(use_mca=True), None),
         "ddp_find_unused_parameters": lambda: check_distributed_setup(*_ddp_args(ddp_find_unused_parameters=False)),
         "ddp_static_graph": lambda: check_distributed_setup(*_ddp_args(ddp_static_graph=True)),
@@ -418,6 +425,9 @@ def _cases(assets, tmp_path, monkeypatch):
         "zero_max_grad_norm": lambda: ZeroBlockLLM(_tiny_named_params(), max_grad_norm=-1.0),
         "zero_compact_gradients": lambda: ZeroBlockLLM(_tiny_named_params(), compact_gradients=True),
         "zero_optim_bits": lambda: ZeroBlockLLM(_tiny_named_params(), optim_bits=8),
+        "zero_block_size": lambda: ZeroBlockLLM(_tiny_named_params(), block_size=64),
+        "optimizer_score": lambda: BlockLLM(_tiny_named_params(), score="size"),
+        "optimizer_block_size": lambda: BlockLLM(_tiny_named_params(), block_size=-1),
         "optimizer_optim_bits": lambda: BlockLLM(_tiny_named_params(), optim_bits=16),
         "optimizer_compact_gradients": lambda: BlockLLM(_tiny_named_params(), compact_gradients="yes"),
         "zero_state_world_size": lambda: _zero_state_dict_from(ZeroBlockLLM, world_size=4),
@@ -449,6 +459,9 @@ def _cases(assets, tmp_path, monkeypatch):
     cases["exclusive_flag:use_hyper_parallel"] = lambda: __import__(
         "blockllm_factory.patches.arguments", fromlist=["check_blockllm_combination"]
     ).check_blockllm_combination(_exclusive_namespace("use_hyper_parallel"), {})
+    from test_hardening import documented_triggers  # launch, surfaces and silent defaults (issue 11)
+
+    cases.update(documented_triggers(assets, tmp_path, monkeypatch, parse))
     return cases
 
 

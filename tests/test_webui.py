@@ -3,15 +3,19 @@
 The server runs as users start it (``llamafactory-cli webui``, on loopback, on a free port) in a temporary working
 directory, which is where LLaMA Board keeps its ``saves/``, ``llamaboard_config/`` and ``llamaboard_cache/``. The
 browser test selects blockllm, sets the panel, checks the previewed command, a refusal, saving and loading a training
-config, then trains the embedded tiny Llama for a few steps on CPU and waits for the finish message. It also writes
-the panel's screenshot to ``docs/images/webui_blockllm.png``.
+config, then trains the embedded tiny Llama for a few steps on CPU and waits for the finish message. A second browser
+test checks that every DeepSpeed stage the UI offers gives the result of ``llamafactory-cli train``'s own argument
+parsing, and trains once under ZeRO-3. The panel's screenshot goes to the test's temporary folder; with
+``BLOCKLLM_FACTORY_UPDATE_SCREENSHOT=1`` it also replaces ``docs/images/webui_blockllm.png`` (the doc asset is never
+rewritten otherwise).
 
-The browser comes from ``scripts/ensure_browser.sh`` (run by ``scripts/test.sh``); without it the browser test is
-skipped with the reason.
+The browser comes from ``scripts/ensure_browser.sh`` (run by ``scripts/test.sh``); without it the browser tests are
+skipped with the reason, except under CI (``CI=true``), where a missing browser fails them.
 """
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "images" / "webui_blockllm.png"
+UPDATE_SCREENSHOT = "BLOCKLLM_FACTORY_UPDATE_SCREENSHOT"  # =1: the run refreshes the doc asset above
 CLI = Path(sys.executable).with_name("llamafactory-cli")
 CHROMIUM = Path(os.environ.get("BLOCKLLM_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -76,17 +81,27 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _no_browser(reason: str) -> None:
+    """Skips with the reason on a developer's machine; under CI a test that cannot run is a failure."""
+    if _under_ci():
+        pytest.fail(f"CI=true and the web UI test cannot run: {reason}")
+    print(f"SKIPPED: {reason}", file=sys.stderr)
+    pytest.skip(reason)
+
+
 def _browser_or_skip():
     if not CHROMIUM.is_file():
-        reason = f"no Chromium at {CHROMIUM}; `bash scripts/ensure_browser.sh` installs it (root and apt-get needed)"
-        print(f"SKIPPED: {reason}", file=sys.stderr)
-        pytest.skip(reason)
+        _no_browser(
+            f"no Chromium at {CHROMIUM}; `bash scripts/ensure_browser.sh` installs it (root and apt-get needed)"
+        )
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        reason = "the playwright Python package is missing (it is in the test extra: pip install playwright)"
-        print(f"SKIPPED: {reason}", file=sys.stderr)
-        pytest.skip(reason)
+        _no_browser("the playwright Python package is missing (it is in the test extra: pip install playwright)")
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +118,11 @@ def webui(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("webui")
     port = _free_port()
     env = dict(os.environ)
-    for name in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "BLOCKLLM_FACTORY_DISABLE", "GRADIO_SHARE"):
+    for name in ("FORCE_TORCHRUN", "BLOCKLLM_FACTORY_DISABLE", "GRADIO_SHARE"):
         env.pop(name, None)
     env.update(
+        # DeepSpeed runs start torchrun with NPROC_PER_NODE processes, by default one per GPU: none on a CPU machine.
+        NPROC_PER_NODE="1",
         GRADIO_SERVER_NAME="127.0.0.1",
         GRADIO_SERVER_PORT=str(port),
         GRADIO_ANALYTICS_ENABLED="False",
@@ -165,10 +182,26 @@ def page(webui):
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             page.set_default_timeout(UI_S * 1000)
             page.goto(url)
+            _in_english(page)
             page.get_by_label("Finetuning method", exact=True).wait_for()
             yield page
         finally:
             browser.close()
+
+
+def _in_english(page) -> None:
+    """LLaMA Board opens in the language last chosen on the server (its user config); these tests read English."""
+    import re
+
+    from llamafactory.webui.locales import LOCALES
+    from playwright.sync_api import expect
+
+    labels = [entry["label"] for entry in LOCALES["lang"].values()]
+    language = page.get_by_label(re.compile("^(" + "|".join(map(re.escape, labels)) + ")$")).filter(visible=True)
+    expect(language.first).to_have_value(re.compile("."))  # set when the page has loaded the saved language
+    if language.first.input_value() != "en":
+        language.first.click()
+        page.get_by_role("option", name="en", exact=True).click()
 
 
 def _field(page, label: str):
@@ -183,8 +216,23 @@ def _textbox(page, label: str):
 
 
 def _choose(page, label: str, option: str) -> None:
-    _field(page, label).click()
-    page.get_by_role("option", name=option, exact=True).click()
+    """Opens the dropdown and picks ``option``. A list can close again when its choices are refreshed while it opens
+    (LLaMA Board reloads the dataset list on focus), so on a busy machine the click is repeated until it shows."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    choice = page.get_by_role("option", name=option, exact=True)
+    deadline = time.monotonic() + UI_S
+    while True:
+        _field(page, label).click()
+        try:
+            choice.click(timeout=5000)
+            break
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise
+            # Close the list (open, it holds its options inside the label) and leave the field: it opens on focus.
+            page.keyboard.press("Escape")
+            _field(page, label).blur()
     page.keyboard.press("Escape")  # closes a multiselect's list; harmless otherwise
 
 
@@ -201,7 +249,7 @@ def _wait_text(page, text: str, timeout_s: float = UI_S):
     expect(page.get_by_text(text, exact=False).filter(visible=True).first).to_be_visible(timeout=timeout_s * 1000)
 
 
-def test_blockllm_in_the_web_ui(page, webui, demo_assets):
+def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     from playwright.sync_api import expect
 
     _, workdir = webui
@@ -238,7 +286,7 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets):
 
     # --- a short run on the embedded tiny Llama ------------------------------------------------------------------
     _textbox(page, "Data dir").fill(str(demo_assets.dataset_dir))
-    _textbox(page, "Data dir").press("Tab")
+    _textbox(page, "Data dir").blur()  # not Tab: the next field, the dataset list, would open on focus
     _choose(page, "Dataset", "demo_sft")
     _textbox(page, "Learning rate").fill("3e-3")
     _textbox(page, "Max samples").fill("64")
@@ -286,8 +334,11 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets):
     _wait_text(page, "Arguments have been restored.")
     expect(_field(page, "number input for Sparsity")).to_have_value("0.9")
 
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    panel.screenshot(path=str(SCREENSHOT))
+    screenshot = tmp_path / SCREENSHOT.name
+    panel.screenshot(path=str(screenshot))
+    assert screenshot.stat().st_size > 0
+    if os.environ.get(UPDATE_SCREENSHOT) == "1":  # an explicit request: the checkout is never written otherwise
+        shutil.copyfile(screenshot, SCREENSHOT)
 
     # --- Start ---------------------------------------------------------------------------------------------------
     page.get_by_role("button", name="Start").click()
@@ -334,3 +385,122 @@ def _parse_time_refusal(assets, extra: dict) -> str:
     with pytest.raises(ValueError) as refused:
         get_train_args(args)
     return str(refused.value)
+
+
+# --- DeepSpeed stages: what the UI shows is what llamafactory-cli train decides -----------------------------------
+DS_CHOICES = (("none", False), ("2", False), ("2", True), ("3", False), ("3", True))
+# Parse-time outcome of `llamafactory-cli train` for each config: the torchrun child it starts (one process) runs
+# LLaMA-Factory's get_train_args, here with the same environment torchrun gives it.
+CLI_OUTCOMES = """
+import json, os, sys
+
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=sys.argv[2])
+from llamafactory.hparams import get_train_args
+
+outcomes = {}
+for name, config in json.loads(sys.argv[1]).items():
+    try:
+        get_train_args(config)
+        outcomes[name] = ""
+    except (ValueError, RuntimeError) as error:
+        outcomes[name] = str(error)
+print(json.dumps(outcomes))
+"""
+
+
+def _ds_file(stage: str, offload: bool) -> str | None:
+    # The configs the web UI writes at start-up (llamafactory.webui.common.create_ds_config), relative to its folder.
+    return None if stage == "none" else f"llamaboard_cache/ds_z{stage}_{'offload_' if offload else ''}config.json"
+
+
+def _cli_outcomes(assets, workdir: Path, extra: dict) -> dict[str, str]:
+    base = {
+        "model_name_or_path": str(assets.model_dir),
+        "dataset_dir": str(assets.dataset_dir),
+        "dataset": "demo_sft",
+        "template": "default",
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "blockllm",
+        "output_dir": str(workdir / "cli_check"),
+        "report_to": "none",
+        **extra,
+    }
+    configs = {f"{stage}/{offload}": {**base, "deepspeed": _ds_file(stage, offload)} for stage, offload in DS_CHOICES}
+    for config in configs.values():
+        if config["deepspeed"] is None:
+            del config["deepspeed"]
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("FORCE_TORCHRUN", "BLOCKLLM_FACTORY_DISABLE")
+    }
+    # As in an activated virtual environment (the web UI's own runs get the same PATH, see the webui fixture).
+    env.update(
+        CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PATH=f"{CLI.parent}{os.pathsep}{env['PATH']}"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", CLI_OUTCOMES, json.dumps(configs), str(_free_port())],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_every_deepspeed_stage_shows_what_the_cli_decides(page, webui, demo_assets):
+    from playwright.sync_api import expect
+
+    _, workdir = webui
+    _choose(page, "Model name", "Custom")
+    _textbox(page, "Model path").fill(str(demo_assets.model_dir))
+    _textbox(page, "Model path").press("Tab")
+    _choose(page, "Finetuning method", "blockllm")
+    _textbox(page, "Data dir").fill(str(demo_assets.dataset_dir))
+    _textbox(page, "Data dir").blur()  # not Tab: the next field, the dataset list, would open on focus
+    _choose(page, "Dataset", "demo_sft")
+    _choose(page, "Compute type", "fp32")
+    extra = {"optim": "adamw_torch", "max_steps": 3, "use_cpu": True, "save_strategy": "no", "seed": 0,
+             "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "cutoff_len": 64, "max_samples": 32,
+             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "logging_steps": 1,
+             "learning_rate": 3e-3}  # fmt: skip
+    page.get_by_text("Extra configurations", exact=True).click()
+    _textbox(page, "Extra arguments").fill(json.dumps(extra))
+    output_dir = _field(page, "Output dir")
+    output_dir.fill("deepspeed_z3")
+    output_dir.press("Enter")
+    expected = _cli_outcomes(demo_assets, workdir, extra)
+    assert expected["2/False"] == "" and expected["3/False"] == ""  # ZeRO-2/3 train BlockLLM
+    assert "offload_optimizer.device: cpu" in expected["3/True"]  # offload is refused
+
+    command = page.locator("code").filter(has_text="llamafactory-cli train").filter(visible=True)
+    offload = page.get_by_label("Enable offload")
+    for stage, offloaded in DS_CHOICES:
+        _choose(page, "DeepSpeed stage", stage)
+        offload.set_checked(offloaded)
+        page.get_by_role("button", name="Preview command").click()
+        message = expected[f"{stage}/{offloaded}"]
+        if message:
+            _wait_text(page, message)
+            expect(command).to_have_count(0)
+            continue
+        expect(command).to_contain_text("--finetuning_type blockllm")
+        if stage == "none":
+            expect(command).not_to_contain_text("--deepspeed")
+        else:
+            expect(command).to_contain_text(f"--deepspeed {_ds_file(stage, offloaded)}")
+
+    # Start under ZeRO-3 (one CPU process): the run trains BlockLLM inside DeepSpeed and the UI says so.
+    _choose(page, "DeepSpeed stage", "3")
+    offload.set_checked(False)
+    page.get_by_role("button", name="Start").click()
+    finished = page.get_by_text("Finished.", exact=False).filter(visible=True).first
+    failed = page.get_by_text("Failed.", exact=False).filter(visible=True).first
+    crashed = page.get_by_text("Error", exact=True).filter(visible=True).first
+    expect(finished.or_(failed).or_(crashed)).to_be_visible(timeout=TRAINING_S * 1000)
+    assert finished.is_visible(), page.locator(".prose").filter(visible=True).all_inner_texts()
+    run_dir = workdir / "saves" / "Custom" / "blockllm" / "deepspeed_z3"
+    train_args = yaml.safe_load((run_dir / "training_args.yaml").read_text())
+    assert train_args["deepspeed"] == _ds_file("3", False)
+    log = (run_dir / "running_log.txt").read_text()
+    assert "Using BlockLLM optimizer" in log
+    selections = [json.loads(line) for line in (run_dir / "blockllm_selection.jsonl").read_text().splitlines()]
+    assert selections and selections[0]["reason"] == "initial"

@@ -1,0 +1,198 @@
+"""Defaults that would silently cost a ``finetuning_type: blockllm`` run, caught at parse time from the model's files.
+
+Called from :func:`.parser.check_training_setup`, before any weight is loaded. What the checks need from the model is
+read from its ``config.json`` and the headers of its ``*.safetensors`` files (names and shapes, no tensor data): for a
+local directory, or a Hugging Face hub model already in the local cache, or (online) the hub's header service.
+
+* ``train_from_scratch: true`` with ``blockllm_include_embeddings: false``: the randomly initialised input embeddings
+  and output head would never be trained. Refused.
+* ``resize_vocab: true`` with ``blockllm_include_embeddings: false``: the rows added for new tokens keep their initial
+  values. Warned.
+* ``freeze_vision_tower: false`` on a vision-language model whose tower holds blocks that BlockLLM never selects
+  without ``blockllm_include_embeddings`` (patch and position embeddings): those stay frozen. Warned, naming them.
+* DeepSpeed ZeRO-3 whose ``zero_optimization.sub_group_size`` (DeepSpeed's default 1e9 when absent) is smaller than
+  the parameters each process holds: DeepSpeed would cut them into several sub-groups, one ``step()`` each, which
+  BlockLLM cannot serve (otherwise found only at the first step). Refused, naming the size needed.
+"""
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+DEEPSPEED_DEFAULT_SUB_GROUP_SIZE = 1e9  # DeepSpeedZeroConfig.sub_group_size
+NAMES_SHOWN = 4
+
+
+def _safetensors_header(path: Path) -> dict[str, int]:
+    """Tensor name -> number of elements, from a safetensors file's JSON header (8-byte length, then the JSON)."""
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    return {name: math.prod(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+
+
+def _local_directory(model_args) -> Path | None:
+    path = Path(str(model_args.model_name_or_path))
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                str(model_args.model_name_or_path),
+                revision=getattr(model_args, "model_revision", None),
+                cache_dir=getattr(model_args, "cache_dir", None),
+                local_files_only=True,
+            )
+        )
+    except Exception:  # noqa: BLE001 - not in the local cache: try the hub below
+        return None
+
+
+def checkpoint_tensors(model_args) -> dict[str, int] | None:
+    """Name -> number of elements of every tensor in the model's safetensors files; None when they cannot be read."""
+    directory = _local_directory(model_args)
+    if directory is not None:
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            return None
+        tensors = {}
+        for file in files:
+            tensors.update(_safetensors_header(file))
+        return tensors
+    if _offline():
+        return None
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        metadata = get_safetensors_metadata(
+            str(model_args.model_name_or_path), revision=getattr(model_args, "model_revision", None)
+        )
+    except Exception:  # noqa: BLE001 - no hub access, or not a safetensors model: the check is skipped
+        return None
+    return {
+        name: math.prod(info.shape) for file in metadata.files_metadata.values() for name, info in file.tensors.items()
+    }
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def model_type(model_args) -> str | None:
+    """``model_type`` from the model's ``config.json`` (a local folder, the hub cache, or the hub); None if unread."""
+    directory = _local_directory(model_args)
+    config = directory / "config.json" if directory is not None else None
+    if config is None and not _offline():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config = Path(
+                hf_hub_download(
+                    str(model_args.model_name_or_path),
+                    "config.json",
+                    revision=getattr(model_args, "model_revision", None),
+                    cache_dir=getattr(model_args, "cache_dir", None),
+                )
+            )
+        except Exception:  # noqa: BLE001 - no hub access: the check is skipped
+            return None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+def check_embeddings(model_args, finetuning_args, logger) -> None:
+    if finetuning_args.blockllm_include_embeddings:
+        return
+    if getattr(model_args, "train_from_scratch", False):
+        raise ValueError(
+            "`train_from_scratch: true` with `blockllm_include_embeddings: false` would never train the randomly "
+            "initialised input embeddings and output head; set `blockllm_include_embeddings: true`."
+        )
+    if getattr(model_args, "resize_vocab", False):
+        logger.warning_rank0(
+            "`resize_vocab: true` with `blockllm_include_embeddings: false`: BlockLLM never selects the input "
+            "embeddings or the output head, so rows added for new tokens keep their initial values; set "
+            "`blockllm_include_embeddings: true` to train them."
+        )
+
+
+def frozen_tower_blocks(model_args, finetuning_args) -> list[str] | None:
+    """Vision-tower parameters that ``freeze_vision_tower: false`` asks to train but BlockLLM never selects.
+
+    ``[]``: nothing to say; ``None``: a vision-language model whose files could not be read.
+    """
+    if finetuning_args.freeze_vision_tower or finetuning_args.blockllm_include_embeddings:
+        return []
+    from llamafactory.model.model_utils.visual import COMPOSITE_MODELS
+
+    from blockllm_factory.optim.selection import is_embedding_name
+
+    kind = model_type(model_args)
+    if kind not in COMPOSITE_MODELS:
+        return []
+    tensors = checkpoint_tensors(model_args)
+    if tensors is None:
+        return None
+    tower_keys = COMPOSITE_MODELS[kind].vision_model_keys
+    # LLaMA-Factory freezes a tower by substring match on parameter names; the same rule finds its parameters here.
+    return [name for name in tensors if any(key in name for key in tower_keys) and is_embedding_name(name)]
+
+
+def check_vision_tower(model_args, finetuning_args, logger) -> None:
+    blocks = frozen_tower_blocks(model_args, finetuning_args)
+    if blocks == []:
+        return
+    if blocks is None:  # the model's files could not be read
+        which = "the vision tower's embedding parameters (patch and position embeddings)"
+    else:
+        more = f" and {len(blocks) - NAMES_SHOWN} more" if len(blocks) > NAMES_SHOWN else ""
+        which = f"these vision-tower parameters: {', '.join(blocks[:NAMES_SHOWN])}{more}"
+    logger.warning_rank0(
+        "`freeze_vision_tower: false` with `blockllm_include_embeddings: false`: BlockLLM never selects "
+        f"{which}, so they stay frozen; set `blockllm_include_embeddings: true` to train them (the text embeddings "
+        "and output head then become eligible too)."
+    )
+
+
+# ------------------------------------------------------------------------------------------------ ZeRO-3 sub-groups
+def per_process_parameters(tensors: dict[str, int], world_size: int) -> int:
+    """What DeepSpeed ZeRO-3 puts in one process's partition: each parameter padded to a multiple of world_size."""
+    return sum(math.ceil(numel / world_size) for numel in tensors.values())
+
+
+def check_zero3_sub_group_size(model_args, training_args, config: dict) -> None:
+    zero = config.get("zero_optimization") or {}
+    if zero.get("stage") != 3:
+        return
+    sub_group_size = zero.get("sub_group_size", DEEPSPEED_DEFAULT_SUB_GROUP_SIZE)
+    if isinstance(sub_group_size, bool) or not isinstance(sub_group_size, int | float):
+        return  # DeepSpeed will say what it makes of it
+    tensors = checkpoint_tensors(model_args)
+    if tensors is None:
+        return  # checked again on the first step (blockllm_factory/optim/zero.py)
+    world_size = max(1, int(getattr(training_args, "world_size", 1) or 1))
+    needed = per_process_parameters(tensors, world_size)
+    if sub_group_size < needed:
+        raise ValueError(
+            f"`zero_optimization.sub_group_size: {sub_group_size:g}` in the DeepSpeed config is smaller than the "
+            f"{needed:,} parameters each of the {world_size} process(es) holds under ZeRO-3: DeepSpeed would split "
+            "them into sub-groups, which BlockLLM cannot step; set it to at least "
+            f"{needed:,} (e.g. 1e12, as recipes/deepspeed/ds_z3_blockllm.json does)."
+        )
+
+
+def check_model_setup(model_args, finetuning_args, training_args, deepspeed_config: dict | None, logger) -> None:
+    """Refuses or warns about the defaults above; errors name the argument, its value and what to set instead."""
+    check_embeddings(model_args, finetuning_args, logger)
+    if deepspeed_config is not None:
+        check_zero3_sub_group_size(model_args, training_args, deepspeed_config)
+    check_vision_tower(model_args, finetuning_args, logger)

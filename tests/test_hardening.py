@@ -1,0 +1,324 @@
+"""What happens when BlockLLM meets the rest of LLaMA-Factory: other launchers and loaders, PPO, Ray, silent defaults.
+
+Each case either runs or is refused before a model loads, with the message documented in docs/bad_inputs.md (the
+refusals are triggered by :func:`documented_triggers`, which tests/test_reliability.py adds to its cases); warnings are
+documented there too and checked here. The launches that a user types (``accelerate launch`` with an FSDP config,
+``FORCE_TORCHRUN=1`` with a ZeRO-3 config, stage ppo) go through the real ``llamafactory-cli``.
+"""
+
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import CLI, run_logged  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+# llamafactory-cli starts torchrun by name: as in an activated virtual environment (see README).
+ACTIVATED = {"PATH": f"{CLI.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _ns(**values) -> SimpleNamespace:
+    return SimpleNamespace(**values)
+
+
+def _tiny_config(assets, **overrides) -> dict:
+    config = {
+        "model_name_or_path": str(assets.model_dir),
+        "dataset_dir": str(assets.dataset_dir),
+        "dataset": "tiny_sft",
+        "template": "default",
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "blockllm",
+        "output_dir": "unused-output-dir",
+        "overwrite_output_dir": True,
+        "use_cpu": True,
+        "report_to": "none",
+    }
+    return {**config, **overrides}
+
+
+# ------------------------------------------------------------------------------------------------ documented refusals
+def _without(module, name: str) -> SimpleNamespace:
+    return SimpleNamespace(**{key: value for key, value in vars(module).items() if key != name})
+
+
+def _surface_missing():
+    import llamafactory.train.trainer_utils as trainer_utils
+
+    from blockllm_factory.patches._surfaces import check_surfaces
+
+    check_surfaces("llamafactory.train.trainer_utils", _without(trainer_utils, "create_custom_optimizer"))
+
+
+def _surface_changed():
+    import llamafactory.model.adapter as adapter
+
+    from blockllm_factory.patches._surfaces import check_surfaces
+
+    def init_adapter(config, model, model_args, finetuning_args):  # as if a release had dropped is_trainable
+        return model
+
+    check_surfaces("llamafactory.model.adapter", _ns(**{**vars(adapter), "init_adapter": init_adapter}))
+
+
+def _launch(monkeypatch, env: dict[str, str], **finetuning):
+    from blockllm_factory.patches.launch import check_launch
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    check_launch(_ns(use_unsloth=False), _ns(use_mca=False, **finetuning), _ns(deepspeed=None))
+
+
+def _ray(assets, monkeypatch):
+    from llamafactory.train.tuner import run_exp
+
+    monkeypatch.setenv("USE_RAY", "1")
+    run_exp(_tiny_config(assets))  # refused before LLaMA-Factory starts Ray (ray is not even installed here)
+
+
+def _zero3_sub_group_size(assets):
+    from blockllm_factory.patches.model_checks import check_zero3_sub_group_size
+
+    config = {"zero_optimization": {"stage": 3, "sub_group_size": 1000}}
+    check_zero3_sub_group_size(_ns(model_name_or_path=str(assets.model_dir)), _ns(world_size=2), config)
+
+
+def documented_triggers(assets, tmp_path, monkeypatch, parse) -> dict:
+    """Case id of docs/bad_inputs.md -> a function that must raise the documented error (see test_reliability.py)."""
+
+    def with_env(name: str, value: str, trigger):
+        def run():
+            monkeypatch.setenv(name, value)
+            return trigger()
+
+        return run
+
+    return {
+        "surface_missing": _surface_missing,
+        "surface_changed": _surface_changed,
+        "accelerate_fsdp": with_env("ACCELERATE_USE_FSDP", "true", parse()),
+        "accelerate_deepspeed": lambda: _launch(monkeypatch, {"ACCELERATE_USE_DEEPSPEED": "true"}),
+        "use_ray": lambda: _ray(assets, monkeypatch),
+        "use_unsloth": parse(use_unsloth=True),
+        "use_megatron_bridge": lambda: _launch(monkeypatch, {}, use_megatron_bridge=True),
+        "train_from_scratch": parse(train_from_scratch=True),
+        "zero3_sub_group_size_parse": lambda: _zero3_sub_group_size(assets),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ documented warnings
+def documented_warnings() -> dict[str, str]:
+    text = DOCS.read_text(encoding="utf-8")
+    return dict(re.findall(r"<!-- warning: (\S+) -->.*?```text\n(.*?)\n```", text, flags=re.DOTALL))
+
+
+def _pattern(documented: str):
+    parts = re.split(r"\{[^{}]*\}", documented)
+    return re.compile(".*?".join(re.escape(part) for part in parts), flags=re.DOTALL)
+
+
+@pytest.fixture(scope="module")
+def parse_logged(tiny_llamafactory_assets):
+    """``run(**overrides)``: LLaMA-Factory's ``get_train_args`` on the tiny assets; returns the warnings logged."""
+    from llamafactory.hparams import get_train_args
+
+    def run(**overrides) -> list[str]:
+        records = []
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                if record.levelno >= logging.WARNING:
+                    records.append(record.getMessage())
+
+        handler = Collect()
+        logger = logging.getLogger("blockllm_factory")
+        logger.addHandler(handler)
+        try:
+            get_train_args(_tiny_config(tiny_llamafactory_assets, **overrides))
+        finally:
+            logger.removeHandler(handler)
+        return records
+
+    return run
+
+
+def _assert_documented_warning(case: str, warnings: list[str]) -> None:
+    documented = documented_warnings()[case]
+    assert any(_pattern(f"WARNING: {documented}").fullmatch(f"WARNING: {text}") for text in warnings), (
+        f"documented:\n{documented}\nlogged:\n" + "\n".join(warnings)
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory) -> Path:
+    """A tiny LLaVA (CLIP tower of one layer, Llama of one layer) saved as a checkpoint: its files, nothing else."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+            patch_size=16, projection_dim=16,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2,
+        ),
+        image_token_index=63,
+    )  # fmt: skip
+    directory = tmp_path_factory.mktemp("tiny_llava")
+    LlavaForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+def test_every_documented_warning_is_checked():
+    assert set(documented_warnings()) == {"resize_vocab", "freeze_vision_tower", "freeze_vision_tower_unread"}
+
+
+def test_resize_vocab_without_embeddings_warns_and_with_them_does_not(parse_logged):
+    _assert_documented_warning("resize_vocab", parse_logged(resize_vocab=True))
+    assert not any(
+        "resize_vocab" in text for text in parse_logged(resize_vocab=True, blockllm_include_embeddings=True)
+    )
+
+
+def test_unfrozen_vision_tower_names_the_blocks_blockllm_never_selects(parse_logged, tiny_llava):
+    warnings = parse_logged(model_name_or_path=str(tiny_llava), freeze_vision_tower=False)
+    _assert_documented_warning("freeze_vision_tower", warnings)
+    (warning,) = [text for text in warnings if "freeze_vision_tower" in text]
+    # The CLIP tower's class, patch and position embeddings: named like embeddings, so never eligible.
+    assert "vision_tower.embeddings.patch_embedding.weight" in warning
+    assert "vision_tower.embeddings.position_embedding.weight" in warning
+    assert "encoder.layers" not in warning  # the tower's layers are eligible and train
+    # LLaMA-Factory's default (a frozen tower) and the embeddings made eligible say nothing.
+    assert not any("freeze_vision_tower" in text for text in parse_logged(model_name_or_path=str(tiny_llava)))
+    eligible = parse_logged(
+        model_name_or_path=str(tiny_llava), freeze_vision_tower=False, blockllm_include_embeddings=True
+    )
+    assert not any("freeze_vision_tower" in text for text in eligible)
+
+
+def test_unfrozen_vision_tower_of_unreadable_files_still_warns(tiny_llava, tmp_path):
+    from blockllm_factory.patches.model_checks import check_vision_tower
+
+    (tmp_path / "config.json").write_text((tiny_llava / "config.json").read_text())  # config only, no weights
+    warnings = []
+    logger = _ns(warning_rank0=warnings.append)
+    finetuning_args = _ns(freeze_vision_tower=False, blockllm_include_embeddings=False)
+    check_vision_tower(_ns(model_name_or_path=str(tmp_path)), finetuning_args, logger)
+    _assert_documented_warning("freeze_vision_tower_unread", warnings)
+
+
+def test_a_text_model_with_an_unfrozen_tower_setting_says_nothing(parse_logged):
+    assert not any("freeze_vision_tower" in text for text in parse_logged(freeze_vision_tower=False))
+
+
+# ------------------------------------------------------------------------------------------------ parse-time checks
+def test_zero3_sub_group_size_counts_each_process_share(tiny_llamafactory_assets):
+    from blockllm_factory.patches.model_checks import (
+        check_zero3_sub_group_size,
+        checkpoint_tensors,
+        per_process_parameters,
+    )
+
+    model_args = _ns(model_name_or_path=str(tiny_llamafactory_assets.model_dir))
+    tensors = checkpoint_tensors(model_args)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tiny_llamafactory_assets.model_dir / "model.safetensors"))
+    assert tensors == {name: tensor.numel() for name, tensor in stored.items()}
+    for world_size in (1, 2, 3):
+        needed = per_process_parameters(tensors, world_size)
+        config = {"zero_optimization": {"stage": 3, "sub_group_size": needed}}
+        check_zero3_sub_group_size(model_args, _ns(world_size=world_size), config)  # exactly enough: accepted
+        config["zero_optimization"]["sub_group_size"] = needed - 1
+        with pytest.raises(ValueError, match=f"at least {needed:,}"):
+            check_zero3_sub_group_size(model_args, _ns(world_size=world_size), config)
+    # DeepSpeed's default (1e9) and the recipe's 1e12 hold this model; ZeRO-1/2 have no sub-groups.
+    check_zero3_sub_group_size(model_args, _ns(world_size=1), {"zero_optimization": {"stage": 3}})
+    check_zero3_sub_group_size(model_args, _ns(world_size=1), {"zero_optimization": {"stage": 2, "sub_group_size": 1}})
+
+
+def test_requested_finetuning_type_is_read_from_every_argument_form():
+    from blockllm_factory.patches.launch import requested_finetuning_type
+
+    assert requested_finetuning_type({"finetuning_type": "blockllm"}) == "blockllm"
+    assert requested_finetuning_type(["--finetuning_type", "blockllm", "--stage", "sft"]) == "blockllm"
+    assert requested_finetuning_type(["--finetuning_type=blockllm"]) == "blockllm"
+    assert requested_finetuning_type(["--stage", "sft"]) is None
+
+
+def test_ray_is_left_alone_for_other_methods(monkeypatch, tiny_llamafactory_assets):
+    from llamafactory.hparams import get_ray_args
+
+    monkeypatch.setenv("USE_RAY", "1")
+    assert get_ray_args(_tiny_config(tiny_llamafactory_assets, finetuning_type="full")).use_ray is True
+
+
+# ------------------------------------------------------------------------------------------------ through the CLI
+def test_fsdp_through_accelerate_launch_is_refused_before_the_model_loads(llamafactory_cli, tmp_path):
+    # LLaMA-Factory's documented FSDP launch, on one CPU process: accelerate sets ACCELERATE_USE_FSDP, `fsdp` is empty.
+    accelerate_config = tmp_path / "fsdp_config.yaml"
+    accelerate_config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nfsdp_config:\n"
+        "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_sharding_strategy: FULL_SHARD\n"
+        "  fsdp_state_dict_type: FULL_STATE_DICT\n  fsdp_use_orig_params: true\n"
+        "machine_rank: 0\nmixed_precision: 'no'\nnum_machines: 1\nnum_processes: 1\nrdzv_backend: static\n"
+        "same_network: true\nuse_cpu: true\n"
+    )
+    config = llamafactory_cli.config(tmp_path / "out", max_steps=2)
+    (tmp_path / "train.yaml").write_text(json.dumps(config))
+    argv = [str(ACCELERATE), "launch", "--config_file", str(accelerate_config), str(CLI), "train", "train.yaml"]
+    result = run_logged(argv, tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert (
+        "`ACCELERATE_USE_FSDP=true` (set by `accelerate launch` with an FSDP config) cannot be combined" in result.log
+    )
+    assert "trainable params" not in result.log  # LLaMA-Factory's line after a model loads
+
+
+def test_zero3_config_too_small_for_the_model_is_refused_before_it_loads(llamafactory_cli, tmp_path):
+    ds_config = json.loads((Path(__file__).resolve().parents[1] / "recipes/deepspeed/ds_z3_blockllm.json").read_text())
+    ds_config["zero_optimization"]["sub_group_size"] = 10000  # the tiny model holds about 46,000 parameters
+    (tmp_path / "ds_z3.json").write_text(json.dumps(ds_config))
+    config = llamafactory_cli.config(tmp_path / "out", deepspeed=str(tmp_path / "ds_z3.json"), max_steps=2)
+    result = llamafactory_cli.run(
+        "train", config, tmp_path, "z3", timeout=300, FORCE_TORCHRUN="1", NPROC_PER_NODE="1", **ACTIVATED
+    )
+    assert result.returncode != 0
+    assert "`zero_optimization.sub_group_size: 10000` in the DeepSpeed config is smaller than the" in result.log
+    assert "trainable params" not in result.log
+
+
+def test_ppo_does_not_run_in_this_llamafactory_with_any_method(llamafactory_cli, tmp_path):
+    """Why `stage: ppo` stays refused: LLaMA-Factory's own PPO trainer stops with full tuning too (its TRL range).
+
+    If this test fails, LLaMA-Factory's PPO runs again: then BlockLLM's loss feed for PPO's loop can be added."""
+    config = llamafactory_cli.config(
+        tmp_path / "out",
+        stage="ppo",
+        finetuning_type="full",
+        reward_model=str(llamafactory_cli.assets.model_dir),
+        reward_model_type="full",
+        max_new_tokens=4,
+        max_steps=1,
+    )
+    result = llamafactory_cli.run("train", config, tmp_path, "ppo_full", timeout=300)
+    assert result.returncode != 0
+    assert "trl>=0.8.6,<=0.9.6 is required" in result.log, result.log[-3000:]
+
+    config["finetuning_type"] = "blockllm"
+    refused = llamafactory_cli.run("train", config, tmp_path, "ppo_blockllm", timeout=300)
+    assert refused.returncode != 0
+    assert "`stage: ppo` cannot be combined with `finetuning_type: blockllm`" in refused.log
+    assert "trainable params" not in refused.log
