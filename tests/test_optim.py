@@ -206,31 +206,39 @@ def test_exact_probe_measures_every_block_without_keeping_gradients(compact):
     assert not (with_grad if compact else compacted)
 
 
-def test_resume_is_bit_identical():
-    def run(steps, resume_at=None):
+def assert_resume_is_bit_identical(build, steps: int, resume_at: int) -> None:
+    """Trains TinyLM with ``build(model, seed)``'s optimizer, once unbroken and once saved and restored (into a fresh
+    model and an optimizer of another seed) at ``resume_at``: selections and weights must be equal bit for bit."""
+
+    def run(resume=None):
         torch.manual_seed(0)
         model = TinyLM()
-        optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, probe_blocks=2, seed=3)
-        batches = make_batches(steps, seed=5)
-        for index, tokens in enumerate(batches):
-            if index == resume_at:
+        optimizer = build(model, 3)
+        for index, tokens in enumerate(make_batches(steps, seed=5)):
+            if index == resume:
                 buffer = io.BytesIO()
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
                 buffer.seek(0)
                 saved = torch.load(buffer, weights_only=True)
                 model = TinyLM()
                 model.load_state_dict(saved["model"])
-                optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, seed=99)
+                optimizer = build(model, 99)
                 optimizer.load_state_dict(saved["optimizer"])
             train_step(model, optimizer, tokens, loss_offset=(index % 3) * 0.2)
         return model, optimizer
 
-    unbroken, unbroken_optimizer = run(16)
-    resumed, resumed_optimizer = run(16, resume_at=7)
+    unbroken, unbroken_optimizer = run()
+    resumed, resumed_optimizer = run(resume_at)
     assert unbroken_optimizer.selection["reselections"] >= 2
     assert resumed_optimizer.selection_events == unbroken_optimizer.selection_events
     for (name, a), (_, b) in zip(unbroken.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_resume_is_bit_identical():
+    assert_resume_is_bit_identical(
+        lambda model, seed: BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, seed=seed), 16, 7
+    )
 
 
 def test_zero_sparsity_matches_adamw_exactly():
@@ -440,41 +448,19 @@ def test_row_group_blocks_spread_the_budget_over_more_tensors():
 
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
 def test_row_group_blocks_resume_bit_identical(compact):
-    def run(steps, resume_at=None):
-        def build(model, seed):
-            return BlockLLM(
-                model.named_parameters(),
-                lr=1e-2,
-                sparsity=0.9,
-                patience=2,
-                seed=seed,
-                block_size=64,
-                score="norm_per_sqrt_size",
-                compact_gradients=compact,
-            )
+    def build(model, seed):
+        return BlockLLM(
+            model.named_parameters(),
+            lr=1e-2,
+            sparsity=0.9,
+            patience=2,
+            seed=seed,
+            block_size=64,
+            score="norm_per_sqrt_size",
+            compact_gradients=compact,
+        )
 
-        torch.manual_seed(0)
-        model = TinyLM()
-        optimizer = build(model, 3)
-        for index, tokens in enumerate(make_batches(steps, seed=5)):
-            if index == resume_at:
-                buffer = io.BytesIO()
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
-                buffer.seek(0)
-                saved = torch.load(buffer, weights_only=True)
-                model = TinyLM()
-                model.load_state_dict(saved["model"])
-                optimizer = build(model, 99)
-                optimizer.load_state_dict(saved["optimizer"])
-            train_step(model, optimizer, tokens, loss_offset=(index % 3) * 0.2)
-        return model, optimizer
-
-    unbroken, unbroken_optimizer = run(14)
-    resumed, resumed_optimizer = run(14, resume_at=6)
-    assert unbroken_optimizer.selection["reselections"] >= 2
-    assert resumed_optimizer.selection_events == unbroken_optimizer.selection_events
-    for (name, a), (_, b) in zip(unbroken.named_parameters(), resumed.named_parameters()):
-        assert torch.equal(a, b), name
+    assert_resume_is_bit_identical(build, 14, 6)
 
 
 def test_size_normalised_score_removes_the_bias_toward_large_blocks():
