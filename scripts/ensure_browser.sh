@@ -2,7 +2,8 @@
 # Gives the web UI test (tests/test_webui.py) its browser: Debian's Chromium at /usr/bin/chromium, which the playwright
 # Python package from .venv (see bootstrap.sh) drives. Idempotent: once Chromium is there, a run only checks for it.
 # Never runs `playwright install` (it downloads its own browser build, which fails here). Where Chromium cannot be
-# installed (not root, no apt-get, apt-get failing) it says so and succeeds: the test then skips, printing the reason.
+# installed (not root, no apt-get, apt-get failing) it says so and succeeds: the test then skips, printing the reason
+# (under CI, CI=true, the test fails instead).
 set -euo pipefail
 CHROMIUM="${BLOCKLLM_CHROMIUM:-/usr/bin/chromium}"
 
