@@ -784,7 +784,7 @@ def _is_carrier_group(group: dict[str, Any]) -> bool:
 
 
 def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None]:
-    """Records the squared gradient norm of a probed block and frees the gradient right away.
+    """Records the squared gradient norms of a probed tensor's blocks and frees the gradient right away.
 
     Under gradient accumulation the hook runs once per micro-step, so the recorded value is the sum of the
     micro-steps' squared norms (see docs/algorithm.md). A weak reference keeps the model from owning the optimizer.
