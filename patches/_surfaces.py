@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 from ._version import installed_version
+from .arguments import EXCLUSIVE_FLAGS
 
 
 @dataclass(frozen=True)
@@ -37,19 +38,7 @@ class Surface:
         return f"{self.module}.{self.path}"
 
 
-FINETUNING_FIELDS = (
-    "finetuning_type",
-    "stage",
-    "plot_loss",
-    "freeze_vision_tower",
-    "use_galore",
-    "use_apollo",
-    "use_badam",
-    "use_adam_mini",
-    "use_muon",
-    "use_llama_pro",
-    "use_hyper_parallel",
-)
+FINETUNING_FIELDS = ("finetuning_type", "stage", "plot_loss", "freeze_vision_tower", *EXCLUSIVE_FLAGS)
 MODEL_FIELDS = ("model_name_or_path", "use_unsloth", "resize_vocab", "train_from_scratch", "trust_remote_code")
 _TRAINER_API = (
     Surface("transformers", "Trainer.training_step", ("self", "model", "inputs")),

@@ -656,9 +656,8 @@ def test_the_pretraining_suite_trains_on_the_unseen_domain_text(tmp_path):
     assert all(any(phrase in text for text in train) for phrase in phrases)
 
 
-def test_a_model_is_built_at_its_config_s_vocabulary_in_its_dtype_once_and_the_same_every_time(tmp_path):
-    from safetensors import safe_open
-
+def write_tiny_qwen_shape(folder, max_positions: int) -> dict:
+    """A tiny Qwen2 config.json in ``folder``: tied embeddings, a vocabulary 1000 larger than the harness tokenizer."""
     config = {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -667,12 +666,19 @@ def test_a_model_is_built_at_its_config_s_vocabulary_in_its_dtype_once_and_the_s
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
+        "max_position_embeddings": max_positions,
         "vocab_size": models.TOKENIZER_VOCAB + 1000,
         "tie_word_embeddings": True,
     }
-    (tmp_path / "shape").mkdir()
-    (tmp_path / "shape" / "config.json").write_text(json.dumps(config))
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return config
+
+
+def test_a_model_is_built_at_its_config_s_vocabulary_in_its_dtype_once_and_the_same_every_time(tmp_path):
+    from safetensors import safe_open
+
+    config = write_tiny_qwen_shape(tmp_path / "shape", max_positions=256)
     build = models.ModelBuild(models.config_file(tmp_path / "shape"), "bfloat16")
     folder = models.build_model(build, tmp_path / "a")
     with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
@@ -967,20 +973,7 @@ def shaped_runs(tiny_llamafactory_assets, tmp_path_factory):
     """BlockLLM over two seeds and two learning rates on a model the harness builds from a config.json (tied
     embeddings, a vocabulary larger than the tokenizer's), in bf16 mixed precision, through the console script."""
     root = tmp_path_factory.mktemp("shaped")
-    config = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 128,
-        "vocab_size": models.TOKENIZER_VOCAB + 1000,
-        "tie_word_embeddings": True,
-    }
-    (root / "shape").mkdir()
-    (root / "shape" / "config.json").write_text(json.dumps(config))
+    config = write_tiny_qwen_shape(root / "shape", max_positions=128)
     suite = {
         "env": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"},
         "model_config": str(root / "shape"),
