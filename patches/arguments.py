@@ -16,6 +16,7 @@ FINETUNING_TYPE = "blockllm"
 STAGES = ("pt", "sft", "rm", "dpo", "kto")
 PROBES = ("sample", "exact")
 SCORES = ("norm", "norm_per_sqrt_size")
+BLOCK_SIZE_HEAD = "head"  # blockllm_block_size resolved from the model's config (patches/optimizer.py)
 
 # Other optimizers and methods LLaMA-Factory switches on by flag; BlockLLM is itself the optimizer.
 EXCLUSIVE_FLAGS = (
@@ -76,22 +77,24 @@ class BlockLLMArguments:
         },
     )
     blockllm_score: Literal["norm", "norm_per_sqrt_size"] = field(
-        default="norm",
+        default="norm_per_sqrt_size",
         metadata={
             "help": (
-                "How BlockLLM ranks blocks: `norm` (the paper: gradient norm over visit frequency) or "
-                "`norm_per_sqrt_size` (the same divided by the square root of the block's size, which removes the "
-                "bias toward large tensors)."
+                "How BlockLLM ranks blocks: `norm_per_sqrt_size` (the default: gradient norm over visit frequency, "
+                "divided by the square root of the block's size, which removes the bias toward large tensors; "
+                "measured better, docs/algorithm.md) or `norm` (the paper's rule)."
             )
         },
     )
-    blockllm_block_size: int = field(
-        default=0,
+    blockllm_block_size: str = field(
+        default=BLOCK_SIZE_HEAD,
         metadata={
             "help": (
-                "Size of BlockLLM's blocks (>= 0): 0 (the paper) makes every weight tensor one block; N > 0 splits "
-                "matrices into groups of whole rows of about N coordinates (e.g. head_dim x hidden_size: one "
-                "attention head of q/k/v), so that the budget spreads over more layers. Not under DeepSpeed."
+                "Size of BlockLLM's blocks: `head` (the default: groups of whole rows of head_dim x hidden_size "
+                "coordinates, one attention head of q/k/v, read from the model's config; whole tensors under "
+                "DeepSpeed), an integer N > 0 (row groups of about N coordinates) or 0 (the paper: every weight "
+                "tensor is one block). Finer blocks spread the budget over more layers. Numbers other than 0 are "
+                "refused under DeepSpeed."
             )
         },
     )
@@ -120,9 +123,15 @@ def check_blockllm_values(args: BlockLLMArguments) -> None:
     if args.blockllm_score not in SCORES:
         raise ValueError(f"`blockllm_score` must be one of {', '.join(SCORES)}, got {args.blockllm_score!r}.")
     block_size = args.blockllm_block_size
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0:
+    if isinstance(block_size, str) and block_size.strip().isdigit():  # from the command line or the web UI
+        block_size = args.blockllm_block_size = int(block_size)
+    if block_size != BLOCK_SIZE_HEAD and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0
+    ):
         raise ValueError(
-            f"`blockllm_block_size` must be an integer >= 0 (0: whole tensors, the paper), got {block_size!r}."
+            f"`blockllm_block_size` must be `{BLOCK_SIZE_HEAD}` (one attention head: head_dim x hidden_size "
+            f"coordinates, the default), an integer > 0 (row groups of about that many coordinates) or 0 (whole "
+            f"tensors, the paper), got {block_size!r}."
         )
 
 

@@ -203,7 +203,8 @@ def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
             "`fsdp` cannot be combined with `finetuning_type: blockllm` (supported engines: DDP and DeepSpeed "
             "ZeRO-1/2/3); remove `fsdp`."
         )
-    if training_args.deepspeed and getattr(finetuning_args, "blockllm_block_size", 0):
+    # The default, `head`, falls back to whole tensors there (see patches/optimizer.py); a number is refused.
+    if training_args.deepspeed and getattr(finetuning_args, "blockllm_block_size", 0) not in (0, "head"):
         raise ValueError(
             f"`blockllm_block_size: {finetuning_args.blockllm_block_size}` cannot be combined with `deepspeed` (the "
             "ZeRO adapter selects whole tensors); set `blockllm_block_size: 0`, or train without `deepspeed`."

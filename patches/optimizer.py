@@ -8,9 +8,45 @@ norm weights in a group without weight decay (LLaMA-Factory's own ``_get_decay_p
 drive ``param_groups[i]["lr"]`` as for any torch optimizer.
 """
 
-from ._version import check_llamafactory_version
+import functools
 
-FINETUNING_TYPE = "blockllm"
+from ._version import check_llamafactory_version
+from .arguments import BLOCK_SIZE_HEAD, FINETUNING_TYPE
+
+
+def _text_config(model):
+    """The language model's config: ``text_config`` of a vision-language model; through trl's value-head wrapper of
+    reward models."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "pretrained_model", None), "config", None)
+    return getattr(config, "text_config", None) or config
+
+
+def head_block_size(model) -> int | None:
+    """Coordinates of one attention head of q/k/v: ``head_dim x hidden_size`` from the model's config (``None``
+    when the config does not say)."""
+    config = _text_config(model)
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    return head_dim * hidden if isinstance(hidden, int) and isinstance(head_dim, int) and head_dim > 0 else None
+
+
+def resolve_block_size(block_size, model, deepspeed_zero: bool, logger) -> int:
+    """``blockllm_block_size`` as a number: ``head`` becomes one attention head's coordinates, or whole tensors (0)
+    under DeepSpeed (whose adapter selects whole tensors) and for a model whose config names no heads."""
+    if block_size != BLOCK_SIZE_HEAD:
+        return block_size
+    if deepspeed_zero:
+        logger.info_rank0("BlockLLM under DeepSpeed selects whole tensors (`blockllm_block_size: head` -> 0).")
+        return 0
+    size = head_block_size(model)
+    if size is None:
+        logger.warning_rank0(
+            "`blockllm_block_size: head`: the model's config has no hidden_size / num_attention_heads, so BlockLLM "
+            "selects whole tensors; set `blockllm_block_size` to a number of coordinates to use row groups."
+        )
+        return 0
+    return size
 
 
 def build_create_blockllm_optimizer(module):
@@ -32,6 +68,9 @@ def build_create_blockllm_optimizer(module):
         from .distributed import blockllm_optimizer_class, uses_deepspeed_zero
         from .precision import compact_gradients, optim_bits
 
+        block_size = resolve_block_size(
+            finetuning_args.blockllm_block_size, model, uses_deepspeed_zero(training_args), logger
+        )
         optimizer = blockllm_optimizer_class(training_args)(
             [group for group in param_groups if group["params"]],
             lr=training_args.learning_rate,
@@ -46,17 +85,18 @@ def build_create_blockllm_optimizer(module):
             seed=training_args.seed,
             optim_bits=optim_bits(training_args),
             score=finetuning_args.blockllm_score,
-            block_size=finetuning_args.blockllm_block_size,
+            block_size=block_size,
             **({} if uses_deepspeed_zero(training_args) else {"compact_gradients": compact_gradients(training_args)}),
         )
+        blocks = f"{block_size:,} coordinates" if block_size else "whole tensors"
+        blocks += f" (`blockllm_block_size: {finetuning_args.blockllm_block_size}`)"
         probed = (
             f" ({finetuning_args.blockllm_probe_blocks} blocks)" if finetuning_args.blockllm_probe == "sample" else ""
         )
         logger.info_rank0(
             f"Using BlockLLM optimizer: sparsity {finetuning_args.blockllm_sparsity}, patience "
             f"{finetuning_args.blockllm_patience}, probe {finetuning_args.blockllm_probe}{probed}, score "
-            f"{finetuning_args.blockllm_score}, blocks of "
-            f"{finetuning_args.blockllm_block_size or 'whole tensors'}, budget {optimizer.budget:,} of "
+            f"{finetuning_args.blockllm_score}, blocks of {blocks}, budget {optimizer.budget:,} of "
             f"{optimizer.eligible_numel:,} coordinates per step; "
             f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments."
         )
@@ -66,13 +106,12 @@ def build_create_blockllm_optimizer(module):
 
 
 def build_create_custom_optimizer(original, create_blockllm_optimizer):
+    @functools.wraps(original)
     def create_custom_optimizer(model, training_args, finetuning_args):
         if finetuning_args.finetuning_type == FINETUNING_TYPE:
             return create_blockllm_optimizer(model, training_args, finetuning_args)
         return original(model, training_args, finetuning_args)
 
-    create_custom_optimizer.__wrapped__ = original
-    create_custom_optimizer.__doc__ = original.__doc__
     return create_custom_optimizer
 
 

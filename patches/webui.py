@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ._version import check_llamafactory_version
-from .arguments import PROBES, BlockLLMArguments
+from .arguments import PROBES, SCORES, BlockLLMArguments
 from .parser import check_training_setup
 
 FINETUNING_TYPE = "blockllm"
@@ -29,6 +29,8 @@ PANEL_INPUTS = (
     "blockllm_probe",
     "blockllm_probe_blocks",
     "blockllm_include_embeddings",
+    "blockllm_score",
+    "blockllm_block_size",
 )
 # Train-tab checkboxes for methods that parse time refuses together with blockllm.
 EXCLUSIVE_CHECKBOXES = ("use_galore", "use_apollo", "use_badam", "use_llama_pro")
@@ -61,6 +63,9 @@ def create_blockllm_panel() -> dict[str, Any]:
             blockllm_probe = gr.Dropdown(choices=list(PROBES), value=defaults.blockllm_probe)
             blockllm_probe_blocks = gr.Slider(minimum=0, maximum=64, value=defaults.blockllm_probe_blocks, step=1)
             blockllm_include_embeddings = gr.Checkbox(value=defaults.blockllm_include_embeddings)
+        with gr.Row():
+            blockllm_score = gr.Dropdown(choices=list(SCORES), value=defaults.blockllm_score)
+            blockllm_block_size = gr.Textbox(value=str(defaults.blockllm_block_size))
 
     return {
         "blockllm_tab": blockllm_tab,
@@ -70,6 +75,8 @@ def create_blockllm_panel() -> dict[str, Any]:
         "blockllm_probe": blockllm_probe,
         "blockllm_probe_blocks": blockllm_probe_blocks,
         "blockllm_include_embeddings": blockllm_include_embeddings,
+        "blockllm_score": blockllm_score,
+        "blockllm_block_size": blockllm_block_size,
     }
 
 
@@ -161,6 +168,9 @@ def panel_arguments(get) -> dict[str, Any]:
     if arguments["blockllm_probe"] == "sample":  # only read by the sampled probe
         arguments["blockllm_probe_blocks"] = _whole(get("train.blockllm_probe_blocks"))
     arguments["blockllm_include_embeddings"] = get("train.blockllm_include_embeddings")
+    arguments["blockllm_score"] = get("train.blockllm_score")
+    block_size = str(get("train.blockllm_block_size")).strip()  # `head` or a number; the parse-time check reads it
+    arguments["blockllm_block_size"] = int(block_size) if block_size.isdigit() else block_size
     return arguments
 
 

@@ -69,6 +69,32 @@ BLOCKLLM_LOCALES: dict[str, dict[str, dict[str, str]]] = {
         "ko": {"label": "임베딩 포함", "info": "입력 임베딩과 출력 헤드도 학습합니다."},
         "ja": {"label": "埋め込みを含める", "info": "入力埋め込みと出力ヘッドも学習します。"},
     },
+    "blockllm_score": {
+        "en": {"label": "Ranking score", "info": "norm_per_sqrt_size (default, measured better) or norm (the paper)."},
+        "ru": {
+            "label": "Оценка блоков",
+            "info": "norm_per_sqrt_size (по умолчанию, лучше) или norm (статья).",
+        },
+        "zh": {"label": "排序分数", "info": "norm_per_sqrt_size（默认，实测更好）或 norm（论文）。"},
+        "ko": {"label": "순위 점수", "info": "norm_per_sqrt_size(기본값, 측정상 더 좋음) 또는 norm(논문)."},
+        "ja": {"label": "順位スコア", "info": "norm_per_sqrt_size（既定、実測で良好）または norm（論文）。"},
+    },
+    "blockllm_block_size": {
+        "en": {
+            "label": "Block size",
+            "info": "head (default: one attention head), N coordinates or 0 (whole tensors, paper).",
+        },
+        "ru": {
+            "label": "Размер блока",
+            "info": "head (по умолчанию: голова внимания), N координат или 0 (тензоры, статья).",
+        },
+        "zh": {"label": "块大小", "info": "head（默认：一个注意力头）、N 个坐标，或 0（整个张量，论文）。"},
+        "ko": {"label": "블록 크기", "info": "head(기본값: 어텐션 헤드 하나), N개 좌표, 또는 0(텐서 전체, 논문)."},
+        "ja": {
+            "label": "ブロックサイズ",
+            "info": "head（既定: 注意ヘッド 1 つ）、N 座標、0（テンソル全体、論文）。",
+        },
+    },
 }
 
 

@@ -37,7 +37,9 @@ def test_defaults_and_values_reach_finetuning_args(parse):
         finetuning_args.blockllm_probe,
         finetuning_args.blockllm_probe_blocks,
         finetuning_args.blockllm_include_embeddings,
-    ) == (0.95, 100, "sample", 2, False)
+        finetuning_args.blockllm_score,
+        finetuning_args.blockllm_block_size,
+    ) == (0.95, 100, "sample", 2, False, "norm_per_sqrt_size", "head")
 
     _, _, _, finetuning_args, _ = parse(
         blockllm_sparsity=0.9,
@@ -45,6 +47,8 @@ def test_defaults_and_values_reach_finetuning_args(parse):
         blockllm_probe="exact",
         blockllm_probe_blocks=0,
         blockllm_include_embeddings=True,
+        blockllm_score="norm",
+        blockllm_block_size=0,
     )
     assert (
         finetuning_args.blockllm_sparsity,
@@ -52,7 +56,9 @@ def test_defaults_and_values_reach_finetuning_args(parse):
         finetuning_args.blockllm_probe,
         finetuning_args.blockllm_probe_blocks,
         finetuning_args.blockllm_include_embeddings,
-    ) == (0.9, 7, "exact", 0, True)
+        finetuning_args.blockllm_score,
+        finetuning_args.blockllm_block_size,
+    ) == (0.9, 7, "exact", 0, True, "norm", 0)
 
 
 def test_command_line_form_and_help_text(tiny_llamafactory_assets, tmp_path):
@@ -70,10 +76,12 @@ def test_command_line_form_and_help_text(tiny_llamafactory_assets, tmp_path):
         "--dataset", "tiny_sft", "--template", "default", "--do_train", "true", "--use_cpu", "true",
         "--output_dir", str(tmp_path / "out"), "--report_to", "none",
         "--finetuning_type", "blockllm", "--blockllm_probe", "exact", "--blockllm_include_embeddings", "true",
+        "--blockllm_block_size", "8192",
     ]  # fmt: skip
     finetuning_args = get_train_args(argv)[3]
     assert finetuning_args.finetuning_type == "blockllm"
     assert finetuning_args.blockllm_probe == "exact" and finetuning_args.blockllm_include_embeddings is True
+    assert finetuning_args.blockllm_block_size == 8192  # a number on the command line is a number
 
 
 @pytest.mark.parametrize(
@@ -86,6 +94,8 @@ def test_command_line_form_and_help_text(tiny_llamafactory_assets, tmp_path):
         ({"blockllm_patience": 2.5}, r"`blockllm_patience` must be an integer >= 1"),
         ({"blockllm_probe": "fast"}, r"`blockllm_probe` must be one of sample, exact, got 'fast'"),
         ({"blockllm_probe_blocks": -1}, r"`blockllm_probe_blocks` must be an integer >= 0"),
+        ({"blockllm_block_size": "heads"}, r"`blockllm_block_size` must be `head` .* got 'heads'"),
+        ({"blockllm_block_size": 0.5}, r"`blockllm_block_size` must be `head` .* got 0.5"),
         ({"use_galore": True}, r"`use_galore` cannot be combined with `finetuning_type: blockllm`"),
         ({"use_apollo": True}, r"`use_apollo` cannot be combined with `finetuning_type: blockllm`"),
         ({"use_badam": True}, r"`use_badam` cannot be combined with `finetuning_type: blockllm`"),
@@ -120,3 +130,34 @@ def test_reward_model_stage_does_not_resume_like_full_tuning(parse, tmp_path):
     training_args = parse(stage="rm", dataset="tiny_pairwise", resume_from_checkpoint=str(tmp_path))[2]
     assert training_args.resume_from_checkpoint is None
     assert parse(resume_from_checkpoint=str(tmp_path))[2].resume_from_checkpoint == str(tmp_path)
+
+
+def test_head_block_size_comes_from_the_models_config():
+    from types import SimpleNamespace as NS
+
+    from blockllm_factory.patches.optimizer import head_block_size, resolve_block_size
+
+    class Logger:
+        def __init__(self):
+            self.lines = []
+
+        def info_rank0(self, text):
+            self.lines.append(text)
+
+        warning_rank0 = info_rank0
+
+    llama = NS(config=NS(hidden_size=4096, num_attention_heads=32))
+    assert head_block_size(llama) == 128 * 4096  # Llama-2-7B: one head of q/k/v
+    assert head_block_size(NS(config=NS(hidden_size=2048, num_attention_heads=16, head_dim=256))) == 256 * 2048
+    vision_language = NS(config=NS(text_config=NS(hidden_size=256, num_attention_heads=8), vision_config=NS()))
+    assert head_block_size(vision_language) == 32 * 256
+    reward_model = NS(pretrained_model=NS(config=NS(hidden_size=256, num_attention_heads=8)))  # trl's value head
+    assert head_block_size(reward_model) == 32 * 256
+
+    logger = Logger()
+    assert resolve_block_size("head", llama, False, logger) == 128 * 4096 and not logger.lines
+    assert resolve_block_size(64, llama, False, logger) == 64 and resolve_block_size(0, llama, False, logger) == 0
+    assert resolve_block_size("head", llama, True, logger) == 0  # DeepSpeed's adapter selects whole tensors
+    assert "whole tensors" in logger.lines[-1]
+    assert resolve_block_size("head", NS(config=NS()), False, logger) == 0  # no heads in the config: said
+    assert "has no hidden_size" in logger.lines[-1]

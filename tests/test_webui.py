@@ -45,7 +45,8 @@ SERVER_START_S = 240  # bound for the server to answer; it normally takes 20-40 
 TRAINING_S = 420  # bound for the few training steps to finish, model loading included
 UI_S = 30  # bound for one UI reaction
 TRAIN_STEPS = 6
-PANEL_LABELS = ("Use BlockLLM", "Sparsity", "Patience", "Probe", "Probe blocks", "Include embeddings")
+PANEL_LABELS = ("Use BlockLLM", "Sparsity", "Patience", "Probe", "Probe blocks", "Include embeddings", "Ranking score",
+                "Block size")  # fmt: skip
 
 
 def test_panel_labels_exist_in_every_language_llamafactory_ships():
@@ -54,7 +55,8 @@ def test_panel_labels_exist_in_every_language_llamafactory_ships():
     languages = list(LOCALES["finetuning_type"])  # the languages of LLaMA-Factory's own labels
     assert {"en", "zh"} <= set(languages)
     names = ("blockllm_tab", "use_blockllm", "blockllm_sparsity", "blockllm_patience", "blockllm_probe",
-             "blockllm_probe_blocks", "blockllm_include_embeddings")  # fmt: skip
+             "blockllm_probe_blocks", "blockllm_include_embeddings", "blockllm_score",
+             "blockllm_block_size")  # fmt: skip
     for name in names:
         for language in languages:
             assert LOCALES[name][language]["label"].strip(), f"{name} has no {language} label"
@@ -269,6 +271,8 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     expect(_field(page, "number input for Patience")).to_have_value("100")
     expect(_field(page, "Probe")).to_have_value("sample")
     expect(_field(page, "number input for Probe blocks")).to_have_value("2")
+    expect(_field(page, "Ranking score")).to_have_value("norm_per_sqrt_size")
+    expect(_textbox(page, "Block size")).to_have_value("head")
     expect(panel.get_by_label("Use BlockLLM")).to_be_checked()
     # What does not apply is hidden or disabled.
     expect(lora_panel).to_be_hidden()
@@ -301,13 +305,15 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     _textbox(page, "Extra arguments").fill(json.dumps(extra))
     _set_number(page, "Sparsity", 0.9)
     _set_number(page, "Patience", 5)
+    _textbox(page, "Block size").fill("4096")
 
     page.get_by_role("button", name="Preview command").click()
     command = page.locator("code").filter(has_text="llamafactory-cli train").filter(visible=True)
     expect(command).to_contain_text("--finetuning_type blockllm")
     text = command.inner_text()
     for expected in ("--blockllm_sparsity 0.9 ", "--blockllm_patience 5 ", "--blockllm_probe sample ",
-                     "--blockllm_probe_blocks 2 "):  # fmt: skip
+                     "--blockllm_probe_blocks 2 ", "--blockllm_score norm_per_sqrt_size ",
+                     "--blockllm_block_size 4096"):  # fmt: skip
         assert expected in text, text
     assert "--lora_rank" not in text and "--quantization_bit" not in text, text
     assert "--blockllm_include_embeddings" not in text  # false, dropped like every false flag
@@ -328,6 +334,7 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     assert saved["top.finetuning_type"] == "blockllm"
     assert saved["train.blockllm_sparsity"] == pytest.approx(0.9)
     assert saved["train.blockllm_patience"] == 5
+    assert str(saved["train.blockllm_block_size"]) == "4096" and saved["train.blockllm_score"] == "norm_per_sqrt_size"
     _set_number(page, "Sparsity", 0.5)
     expect(_field(page, "number input for Sparsity")).to_have_value("0.5")
     page.get_by_role("button", name="Load arguments").click()
