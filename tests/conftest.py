@@ -5,18 +5,22 @@ four small datasets (sft, pt, pairwise, kto) registered in a ``dataset_info.json
 temporary folder, deterministically and without any hub.
 
 ``llamafactory_train``: runs the real, unmodified ``llamafactory-cli train <yaml>`` in a subprocess on CPU.
+
+The plain functions (the CLI's environment, the argument builder, the CLI runs) live in tests/helpers.py; test files
+import them from there. ``CLI``, ``cli_env``, ``tiny_config``, ``run_cli`` and ``run_logged`` are also importable from
+here for the files that still do ``from conftest import ...``.
 """
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import CLI, cli_env, run_cli, run_logged, tiny_config
 
-CLI = Path(sys.executable).with_name("llamafactory-cli")
+__all__ = ["CLI", "cli_env", "run_cli", "run_logged", "tiny_config"]  # re-exported, see the docstring
 SEED = 7
 WORDS = (
     "apple river stone cloud green quick lazy brown fox dog bird tree house light dark blue red small large "
@@ -132,68 +136,6 @@ def tiny_llamafactory_assets(tmp_path_factory) -> TinyAssets:
     corpus = _write_datasets(root / "data")
     _write_model(root / "model", corpus)
     return TinyAssets(model_dir=root / "model", dataset_dir=root / "data")
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_DISABLED="true",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-        CUDA_VISIBLE_DEVICES="",
-    )
-    for name in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "BLOCKLLM_FACTORY_DISABLE"):
-        env.pop(name, None)
-    env.update(extra)
-    return env
-
-
-def tiny_config(assets: TinyAssets, output_dir: Path, **overrides) -> dict:
-    """A few-step CPU training config of ``finetuning_type: blockllm`` on the tiny assets, updated by ``overrides``."""
-    config = {
-        "model_name_or_path": str(assets.model_dir),
-        "dataset_dir": str(assets.dataset_dir),
-        "template": "default",
-        "stage": "sft",
-        "do_train": True,
-        "dataset": "tiny_sft",
-        "finetuning_type": "blockllm",
-        "cutoff_len": 64,
-        "max_samples": 32,
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1.0e-3,
-        "max_steps": 4,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        "preprocessing_num_workers": 1,
-        "overwrite_cache": True,
-        "output_dir": str(output_dir),
-    }
-    config.update(overrides)
-    return config
-
-
-def run_cli(command: str, config: dict, workdir: Path, name: str, timeout: int = 600, **env: str):
-    """Runs ``llamafactory-cli <command> <workdir>/<name>.yaml``; the CompletedProcess gets ``.log`` (both streams)."""
-    path = Path(workdir) / f"{name}.yaml"
-    path.write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is valid YAML
-    return run_logged([str(CLI), command, str(path)], workdir, timeout, **env)
-
-
-def run_logged(argv: list[str], cwd: Path, timeout: int, **env: str) -> subprocess.CompletedProcess:
-    """Runs ``argv`` with the CLI's environment (plus ``env``); the CompletedProcess gets ``.log`` (both streams)."""
-    result = subprocess.run(argv, cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
-    result.log = result.stdout + result.stderr
-    return result
 
 
 @pytest.fixture

@@ -3,7 +3,9 @@
 import re
 from pathlib import Path
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+from helpers import ROOT
+
+DOCS = ROOT / "docs"
 
 
 def python_blocks(path: Path) -> list[str]:

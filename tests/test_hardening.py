@@ -8,42 +8,14 @@ documented there too and checked here. The launches that a user types (``acceler
 
 import json
 import logging
-import os
-import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import CLI, ROOT, bad_inputs, documented_pattern, parse_args, run_logged, tiny_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import CLI, run_logged  # noqa: E402
-
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-# llamafactory-cli starts torchrun by name: as in an activated virtual environment (see README).
-ACTIVATED = {"PATH": f"{CLI.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def _ns(**values) -> SimpleNamespace:
-    return SimpleNamespace(**values)
-
-
-def _tiny_config(assets, **overrides) -> dict:
-    config = {
-        "model_name_or_path": str(assets.model_dir),
-        "dataset_dir": str(assets.dataset_dir),
-        "dataset": "tiny_sft",
-        "template": "default",
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "blockllm",
-        "output_dir": "unused-output-dir",
-        "overwrite_output_dir": True,
-        "use_cpu": True,
-        "report_to": "none",
-    }
-    return {**config, **overrides}
 
 
 # ------------------------------------------------------------------------------------------------ documented refusals
@@ -67,7 +39,7 @@ def _surface_changed():
     def init_adapter(config, model, model_args, finetuning_args):  # as if a release had dropped is_trainable
         return model
 
-    check_surfaces("llamafactory.model.adapter", _ns(**{**vars(adapter), "init_adapter": init_adapter}))
+    check_surfaces("llamafactory.model.adapter", SimpleNamespace(**{**vars(adapter), "init_adapter": init_adapter}))
 
 
 def _launch(monkeypatch, env: dict[str, str], **finetuning):
@@ -75,21 +47,28 @@ def _launch(monkeypatch, env: dict[str, str], **finetuning):
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    check_launch(_ns(use_unsloth=False), _ns(use_mca=False, **finetuning), _ns(deepspeed=None))
+    check_launch(
+        SimpleNamespace(use_unsloth=False),
+        SimpleNamespace(use_mca=False, **finetuning),
+        SimpleNamespace(deepspeed=None),
+    )
 
 
-def _ray(assets, monkeypatch):
+def _ray(assets, tmp_path, monkeypatch):
     from llamafactory.train.tuner import run_exp
 
     monkeypatch.setenv("USE_RAY", "1")
-    run_exp(_tiny_config(assets))  # refused before LLaMA-Factory starts Ray (ray is not even installed here)
+    # Refused before LLaMA-Factory starts Ray (ray is not even installed here).
+    run_exp(tiny_config(assets, tmp_path / "ray"))
 
 
 def _zero3_sub_group_size(assets):
     from blockllm_factory.patches.model_checks import check_zero3_sub_group_size
 
     config = {"zero_optimization": {"stage": 3, "sub_group_size": 1000}}
-    check_zero3_sub_group_size(_ns(model_name_or_path=str(assets.model_dir)), _ns(world_size=2), config)
+    check_zero3_sub_group_size(
+        SimpleNamespace(model_name_or_path=str(assets.model_dir)), SimpleNamespace(world_size=2), config
+    )
 
 
 def documented_triggers(assets, tmp_path, monkeypatch, parse) -> dict:
@@ -107,7 +86,7 @@ def documented_triggers(assets, tmp_path, monkeypatch, parse) -> dict:
         "surface_changed": _surface_changed,
         "accelerate_fsdp": with_env("ACCELERATE_USE_FSDP", "true", parse()),
         "accelerate_deepspeed": lambda: _launch(monkeypatch, {"ACCELERATE_USE_DEEPSPEED": "true"}),
-        "use_ray": lambda: _ray(assets, monkeypatch),
+        "use_ray": lambda: _ray(assets, tmp_path, monkeypatch),
         "use_unsloth": parse(use_unsloth=True),
         "use_megatron_bridge": lambda: _launch(monkeypatch, {}, use_megatron_bridge=True),
         "train_from_scratch": parse(train_from_scratch=True),
@@ -116,20 +95,10 @@ def documented_triggers(assets, tmp_path, monkeypatch, parse) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ documented warnings
-def documented_warnings() -> dict[str, str]:
-    text = DOCS.read_text(encoding="utf-8")
-    return dict(re.findall(r"<!-- warning: (\S+) -->.*?```text\n(.*?)\n```", text, flags=re.DOTALL))
-
-
-def _pattern(documented: str):
-    parts = re.split(r"\{[^{}]*\}", documented)
-    return re.compile(".*?".join(re.escape(part) for part in parts), flags=re.DOTALL)
-
-
 @pytest.fixture(scope="module")
-def parse_logged(tiny_llamafactory_assets):
+def parse_logged(tiny_llamafactory_assets, tmp_path_factory):
     """``run(**overrides)``: LLaMA-Factory's ``get_train_args`` on the tiny assets; returns the warnings logged."""
-    from llamafactory.hparams import get_train_args
+    output_dir = tmp_path_factory.mktemp("parse_logged") / "out"
 
     def run(**overrides) -> list[str]:
         records = []
@@ -143,7 +112,7 @@ def parse_logged(tiny_llamafactory_assets):
         logger = logging.getLogger("blockllm_factory")
         logger.addHandler(handler)
         try:
-            get_train_args(_tiny_config(tiny_llamafactory_assets, **overrides))
+            parse_args(tiny_llamafactory_assets, output_dir, **overrides)
         finally:
             logger.removeHandler(handler)
         return records
@@ -152,8 +121,8 @@ def parse_logged(tiny_llamafactory_assets):
 
 
 def _assert_documented_warning(case: str, warnings: list[str]) -> None:
-    documented = documented_warnings()[case]
-    assert any(_pattern(f"WARNING: {documented}").fullmatch(f"WARNING: {text}") for text in warnings), (
+    documented = bad_inputs("warning")[case]
+    assert any(documented_pattern(f"WARNING: {documented}").fullmatch(f"WARNING: {text}") for text in warnings), (
         f"documented:\n{documented}\nlogged:\n" + "\n".join(warnings)
     )
 
@@ -182,7 +151,7 @@ def tiny_llava(tmp_path_factory) -> Path:
 
 
 def test_every_documented_warning_is_checked():
-    assert set(documented_warnings()) == {"resize_vocab", "freeze_vision_tower", "freeze_vision_tower_unread"}
+    assert set(bad_inputs("warning")) == {"resize_vocab", "freeze_vision_tower", "freeze_vision_tower_unread"}
 
 
 def test_resize_vocab_without_embeddings_warns_and_with_them_does_not(parse_logged):
@@ -213,9 +182,9 @@ def test_unfrozen_vision_tower_of_unreadable_files_still_warns(tiny_llava, tmp_p
 
     (tmp_path / "config.json").write_text((tiny_llava / "config.json").read_text())  # config only, no weights
     warnings = []
-    logger = _ns(warning_rank0=warnings.append)
-    finetuning_args = _ns(freeze_vision_tower=False, blockllm_include_embeddings=False)
-    check_vision_tower(_ns(model_name_or_path=str(tmp_path)), finetuning_args, logger)
+    logger = SimpleNamespace(warning_rank0=warnings.append)
+    finetuning_args = SimpleNamespace(freeze_vision_tower=False, blockllm_include_embeddings=False)
+    check_vision_tower(SimpleNamespace(model_name_or_path=str(tmp_path)), finetuning_args, logger)
     _assert_documented_warning("freeze_vision_tower_unread", warnings)
 
 
@@ -231,7 +200,7 @@ def test_zero3_sub_group_size_counts_each_process_share(tiny_llamafactory_assets
         per_process_parameters,
     )
 
-    model_args = _ns(model_name_or_path=str(tiny_llamafactory_assets.model_dir))
+    model_args = SimpleNamespace(model_name_or_path=str(tiny_llamafactory_assets.model_dir))
     tensors = checkpoint_tensors(model_args)
     from safetensors.torch import load_file
 
@@ -240,13 +209,16 @@ def test_zero3_sub_group_size_counts_each_process_share(tiny_llamafactory_assets
     for world_size in (1, 2, 3):
         needed = per_process_parameters(tensors, world_size)
         config = {"zero_optimization": {"stage": 3, "sub_group_size": needed}}
-        check_zero3_sub_group_size(model_args, _ns(world_size=world_size), config)  # exactly enough: accepted
+        launch = SimpleNamespace(world_size=world_size)
+        check_zero3_sub_group_size(model_args, launch, config)  # exactly enough: accepted
         config["zero_optimization"]["sub_group_size"] = needed - 1
         with pytest.raises(ValueError, match=f"at least {needed:,}"):
-            check_zero3_sub_group_size(model_args, _ns(world_size=world_size), config)
+            check_zero3_sub_group_size(model_args, launch, config)
     # DeepSpeed's default (1e9) and the recipe's 1e12 hold this model; ZeRO-1/2 have no sub-groups.
-    check_zero3_sub_group_size(model_args, _ns(world_size=1), {"zero_optimization": {"stage": 3}})
-    check_zero3_sub_group_size(model_args, _ns(world_size=1), {"zero_optimization": {"stage": 2, "sub_group_size": 1}})
+    check_zero3_sub_group_size(model_args, SimpleNamespace(world_size=1), {"zero_optimization": {"stage": 3}})
+    check_zero3_sub_group_size(
+        model_args, SimpleNamespace(world_size=1), {"zero_optimization": {"stage": 2, "sub_group_size": 1}}
+    )
 
 
 def test_requested_finetuning_type_is_read_from_every_argument_form():
@@ -258,11 +230,12 @@ def test_requested_finetuning_type_is_read_from_every_argument_form():
     assert requested_finetuning_type(["--stage", "sft"]) is None
 
 
-def test_ray_is_left_alone_for_other_methods(monkeypatch, tiny_llamafactory_assets):
+def test_ray_is_left_alone_for_other_methods(monkeypatch, tiny_llamafactory_assets, tmp_path):
     from llamafactory.hparams import get_ray_args
 
     monkeypatch.setenv("USE_RAY", "1")
-    assert get_ray_args(_tiny_config(tiny_llamafactory_assets, finetuning_type="full")).use_ray is True
+    config = tiny_config(tiny_llamafactory_assets, tmp_path / "out", finetuning_type="full")
+    assert get_ray_args(config).use_ray is True
 
 
 # ------------------------------------------------------------------------------------------------ through the CLI
@@ -288,13 +261,11 @@ def test_fsdp_through_accelerate_launch_is_refused_before_the_model_loads(llamaf
 
 
 def test_zero3_config_too_small_for_the_model_is_refused_before_it_loads(llamafactory_cli, tmp_path):
-    ds_config = json.loads((Path(__file__).resolve().parents[1] / "recipes/deepspeed/ds_z3_blockllm.json").read_text())
+    ds_config = json.loads((ROOT / "recipes/deepspeed/ds_z3_blockllm.json").read_text())
     ds_config["zero_optimization"]["sub_group_size"] = 10000  # the tiny model holds about 46,000 parameters
     (tmp_path / "ds_z3.json").write_text(json.dumps(ds_config))
     config = llamafactory_cli.config(tmp_path / "out", deepspeed=str(tmp_path / "ds_z3.json"), max_steps=2)
-    result = llamafactory_cli.run(
-        "train", config, tmp_path, "z3", timeout=300, FORCE_TORCHRUN="1", NPROC_PER_NODE="1", **ACTIVATED
-    )
+    result = llamafactory_cli.run("train", config, tmp_path, "z3", timeout=300, FORCE_TORCHRUN="1", NPROC_PER_NODE="1")
     assert result.returncode != 0
     assert "`zero_optimization.sub_group_size: 10000` in the DeepSpeed config is smaller than the" in result.log
     assert "trainable params" not in result.log

@@ -5,20 +5,17 @@ Faults are injected from outside the product: a ``sitecustomize.py`` put on ``PY
 kills it while it writes a checkpoint file, or turns one training loss into NaN.
 """
 
-import json
 import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import bad_inputs, documented_pattern, parse_args, run_cli, tiny_config
 from safetensors.torch import load_file
+from test_optim import TinyLM, flat_params, lm_loss, make_batches
 
 from blockllm_factory.optim import BlockLLM
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import CLI, cli_env, tiny_config  # noqa: E402
-from test_optim import TinyLM, flat_params, lm_loss, make_batches  # noqa: E402
 
 STEPS = 6
 
@@ -77,20 +74,12 @@ def _config(assets, output_dir: Path, **extra) -> dict:
     )
 
 
-def run_cli(config: dict, path: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    path.write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is valid YAML
-    faults = path.parent / "faults"
+def train(config: dict, workdir: Path, name: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """``llamafactory-cli train`` on ``config`` with the fault injection of ``env`` armed (FAULTS)."""
+    faults = workdir / "faults"
     faults.mkdir(exist_ok=True)
     (faults / "sitecustomize.py").write_text(FAULTS, encoding="utf-8")
-    result = subprocess.run(
-        [str(CLI), "train", str(path)],
-        cwd=path.parent,
-        env=cli_env(PYTHONPATH=str(faults), **env),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    result.log = result.stdout + result.stderr
+    result = run_cli("train", config, workdir, name, PYTHONPATH=str(faults), **env)
     if check:
         assert result.returncode == 0, result.log[-6000:]
     return result
@@ -110,12 +99,20 @@ def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.
         assert torch.equal(tensor, second[name]), name
 
 
+def assert_same_parameter_states(actual: dict, expected: dict) -> None:
+    """Every per-parameter entry (Adam moments, step) of ``expected``'s optimizer state is the same in ``actual``."""
+    for index, state in expected["state"].items():
+        for key, value in state.items():
+            saved = actual["state"][index][key]
+            assert torch.equal(saved, value) if torch.is_tensor(value) else saved == value
+
+
 @pytest.fixture(scope="module")
 def unbroken(tiny_llamafactory_assets, tmp_path_factory):
     """One single-process run of the recipe, checkpoints at steps 3 and 6."""
     root = tmp_path_factory.mktemp("reliability")
     config = _config(tiny_llamafactory_assets, root / "unbroken")
-    result = run_cli(config, root / "unbroken.yaml")
+    result = train(config, root, "unbroken")
     return {"root": root, "config": config, "log": result.log, "output_dir": root / "unbroken"}
 
 
@@ -125,25 +122,20 @@ def test_resumed_run_ends_bit_identical_to_the_unbroken_one(unbroken):
     assert len(events) >= 2 and events[-1]["step"] > 3, "expected a reselection after the checkpoint"
     config = dict(unbroken["config"], output_dir=str(root / "resumed"))
     config["resume_from_checkpoint"] = str(unbroken["output_dir"] / "checkpoint-3")
-    result = run_cli(config, root / "resumed.yaml")
+    result = train(config, root, "resumed")
     assert "Resuming training from checkpoint" in result.log
     assert_same_weights(model_weights(root / "resumed"), model_weights(unbroken["output_dir"]))
     resumed_state = optimizer_state(root / "resumed" / "checkpoint-6")
     unbroken_state = optimizer_state(unbroken["output_dir"] / "checkpoint-6")
     assert resumed_state["blockllm"]["events"] == events
     assert resumed_state["blockllm"]["norms"] == unbroken_state["blockllm"]["norms"]
-    for index, state in unbroken_state["state"].items():
-        for key, value in state.items():
-            saved = resumed_state["state"][index][key]
-            assert torch.equal(saved, value) if torch.is_tensor(value) else saved == value
+    assert_same_parameter_states(resumed_state, unbroken_state)
 
 
 def test_killed_while_saving_leaves_the_previous_checkpoint_loadable(unbroken):
     root = unbroken["root"]
     config = dict(unbroken["config"], output_dir=str(root / "killed"), save_steps=2)
-    killed = run_cli(
-        config, root / "killed.yaml", check=False, BLOCKLLM_TEST_KILL_WHEN_SAVING="checkpoint-4/optimizer.pt"
-    )
+    killed = train(config, root, "killed", check=False, BLOCKLLM_TEST_KILL_WHEN_SAVING="checkpoint-4/optimizer.pt")
     assert killed.returncode != 0
     broken, previous = root / "killed" / "checkpoint-4", root / "killed" / "checkpoint-2"
     assert (broken / "optimizer.pt").read_bytes() == b"partial"  # the kill hit in the middle of the save
@@ -151,26 +143,10 @@ def test_killed_while_saving_leaves_the_previous_checkpoint_loadable(unbroken):
     assert (previous / "trainer_state.json").is_file()
 
     # Rerunning the same command resumes by itself, from the last complete checkpoint (not from the broken one).
-    rerun = run_cli(dict(config), root / "killed.yaml")
+    rerun = train(dict(config), root, "killed")
     assert "checkpoint-4 is incomplete" in rerun.log and "resuming from" in rerun.log
     assert "Resuming training from checkpoint with epoch 0 and global step 2" in rerun.log
     assert_same_weights(model_weights(root / "killed"), model_weights(unbroken["output_dir"]))
-
-
-def test_an_incomplete_checkpoint_is_refused_with_the_previous_one_named(tmp_path):
-    from types import SimpleNamespace
-
-    from blockllm_factory.patches.distributed import check_resume_checkpoint
-
-    for step, complete in ((2, True), (4, False)):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    args = SimpleNamespace(
-        resume_from_checkpoint=str(tmp_path / "checkpoint-4"), output_dir=str(tmp_path), do_train=True
-    )
-    with pytest.raises(ValueError, match=r"checkpoint-4` is an incomplete checkpoint .* resume from .*checkpoint-2"):
-        check_resume_checkpoint(args)
 
 
 def test_nonfinite_step_is_skipped_with_a_warning_and_training_goes_on(unbroken):
@@ -179,7 +155,7 @@ def test_nonfinite_step_is_skipped_with_a_warning_and_training_goes_on(unbroken)
     config = dict(
         unbroken["config"], output_dir=str(root / "nan"), gradient_accumulation_steps=1, save_steps=1, max_steps=5
     )
-    result = run_cli(config, root / "nan.yaml", BLOCKLLM_TEST_NAN_AT_LOSS_CALL="4")
+    result = train(config, root, "nan", BLOCKLLM_TEST_NAN_AT_LOSS_CALL="4")
     assert "BlockLLM: optimizer step 4 skipped (non-finite loss or gradient)" in result.log
     assert "non-finite gradient at optimizer step 4" in result.log  # BlockLLM's own RuntimeWarning
     checkpoints = {step: root / "nan" / f"checkpoint-{step}" for step in (3, 4, 5)}
@@ -190,10 +166,7 @@ def test_nonfinite_step_is_skipped_with_a_warning_and_training_goes_on(unbroken)
     assert torch.equal(after["blockllm"]["rng_state"], before["blockllm"]["rng_state"])
     assert after["blockllm"]["skipped_steps"] == before["blockllm"]["skipped_steps"] + 1 == 1
     assert after["state"].keys() == before["state"].keys()
-    for index, state in before["state"].items():
-        for key, value in state.items():
-            saved = after["state"][index][key]
-            assert torch.equal(saved, value) if torch.is_tensor(value) else saved == value
+    assert_same_parameter_states(after, before)
     # Training went on: step 5 changed the weights again and the model is finite.
     final = model_weights(checkpoints[5])
     assert any(not torch.equal(final[name], tensor) for name, tensor in model_weights(checkpoints[4]).items())
@@ -265,31 +238,9 @@ def test_grad_scaler_skip_leaves_states_and_selection_as_if_the_batch_never_came
 # Every case of docs/bad_inputs.md, by its id: a function that must raise the documented error. Arguments go through
 # LLaMA-Factory's own parser (get_train_args) where a single process can reach the check; multi-process and DeepSpeed
 # checks, and the optimizer's own, are called directly with the values that a launch would give them.
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
-
-
-def _parse(assets, tmp_path, **extra):
-    from llamafactory.hparams import get_train_args
-
-    config = {
-        "model_name_or_path": str(assets.model_dir),
-        "dataset_dir": str(assets.dataset_dir),
-        "dataset": "tiny_sft",
-        "template": "default",
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "blockllm",
-        "output_dir": str(tmp_path / "parsed"),
-        "overwrite_output_dir": True,
-        "use_cpu": True,
-        "report_to": "none",
-    }
-    return get_train_args({**config, **extra})
 
 
 def _ddp_args(**values):
-    from types import SimpleNamespace
-
     defaults = {
         "fsdp": None,
         "deepspeed": None,
@@ -305,7 +256,7 @@ def _ddp_args(**values):
 
 
 def _ds(config):
-    from blockllm_factory.patches.distributed import check_deepspeed_config
+    from blockllm_factory.patches.deepspeed_config import check_deepspeed_config
 
     base = {"zero_allow_untested_optimizer": True, "zero_optimization": {"stage": 2}}
     check_deepspeed_config({**base, **config})
@@ -324,7 +275,7 @@ def _checkpoints(tmp_path, steps_complete):
 
 
 def _resume(tmp_path, explicit):
-    from blockllm_factory.patches.distributed import check_resume_checkpoint
+    from blockllm_factory.patches.checkpoints import check_resume_checkpoint
 
     _, _, args = _ddp_args(resume_from_checkpoint=explicit, output_dir=str(tmp_path), overwrite_output_dir=False)
     check_resume_checkpoint(args)
@@ -355,8 +306,6 @@ def _half_patched(monkeypatch):
 
 
 def _fake_zero3_param(sub_group):
-    from types import SimpleNamespace
-
     from blockllm_factory.optim.zero import find_fragment
 
     optimizer = SimpleNamespace(grad_position={7: [sub_group, 0, 4]}, get_param_id=lambda param: 7)
@@ -365,8 +314,6 @@ def _fake_zero3_param(sub_group):
 
 
 def _not_blockllm_trainer():
-    from types import SimpleNamespace
-
     from blockllm_factory.patches.trainer import attach
 
     trainer = SimpleNamespace(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
@@ -376,11 +323,12 @@ def _not_blockllm_trainer():
 def _cases(assets, tmp_path, monkeypatch):
     from blockllm_factory.optim.zero import ZeroBlockLLM
     from blockllm_factory.patches._version import check_llamafactory_version
-    from blockllm_factory.patches.distributed import check_distributed_setup, leave_clipping_to_blockllm
+    from blockllm_factory.patches.deepspeed_config import leave_clipping_to_blockllm
+    from blockllm_factory.patches.engine_setup import check_distributed_setup
     from blockllm_factory.patches.parser import check_training_setup
 
     def parse(**extra):
-        return lambda: _parse(assets, tmp_path, **extra)
+        return lambda: parse_args(assets, tmp_path / "parsed", **extra)
 
     cases = {
         "blockllm_sparsity": parse(blockllm_sparsity=1.5),
@@ -392,8 +340,8 @@ def _cases(assets, tmp_path, monkeypatch):
         "blockllm_block_size": parse(blockllm_block_size=-1),
         "deepspeed_block_size": lambda: check_distributed_setup(
             None,
-            _ds_namespace(blockllm_block_size=64),
-            _ds_namespace(deepspeed="ds.json", resume_from_checkpoint=None, do_train=False, output_dir="", fsdp=""),
+            SimpleNamespace(blockllm_block_size=64),
+            SimpleNamespace(deepspeed="ds.json", resume_from_checkpoint=None, do_train=False, output_dir="", fsdp=""),
         ),
         "stage": parse(stage="ppo"),
         "adapter_only_argument": parse(lora_rank=16),
@@ -401,10 +349,10 @@ def _cases(assets, tmp_path, monkeypatch):
         "optim": parse(optim="sgd"),
         "optim_8bit_deepspeed": lambda: __import__(
             "blockllm_factory.patches.precision", fromlist=["check_optim"]
-        ).check_optim(_ds_namespace(optim="adamw_bnb_8bit", deepspeed="ds_z2.json")),
+        ).check_optim(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed="ds_z2.json")),
         "half_patched": lambda: _half_patched(monkeypatch),
         "version": lambda: check_llamafactory_version("0.9.4"),
-        "use_mca": lambda: check_training_setup(None, _ds_namespace(use_mca=True), None),
+        "use_mca": lambda: check_training_setup(None, SimpleNamespace(use_mca=True), None),
         "ddp_find_unused_parameters": lambda: check_distributed_setup(*_ddp_args(ddp_find_unused_parameters=False)),
         "ddp_static_graph": lambda: check_distributed_setup(*_ddp_args(ddp_static_graph=True)),
         "zero_stage": lambda: _ds({"zero_optimization": {"stage": 0}}),
@@ -413,7 +361,7 @@ def _cases(assets, tmp_path, monkeypatch):
         "deepspeed_optimizer": lambda: _ds({"optimizer": {"type": "AdamW"}}),
         "zero_allow_untested_optimizer": lambda: _ds({"zero_allow_untested_optimizer": False}),
         "gradient_clipping": lambda: leave_clipping_to_blockllm(
-            _ds_namespace(hf_deepspeed_config=_ds_namespace(config={"gradient_clipping": 0.5}), max_grad_norm=1.0)
+            SimpleNamespace(hf_deepspeed_config=SimpleNamespace(config={"gradient_clipping": 0.5}), max_grad_norm=1.0)
         ),
         "zero3_sub_group_size": lambda: _fake_zero3_param(sub_group=1),
         "resume_incomplete": lambda: (
@@ -465,35 +413,14 @@ def _cases(assets, tmp_path, monkeypatch):
     return cases
 
 
-def _ds_namespace(**values):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(**values)
-
-
 def _exclusive_namespace(flag):
     from blockllm_factory.patches.arguments import EXCLUSIVE_FLAGS
 
-    return _ds_namespace(stage="sft", **{name: name == flag for name in EXCLUSIVE_FLAGS})
-
-
-def documented_cases() -> dict[str, str]:
-    """Case id -> the documented ``ExceptionType: message`` (``{...}`` stands for a value that varies)."""
-    import re
-
-    text = DOCS.read_text(encoding="utf-8")
-    return dict(re.findall(r"<!-- case: (\S+) -->.*?```text\n(.*?)\n```", text, flags=re.DOTALL))
-
-
-def _pattern(documented: str):
-    import re
-
-    parts = re.split(r"\{[^{}]*\}", documented)
-    return re.compile(".*?".join(re.escape(part) for part in parts), flags=re.DOTALL)
+    return SimpleNamespace(stage="sft", **{name: name == flag for name in EXCLUSIVE_FLAGS})
 
 
 def test_every_documented_refusal_has_a_test_and_every_tested_refusal_is_documented(tmp_path, monkeypatch):
-    documented = documented_cases()
+    documented = bad_inputs("case")  # case id -> the documented ``ExceptionType: message``
     tested = _cases(None, tmp_path, monkeypatch)
     flags = {case.split(":", 1)[1] for case in tested if case.startswith("exclusive_flag:")}
     documented_ids = {case for case in documented if not case.startswith("exclusive_flag")}
@@ -506,8 +433,8 @@ def test_every_documented_refusal_has_a_test_and_every_tested_refusal_is_documen
 @pytest.mark.parametrize("case", sorted(_cases(None, Path("unused"), None)))
 def test_refused_input_raises_the_documented_error(case, tiny_llamafactory_assets, tmp_path, monkeypatch):
     trigger = _cases(tiny_llamafactory_assets, tmp_path, monkeypatch)[case]
-    documented = documented_cases()["exclusive_flag" if case.startswith("exclusive_flag") else case]
+    documented = bad_inputs("case")["exclusive_flag" if case.startswith("exclusive_flag") else case]
     with pytest.raises(Exception) as raised:  # noqa: PT011 - the type is part of the documented line
         trigger()
     actual = f"{type(raised.value).__name__}: {raised.value}"
-    assert _pattern(documented).fullmatch(actual), f"documented:\n{documented}\nactual:\n{actual}"
+    assert documented_pattern(documented).fullmatch(actual), f"documented:\n{documented}\nactual:\n{actual}"

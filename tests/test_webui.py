@@ -26,11 +26,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import CLI, ROOT, cli_env, parse_args, run_logged, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "images" / "webui_blockllm.png"
 UPDATE_SCREENSHOT = "BLOCKLLM_FACTORY_UPDATE_SCREENSHOT"  # =1: the run refreshes the doc asset above
-CLI = Path(sys.executable).with_name("llamafactory-cli")
 CHROMIUM = Path(os.environ.get("BLOCKLLM_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
     "--headless",
@@ -119,25 +118,15 @@ def webui(tmp_path_factory):
     _browser_or_skip()
     workdir = tmp_path_factory.mktemp("webui")
     port = _free_port()
-    env = dict(os.environ)
-    for name in ("FORCE_TORCHRUN", "BLOCKLLM_FACTORY_DISABLE", "GRADIO_SHARE"):
-        env.pop(name, None)
-    env.update(
+    # cli_env puts the virtual environment first on PATH: the runner starts `llamafactory-cli train` from there.
+    env = cli_env(
         # DeepSpeed runs start torchrun with NPROC_PER_NODE processes, by default one per GPU: none on a CPU machine.
         NPROC_PER_NODE="1",
         GRADIO_SERVER_NAME="127.0.0.1",
         GRADIO_SERVER_PORT=str(port),
         GRADIO_ANALYTICS_ENABLED="False",
         BROWSER="true",  # launch(inbrowser=True) would open a desktop browser; `true` does nothing
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
-        # The runner starts `llamafactory-cli train` from PATH, as in an activated virtual environment.
-        PATH=os.pathsep.join([str(CLI.parent), env.get("PATH", "")]),
     )
     log_path = workdir / "webui.log"
     with open(log_path, "w") as log:
@@ -251,18 +240,27 @@ def _wait_text(page, text: str, timeout_s: float = UI_S):
     expect(page.get_by_text(text, exact=False).filter(visible=True).first).to_be_visible(timeout=timeout_s * 1000)
 
 
+def _blockllm_on_demo_assets(page, assets) -> None:
+    """Fills the form as both browser tests start: the demo's model as a custom one, blockllm, its data, fp32."""
+    _choose(page, "Model name", "Custom")
+    _textbox(page, "Model path").fill(str(assets.model_dir))
+    _textbox(page, "Model path").press("Tab")
+    _choose(page, "Finetuning method", "blockllm")
+    _textbox(page, "Data dir").fill(str(assets.dataset_dir))
+    _textbox(page, "Data dir").blur()  # not Tab: the next field, the dataset list, would open on focus
+    _choose(page, "Dataset", "demo_sft")
+    _choose(page, "Compute type", "fp32")
+
+
 def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     from playwright.sync_api import expect
 
     _, workdir = webui
 
     # --- choosing the method -------------------------------------------------------------------------------------
-    _choose(page, "Model name", "Custom")
-    _textbox(page, "Model path").fill(str(demo_assets.model_dir))
-    _textbox(page, "Model path").press("Tab")
     lora_panel = page.get_by_text("LoRA configurations", exact=True)
-    expect(lora_panel).to_be_visible()
-    _choose(page, "Finetuning method", "blockllm")
+    expect(lora_panel).to_be_visible()  # LLaMA-Factory's default method, lora, shows it
+    _blockllm_on_demo_assets(page, demo_assets)
 
     panel = page.locator("#blockllm_panel")
     for label in PANEL_LABELS:
@@ -289,12 +287,8 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     expect(lora_panel).to_be_hidden()
 
     # --- a short run on the embedded tiny Llama ------------------------------------------------------------------
-    _textbox(page, "Data dir").fill(str(demo_assets.dataset_dir))
-    _textbox(page, "Data dir").blur()  # not Tab: the next field, the dataset list, would open on focus
-    _choose(page, "Dataset", "demo_sft")
     _textbox(page, "Learning rate").fill("3e-3")
     _textbox(page, "Max samples").fill("64")
-    _choose(page, "Compute type", "fp32")
     _set_number(page, "Cutoff length", 64)
     _set_number(page, "Batch size", 4)
     _set_number(page, "Gradient accumulation", 1)
@@ -321,7 +315,7 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     # --- a refusal, with the parse-time message ------------------------------------------------------------------
     _textbox(page, "Extra arguments").fill(json.dumps({**extra, "lora_rank": 16}))
     page.get_by_role("button", name="Preview command").click()
-    message = _parse_time_refusal(demo_assets, {"lora_rank": 16})
+    message = _parse_time_refusal(demo_assets, tmp_path, lora_rank=16)
     _wait_text(page, message)
     expect(command).to_have_count(0)  # the message took the command's place
     _textbox(page, "Extra arguments").fill(json.dumps(extra))
@@ -373,24 +367,10 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     expect(panel.get_by_text("稀疏度", exact=True)).to_be_visible()
 
 
-def _parse_time_refusal(assets, extra: dict) -> str:
+def _parse_time_refusal(assets, tmp_path: Path, **extra) -> str:
     """The message ``llamafactory-cli train`` refuses the run with, from LLaMA-Factory's own argument parsing."""
-    from llamafactory.hparams import get_train_args
-
-    args = {
-        "model_name_or_path": str(assets.model_dir),
-        "dataset_dir": str(assets.dataset_dir),
-        "dataset": "demo_sft",
-        "template": "default",
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "blockllm",
-        "output_dir": "unused",
-        "use_cpu": True,
-        **extra,
-    }
     with pytest.raises(ValueError) as refused:
-        get_train_args(args)
+        parse_args(assets, tmp_path / "refused", dataset="demo_sft", **extra)
     return str(refused.value)
 
 
@@ -422,33 +402,14 @@ def _ds_file(stage: str, offload: bool) -> str | None:
 
 
 def _cli_outcomes(assets, workdir: Path, extra: dict) -> dict[str, str]:
-    base = {
-        "model_name_or_path": str(assets.model_dir),
-        "dataset_dir": str(assets.dataset_dir),
-        "dataset": "demo_sft",
-        "template": "default",
-        "stage": "sft",
-        "do_train": True,
-        "finetuning_type": "blockllm",
-        "output_dir": str(workdir / "cli_check"),
-        "report_to": "none",
-        **extra,
-    }
+    base = tiny_config(assets, workdir / "cli_check", dataset="demo_sft", **extra)
     configs = {f"{stage}/{offload}": {**base, "deepspeed": _ds_file(stage, offload)} for stage, offload in DS_CHOICES}
     for config in configs.values():
         if config["deepspeed"] is None:
             del config["deepspeed"]
-    env = {
-        key: value for key, value in os.environ.items() if key not in ("FORCE_TORCHRUN", "BLOCKLLM_FACTORY_DISABLE")
-    }
-    # As in an activated virtual environment (the web UI's own runs get the same PATH, see the webui fixture).
-    env.update(
-        CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PATH=f"{CLI.parent}{os.pathsep}{env['PATH']}"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", CLI_OUTCOMES, json.dumps(configs), str(_free_port())],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    # The web UI's own runs get the same environment (see the webui fixture).
+    argv = [sys.executable, "-c", CLI_OUTCOMES, json.dumps(configs), str(_free_port())]
+    result = run_logged(argv, workdir, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -457,14 +418,7 @@ def test_every_deepspeed_stage_shows_what_the_cli_decides(page, webui, demo_asse
     from playwright.sync_api import expect
 
     _, workdir = webui
-    _choose(page, "Model name", "Custom")
-    _textbox(page, "Model path").fill(str(demo_assets.model_dir))
-    _textbox(page, "Model path").press("Tab")
-    _choose(page, "Finetuning method", "blockllm")
-    _textbox(page, "Data dir").fill(str(demo_assets.dataset_dir))
-    _textbox(page, "Data dir").blur()  # not Tab: the next field, the dataset list, would open on focus
-    _choose(page, "Dataset", "demo_sft")
-    _choose(page, "Compute type", "fp32")
+    _blockllm_on_demo_assets(page, demo_assets)
     extra = {"optim": "adamw_torch", "max_steps": 3, "use_cpu": True, "save_strategy": "no", "seed": 0,
              "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "cutoff_len": 64, "max_samples": 32,
              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "logging_steps": 1,
