@@ -148,10 +148,9 @@ SURFACES: dict[str, tuple[str, tuple[Surface, ...]]] = {
     ),
 }
 
-# What blockllm_factory/optim/zero.py and patches/distributed.py read inside DeepSpeed's ZeRO optimizers.
+# What blockllm_factory/optim/zero.py and patches/deepspeed_config.py read inside DeepSpeed.
 DEEPSPEED_SURFACES = (
     Surface("deepspeed", "init_distributed"),
-    Surface("deepspeed", "zero.GatheredParameters"),
     Surface(
         "deepspeed.utils.tensor_fragment", "tensor_fragment", fields=("lp_fragment_address", "hp_fragment_address")
     ),

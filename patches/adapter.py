@@ -8,12 +8,15 @@ with several processes, keep LLaMA-Factory's upcast to fp32). Saving, export and
 model.
 """
 
+import functools
+
 from ._version import check_llamafactory_version
 
 FINETUNING_TYPE = "blockllm"
 
 
 def build_init_adapter(original, logger):
+    @functools.wraps(original)
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
         if finetuning_args.finetuning_type != FINETUNING_TYPE:
             return original(config, model, model_args, finetuning_args, is_trainable)
@@ -41,8 +44,6 @@ def build_init_adapter(original, logger):
             finetuning_args.finetuning_type = FINETUNING_TYPE
             finetuning_args.use_badam = use_badam
 
-    init_adapter.__wrapped__ = original
-    init_adapter.__doc__ = original.__doc__
     return init_adapter
 
 

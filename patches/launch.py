@@ -3,7 +3,7 @@ parse time, from :func:`.parser.check_training_setup`, before any model is loade
 
 * ``accelerate launch --config_file fsdp_config.yaml`` (LLaMA-Factory's documented FSDP launch) sets
   ``ACCELERATE_USE_FSDP=true`` and leaves the ``fsdp`` training argument empty: the Trainer's accelerator still wraps
-  the model in FSDP, which BlockLLM does not serve (the ``fsdp`` argument itself is refused in ``distributed.py``).
+  the model in FSDP, which BlockLLM does not serve (the ``fsdp`` argument itself is refused in ``engine_setup.py``).
 * ``accelerate launch`` with a DeepSpeed config sets ``ACCELERATE_USE_DEEPSPEED=true``: without a ``deepspeed:``
   argument none of BlockLLM's DeepSpeed checks and settings see the config, and the plain optimizer would be handed
   to DeepSpeed's ZeRO partitions.

@@ -64,8 +64,8 @@ def build_create_blockllm_optimizer(module):
             {"params": no_decay, "weight_decay": 0.0},
             {"params": decay, "weight_decay": training_args.weight_decay},
         ]
-        # DeepSpeed ZeRO wraps a variant that works on its partitions (see distributed.py, optim/zero.py).
-        from .distributed import blockllm_optimizer_class, uses_deepspeed_zero
+        # DeepSpeed ZeRO wraps a variant that works on its partitions (see engine.py, optim/zero.py).
+        from .engine import blockllm_optimizer_class, uses_deepspeed_zero
         from .precision import compact_gradients, optim_bits
 
         block_size = resolve_block_size(

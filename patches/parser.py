@@ -10,6 +10,8 @@ a reward model (stage rm) cannot resume from a checkpoint, because the value-hea
 back into the model (the weights would silently stay at their initial values).
 """
 
+import functools
+
 from ._version import check_llamafactory_version
 from .launch import ray_refusal, requested_finetuning_type
 
@@ -26,37 +28,43 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     from .precision import check_optim
 
     check_optim(training_args)
-    # Multi-process engines (DDP, DeepSpeed) have their own checks and settings: see distributed.py.
-    from .distributed import check_distributed_setup
+    from llamafactory.extras import logging
+
+    logger = logging.get_logger(__name__)
+    # A checkpoint whose save was interrupted is never resumed from: checkpoints.py.
+    if getattr(finetuning_args, "stage", None) != "rm":  # LLaMA-Factory never resumes reward models (value head)
+        from .checkpoints import check_resume_checkpoint
+
+        check_resume_checkpoint(training_args, logger)
+    # Multi-process engines (DDP, DeepSpeed) have their own checks and settings: engine_setup.py.
+    from .engine_setup import check_distributed_setup
 
     check_distributed_setup(model_args, finetuning_args, training_args)
     deepspeed_config = None
     if training_args.deepspeed:
         from ._surfaces import check_deepspeed_surfaces
-        from .distributed import _deepspeed_config
+        from .deepspeed_config import read_deepspeed_config
 
         check_deepspeed_surfaces()
-        deepspeed_config = _deepspeed_config(training_args)
+        deepspeed_config = read_deepspeed_config(training_args)
     # Defaults that would silently cost the run, read from the model's files: model_checks.py.
-    from llamafactory.extras import logging
-
     from .model_checks import check_model_setup
 
-    check_model_setup(model_args, finetuning_args, training_args, deepspeed_config, logging.get_logger(__name__))
+    check_model_setup(model_args, finetuning_args, training_args, deepspeed_config, logger)
 
 
 def build_check_extra_dependencies(original):
+    @functools.wraps(original)
     def _check_extra_dependencies(model_args, finetuning_args, training_args=None):
         if training_args is not None and finetuning_args.finetuning_type == FINETUNING_TYPE:
             check_training_setup(model_args, finetuning_args, training_args)
         return original(model_args, finetuning_args, training_args)
 
-    _check_extra_dependencies.__wrapped__ = original
-    _check_extra_dependencies.__doc__ = original.__doc__
     return _check_extra_dependencies
 
 
 def build_get_train_args(original, logger):
+    @functools.wraps(original)
     def get_train_args(args=None):
         model_args, data_args, training_args, finetuning_args, generating_args = original(args)
         if (
@@ -68,22 +76,19 @@ def build_get_train_args(original, logger):
             training_args.resume_from_checkpoint = None
         return model_args, data_args, training_args, finetuning_args, generating_args
 
-    get_train_args.__wrapped__ = original
-    get_train_args.__doc__ = original.__doc__
     return get_train_args
 
 
 def build_get_ray_args(original, read_args):
     """Ray is refused before LLaMA-Factory starts it (each Ray worker would refuse it again when parsing)."""
 
+    @functools.wraps(original)
     def get_ray_args(args=None):
         ray_args = original(args)
         if getattr(ray_args, "use_ray", False) and requested_finetuning_type(read_args(args)) == FINETUNING_TYPE:
             raise ValueError(ray_refusal())
         return ray_args
 
-    get_ray_args.__wrapped__ = original
-    get_ray_args.__doc__ = original.__doc__
     return get_ray_args
 
 

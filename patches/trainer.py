@@ -6,7 +6,8 @@ a BlockLLM, attaches two things to that trainer instance:
 * the loss feed: ``training_step`` is wrapped to add up the (detached) losses it already returns, which the Trainer
   has scaled for gradient accumulation, so their sum over an optimizer step's micro-steps is the step's mean loss,
   the number the Trainer logs. A callback hands it to ``record_loss`` in ``on_pre_optimizer_step``, right before
-  ``optimizer.step()``: once per optimizer step, with no extra forward pass.
+  ``optimizer.step()``: once per optimizer step, with no extra forward pass. (Under DeepSpeed the feed sits in
+  ``accelerator.backward`` instead; the engine is chosen once per trainer, see :mod:`.engine_wiring`.)
 * clipping: the Trainer's ``_clip_grad_norm`` (and ``_get_grad_norm``, which logs the norm when nothing is clipped)
   measure the selected blocks before clipping and, with compact gradients, clip them where they are: in the
   optimizer's carrier, through ``BlockLLM.clip_grad_norm_``.
@@ -68,15 +69,6 @@ class LossFeed:
         self.optimizer.record_loss(value)
         return value
 
-    def wrap(self, training_step):
-        def training_step_feeding_blockllm(*args, **kwargs):
-            loss = training_step(*args, **kwargs)
-            self.add(loss)
-            return loss
-
-        training_step_feeding_blockllm.__wrapped__ = training_step
-        return training_step_feeding_blockllm
-
 
 def build_callback(feed: LossFeed, optimizer, output_dir: str, plot: bool, model_order: list[str], logger):
     from transformers import TrainerCallback
@@ -137,16 +129,20 @@ def build_callback(feed: LossFeed, optimizer, output_dir: str, plot: bool, model
 
 
 def attach(trainer, logger) -> None:
-    """Connects a trainer whose optimizer is BlockLLM to its loss feed and telemetry (once per optimizer)."""
+    """Connects a trainer whose optimizer is BlockLLM to its loss feed and telemetry (once per optimizer).
+
+    The wrappers of the trainer's methods are installed once per trainer and read the current optimizer and feed
+    (``trainer._blockllm_optimizer``, ``trainer._blockllm_feed``), so a trainer that creates another optimizer only
+    gets new callbacks."""
     optimizer = find_blockllm(trainer.optimizer)
     if optimizer is None:  # never train "blockllm" with some other optimizer
         raise RuntimeError(
             f"`finetuning_type: blockllm` but the trainer's optimizer is {type(trainer.optimizer).__name__}; "
             "the blockllm-factory optimizer patch did not run."
         )
-    if getattr(trainer, "_blockllm_optimizer", None) is optimizer:
+    previous_optimizer = getattr(trainer, "_blockllm_optimizer", None)
+    if previous_optimizer is optimizer:
         return
-    original_step = getattr(trainer, "_blockllm_original_training_step", trainer.training_step)
     feed = LossFeed(trainer, optimizer)
     model_order = [name for name, _ in trainer.model.named_parameters()]
     callback = build_callback(
@@ -155,16 +151,27 @@ def attach(trainer, logger) -> None:
     previous = getattr(trainer, "_blockllm_callback", None)
     if previous is not None:
         trainer.remove_callback(previous)
-    trainer._blockllm_original_training_step = original_step
-    trainer.training_step = feed.wrap(original_step)
     trainer.add_callback(callback)
     trainer._blockllm_callback = callback
     trainer._blockllm_optimizer = optimizer
-    # Selected blocks enter the norm table unclipped, like the probed ones (measured during backward).
-    original_clip = getattr(trainer, "_blockllm_original_clip_grad_norm", None) or trainer._clip_grad_norm
-    trainer._blockllm_original_clip_grad_norm = original_clip
+    trainer._blockllm_feed = feed
+    # DDP/DeepSpeed/GradScaler specifics (loss feed timing, probe norms, skipped steps): see engine_wiring.py.
+    from .engine_wiring import attach_engine, install_loss_feed
 
+    if previous_optimizer is None:
+        install_loss_feed(trainer)
+        _measure_before_clipping(trainer)
+    attach_engine(trainer, optimizer, logger)
+
+
+def _measure_before_clipping(trainer) -> None:
+    """Selected blocks enter the norm table unclipped, like the probed ones (measured during backward); compact
+    gradients are clipped where they live. Installed once per trainer, for its current optimizer."""
+    original_clip = trainer._clip_grad_norm
+
+    @functools.wraps(original_clip)
     def clip_grad_norm_after_measuring(model):
+        optimizer = trainer._blockllm_optimizer
         optimizer.measure_gradients()
         if optimizer.gradient_carrier is None:
             return original_clip(model)
@@ -174,20 +181,17 @@ def attach(trainer, logger) -> None:
         return optimizer.clip_grad_norm_(trainer.args.max_grad_norm, model.parameters())
 
     trainer._clip_grad_norm = clip_grad_norm_after_measuring
-    original_get_norm = getattr(trainer, "_blockllm_original_get_grad_norm", None) or trainer._get_grad_norm
-    trainer._blockllm_original_get_grad_norm = original_get_norm
+    original_get_norm = trainer._get_grad_norm
 
+    @functools.wraps(original_get_norm)
     def get_grad_norm_with_compact_gradients(model, grad_norm=None):
+        optimizer = trainer._blockllm_optimizer
         if grad_norm is None and optimizer.gradient_carrier is not None:  # max_grad_norm 0: the norm for the log only
             trainer.accelerator.unscale_gradients()
             grad_norm = optimizer.clip_grad_norm_(float("inf"), model.parameters())
         return original_get_norm(model, grad_norm=grad_norm)
 
     trainer._get_grad_norm = get_grad_norm_with_compact_gradients
-    # DDP/DeepSpeed/GradScaler specifics (loss feed timing, probe norms, skipped steps): see distributed.py.
-    from .distributed import attach_engine
-
-    attach_engine(trainer, optimizer, feed, logger)
 
 
 def build_create_optimizer(original, logger):

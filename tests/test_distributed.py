@@ -1,8 +1,9 @@
 """BlockLLM across processes on CPU (gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3, two processes each.
 
 The first test drives torch's DDP directly (seconds). The others run the real ``llamafactory-cli train`` with
-``FORCE_TORCHRUN=1 NPROC_PER_NODE=2`` on the tiny model of conftest.py, with ``BLOCKLLM_FACTORY_RANK_DUMP`` asking
-every rank to write its selection record and weights at the end. They assert that both ranks made the same selections
+``FORCE_TORCHRUN=1 NPROC_PER_NODE=2`` on the tiny model of conftest.py; a ``sitecustomize.py`` put on ``PYTHONPATH``
+(test-only instrumentation, outside the product) makes every rank write its selection record and weights when training
+ends. They assert that both ranks made the same selections
 and ended with bit-equal weights, that DDP, ZeRO-2 and ZeRO-3 trained the same way, and that a run resumed from a
 checkpoint ends bit-identical to the unbroken one. The first DeepSpeed run on a machine JIT-builds a small CPU
 communication op (about a minute; cached afterwards).
@@ -18,15 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import CLI, run_logged, tiny_config
+from test_optim import TinyLM, lm_loss
 from torch import nn
 
 from blockllm_factory.optim import BlockLLM
 from blockllm_factory.optim.distributed import register_ddp_probe_hook
-from blockllm_factory.patches import distributed as engine
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import CLI, run_logged, tiny_config  # noqa: E402
-from test_optim import TinyLM, lm_loss  # noqa: E402
+from blockllm_factory.optim.zero import ZeroBlockLLM
+from blockllm_factory.patches.engine_setup import check_distributed_setup
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"
 ZERO1 = DEEPSPEED_DIR / "ds_z1_blockllm.json"
@@ -42,6 +42,68 @@ ENGINES = {
 }
 STEPS = 8
 DDP_STEPS = 12
+RANK_DUMP_ENV = "BLOCKLLM_TEST_RANK_DUMP"
+RANK_DUMP = '''
+"""Test-only instrumentation (tests/test_distributed.py), loaded at interpreter start through PYTHONPATH.
+
+With BLOCKLLM_TEST_RANK_DUMP=DIR, every rank writes its BlockLLM selection record and full weights (gathered under
+ZeRO-3) to DIR/rank<N>.pt when Trainer.train returns, so that the test can compare ranks and engines.
+"""
+import os
+
+_directory = os.environ.get("BLOCKLLM_TEST_RANK_DUMP")
+if _directory:
+    from blockllm_factory import _import_hook
+
+    _apply = _import_hook._apply
+    _wrapped = []
+
+    def _dump(trainer):
+        import contextlib
+
+        import torch
+
+        from blockllm_factory.patches.trainer import find_blockllm
+
+        optimizer = find_blockllm(trainer.optimizer)
+        params = list(trainer.model.named_parameters())
+        gather = contextlib.nullcontext()
+        if any(hasattr(param, "ds_numel") for _, param in params):
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([param for _, param in params], modifier_rank=None)
+        with gather:
+            weights = {name: param.detach().to("cpu", torch.float32, copy=True) for name, param in params}
+        record = {
+            "rank": trainer.args.process_index,
+            "world_size": trainer.args.world_size,
+            "events": [dict(event) for event in optimizer.selection_events],
+            "norms": optimizer.norm_table,
+            "visits": optimizer.visit_counts,
+            "selection": optimizer.selection,
+            "skipped_steps": optimizer.skipped_steps,
+            "weights": weights,
+        }
+        os.makedirs(_directory, exist_ok=True)
+        torch.save(record, os.path.join(_directory, f"rank{trainer.args.process_index}.pt"))
+
+    def _apply_then_dump_after_training(fullname, module):
+        _apply(fullname, module)
+        if fullname.startswith("llamafactory.train.") and fullname.endswith(".trainer") and not _wrapped:
+            import transformers
+
+            train = transformers.Trainer.train
+
+            def train_then_dump(self, *args, **kwargs):
+                result = train(self, *args, **kwargs)
+                _dump(self)
+                return result
+
+            transformers.Trainer.train = train_then_dump
+            _wrapped.append(train)
+
+    _import_hook._apply = _apply_then_dump_after_training
+'''
 
 
 # ---------------------------------------------------------------------------------------------------- DDP, in torch
@@ -120,6 +182,7 @@ def _config(assets, output_dir: Path, **extra) -> dict:
         output_dir,
         blockllm_sparsity=0.8,
         blockllm_patience=1,  # the loss rule fires often: reselections within a few steps
+        blockllm_block_size=0,  # whole tensors on every engine (the ZeRO adapter serves only those), so they compare
         max_samples=64,
         per_device_train_batch_size=1,
         gradient_accumulation_steps=2,
@@ -137,7 +200,14 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """``llamafactory-cli train`` on ``config``; with ``processes`` > 1 through torchrun (FORCE_TORCHRUN)."""
     path.write_text(json.dumps(config, indent=1), encoding="utf-8")  # JSON is valid YAML
-    extra = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **env}
+    instrumentation = path.parent / "rank_dump"
+    instrumentation.mkdir(exist_ok=True)
+    (instrumentation / "sitecustomize.py").write_text(RANK_DUMP, encoding="utf-8")
+    extra = {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(instrumentation),
+        **env,
+    }
     if processes > 1:
         extra.update(FORCE_TORCHRUN="1", NPROC_PER_NODE=str(processes))
     for attempt in range(2):
@@ -147,8 +217,8 @@ def run_cli(
         # Known flake (docs/distributed.md): after training and saving, a rank can abort in C++ teardown ("terminate
         # called without an active exception") under two-process gloo + DeepSpeed on CPU. Run once more from scratch.
         shutil.rmtree(config["output_dir"], ignore_errors=True)
-        if "BLOCKLLM_FACTORY_RANK_DUMP" in env:
-            shutil.rmtree(env["BLOCKLLM_FACTORY_RANK_DUMP"], ignore_errors=True)
+        if RANK_DUMP_ENV in env:
+            shutil.rmtree(env[RANK_DUMP_ENV], ignore_errors=True)
         print(f"{path.name}: rank aborted in teardown after training (attempt {attempt + 1}); running again")
     assert result.returncode == 0, result.log[-6000:]
     return result
@@ -180,9 +250,7 @@ def distributed_runs(tiny_llamafactory_assets, tmp_path_factory):
     runs = {}
     for engine_name, extra in ENGINES.items():
         config = _config(tiny_llamafactory_assets, root / engine_name, **extra)
-        result = run_cli(
-            config, root / f"{engine_name}.yaml", BLOCKLLM_FACTORY_RANK_DUMP=str(root / f"{engine_name}_dump")
-        )
+        result = run_cli(config, root / f"{engine_name}.yaml", **{RANK_DUMP_ENV: str(root / f"{engine_name}_dump")})
         runs[engine_name] = {"config": config, "log": result.log, "dumps": load_dumps(root / f"{engine_name}_dump")}
     runs["root"] = root
     return runs
@@ -244,7 +312,7 @@ def test_resumed_run_ends_bit_identical_to_the_unbroken_one(distributed_runs, en
     result = run_cli(
         config,
         root / f"{engine_name}_resumed.yaml",
-        BLOCKLLM_FACTORY_RANK_DUMP=str(root / f"{engine_name}_resumed_dump"),
+        **{RANK_DUMP_ENV: str(root / f"{engine_name}_resumed_dump")},
     )
     assert "Resuming training from checkpoint" in result.log
     resumed = load_dumps(root / f"{engine_name}_resumed_dump")
@@ -270,9 +338,6 @@ def _training_args(**values) -> _Args:
         "ddp_find_unused_parameters": None,
         "ddp_static_graph": None,
         "max_grad_norm": 1.0,
-        "resume_from_checkpoint": None,
-        "do_train": True,
-        "output_dir": "unused-output-dir",
     }
     return _Args(**{**defaults, **values})
 
@@ -280,6 +345,36 @@ def _training_args(**values) -> _Args:
 def test_ddp_setup_looks_for_unused_parameters_and_uses_non_reentrant_checkpointing():
     model_args = _Args(disable_gradient_checkpointing=False, use_reentrant_gc=True)
     training_args = _training_args()
-    engine.check_distributed_setup(model_args, _Args(), training_args)
+    check_distributed_setup(model_args, _Args(), training_args)
     assert training_args.ddp_find_unused_parameters is True
     assert model_args.use_reentrant_gc is False
+
+
+# ---------------------------------------------------------------------------------------------------- ZeRO optimizer
+def _decay_groups(model: nn.Module) -> list[dict]:
+    named = list(model.named_parameters())
+    return [
+        {"params": [entry for entry in named if entry[0].endswith("bias")], "weight_decay": 0.0},
+        {"params": [entry for entry in named if not entry[0].endswith("bias")], "weight_decay": 0.1},
+    ]
+
+
+def test_zero_optimizer_shows_deepspeed_one_group_and_resumes_through_torchs_load_state_dict():
+    """DeepSpeed calls step() once per parameter group: ZeroBlockLLM is built with one. Its per-rank checkpoint goes
+    back through torch's load_state_dict, so the hooks registered on the optimizer fire."""
+    torch.manual_seed(0)
+    model = TinyLM(width=16, depth=2)
+    saved_optimizer = ZeroBlockLLM(_decay_groups(model), lr=1e-2, sparsity=0.8, seed=3, max_grad_norm=1.0)
+    assert len(saved_optimizer.param_groups) == 1
+    assert saved_optimizer.param_groups[0]["weight_decay"] == 0.0  # per block instead
+    assert set(saved_optimizer.param_groups[0]["param_names"]) == {name for name, _ in model.named_parameters()}
+    saved = saved_optimizer.state_dict()
+
+    optimizer = ZeroBlockLLM(_decay_groups(model), lr=1e-3, sparsity=0.8, seed=99, max_grad_norm=1.0)
+    fired = []
+    optimizer.register_load_state_dict_pre_hook(lambda opt, state: fired.append(("pre", "blockllm_zero" in state)))
+    optimizer.register_load_state_dict_post_hook(lambda opt: fired.append(("post", opt.param_groups[0]["lr"])))
+    optimizer.load_state_dict(saved)
+    assert fired == [("pre", True), ("post", 1e-2)]
+    assert optimizer.probed_blocks == saved_optimizer.probed_blocks == optimizer.block_names
+    assert torch.equal(optimizer.run_state()["rng_state"], saved["blockllm"]["rng_state"])

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from blockllm_factory.optim import BlockLLM
+from blockllm_factory.optim.blockllm import GRADIENT_CARRIER_NAME
 from blockllm_factory.optim.masks import pack_mask, unpack_mask
 from blockllm_factory.optim.selection import rank_blocks
 
@@ -117,7 +118,7 @@ def test_optimizer_state_bytes_bounded_by_budget():
     for index, tokens in enumerate(make_batches(15)):
         train_step(model, optimizer, tokens, loss_offset=(index % 2) * 0.3)
         peak = max(peak, state_bytes(optimizer))
-        selected = sum(optimizer._sizes[name] for name in optimizer.selection["names"])
+        selected = sum(optimizer.block_sizes[name] for name in optimizer.selection["names"])
         # Moments are compact (8 bytes per kept coordinate); masks are bit-packed (1 bit per selected coordinate).
         assert state_bytes(optimizer) <= 8 * optimizer.budget + selected / 8 + 8 * len(optimizer.selection["names"])
     assert optimizer.selection_events[-1]["coordinates"] <= optimizer.budget
@@ -239,6 +240,46 @@ def test_resume_is_bit_identical():
     assert_resume_is_bit_identical(
         lambda model, seed: BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, seed=seed), 16, 7
     )
+
+
+def test_load_state_dict_runs_torchs_hooks_around_a_complete_restore():
+    """Hooks registered on the optimizer fire on resume, as for any torch optimizer: a pre-hook sees (and may adapt)
+    the dict as saved, a post-hook sees the optimizer already restored."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, seed=3)
+    for index, tokens in enumerate(make_batches(5, seed=5)):
+        train_step(model, optimizer, tokens, loss_offset=(index % 3) * 0.2)
+    twin = TinyLM()
+    twin.load_state_dict(model.state_dict())
+    resumed = BlockLLM(twin.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, seed=99)
+    fired = []
+
+    def adapt_learning_rate(opt, state_dict):
+        fired.append(("pre", opt is resumed, "blockllm" in state_dict))
+        return {**state_dict, "param_groups": [{**group, "lr": 5e-3} for group in state_dict["param_groups"]]}
+
+    def check_restored(opt):
+        fired.append(
+            ("post", opt.selection_events == optimizer.selection_events, opt.norm_table == optimizer.norm_table)
+        )
+
+    resumed.register_load_state_dict_pre_hook(adapt_learning_rate)
+    resumed.register_load_state_dict_post_hook(check_restored)
+    resumed.load_state_dict(optimizer.state_dict())
+
+    assert fired == [("pre", True, True), ("post", True, True)]
+    trained_groups = [group for group in resumed.param_groups if group["param_names"] != [GRADIENT_CARRIER_NAME]]
+    assert [group["lr"] for group in trained_groups] == [5e-3]  # the dict the pre-hook returned was loaded
+    assert resumed.selection == optimizer.selection
+    for (name, param), twin_param in zip(model.named_parameters(), twin.parameters()):
+        assert resumed.state[twin_param].keys() == optimizer.state[param].keys(), name
+        for key, value in optimizer.state[param].items():
+            assert (
+                torch.equal(resumed.state[twin_param][key], value)
+                if torch.is_tensor(value)
+                else value == resumed.state[twin_param][key]
+            )
 
 
 def test_zero_sparsity_matches_adamw_exactly():

@@ -21,7 +21,8 @@ import math
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -39,11 +40,31 @@ ParamGroups = Iterable[dict[str, Any]]
 PROBES = ("sample", "exact")
 OPTIM_BITS = (32, 8)
 GRADIENT_CARRIER_NAME = "blockllm.compact_gradients"
+RUN_STATE_KEY = "blockllm"  # the state_dict entry that holds the run state (see BlockLLM.run_state)
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def named_param_groups(params: NamedParams | ParamGroups) -> list[dict[str, Any]]:
+    """``params`` as a list of parameter groups whose ``"params"`` are lists of ``(name, parameter)`` pairs.
+
+    Accepts what :class:`BlockLLM` accepts (``model.named_parameters()``, or groups of such pairs) and refuses anything
+    else with a ``ValueError`` naming the group; an engine adapter that rearranges the groups reads them with this.
+    """
+    params = list(params)
+    _check(bool(params), "Invalid params: empty parameter list")
+    groups = params if isinstance(params[0], dict) else [{"params": params}]
+    for index, group in enumerate(groups):
+        entries = list(group["params"])
+        _check(
+            all(isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) for entry in entries),
+            f"Invalid params: group {index} must hold (name, parameter) pairs, e.g. model.named_parameters()",
+        )
+        group["params"] = entries
+    return groups
 
 
 class BlockLLM(Optimizer):
@@ -82,6 +103,21 @@ class BlockLLM(Optimizer):
             coordinates of its selected blocks.
         optim_bits: 32 (fp32 Adam moments) or 8 (block-wise 8-bit moments in bitsandbytes' format, for compact
             moment vectors of at least 4096 entries; needs bitsandbytes).
+
+    Engines: an adapter that owns the gradients (DDP's communication hook, ``distributed.py``) works through the
+    public methods :meth:`set_probe_hooks`, :meth:`disable_compact_gradients`, :meth:`probe_only_parameters`,
+    :meth:`record_gradient_norms`, :meth:`skip_step` and the read-only views :attr:`param_by_name`,
+    :attr:`block_sizes`, :attr:`probed_blocks`, :attr:`kept_coordinates`, :attr:`norm_table`.
+
+    Extension points, overridden by a subclass that runs the same decisions on another memory layout (``ZeroBlockLLM``
+    in ``zero.py``, on DeepSpeed's partitions); everything else, the decisions included, is not meant to be overridden:
+
+    * :meth:`_arrange_groups`: the parameter groups handed to torch's ``Optimizer`` (ZeRO: merged into one).
+    * :meth:`_block_numel`: how many coordinates a parameter has (ZeRO-3: ``ds_numel`` of a partitioned weight).
+    * :meth:`_measure`: this rank's squared gradient norms per block, and which parameters to update.
+    * :meth:`_apply_updates`: the masked AdamW update of the selected parameters.
+    * :meth:`state_dict` and :meth:`_unpack_state_dict`: the per-parameter part of a checkpoint, written and read back
+      (ZeRO: one file per rank). :meth:`load_state_dict` itself is not overridden: it runs torch's, with its hooks.
     """
 
     def __init__(
@@ -144,15 +180,13 @@ class BlockLLM(Optimizer):
         )
         if optim_bits == 8:
             check_available()
-        groups = self._named_groups(params)
-
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
             "eps": eps,
             "weight_decay": weight_decay,
         }
-        super().__init__(groups, defaults)
+        super().__init__(self._arrange_groups(named_param_groups(params), defaults), defaults)
         self.sparsity = float(sparsity)
         self.patience = patience
         self.probe = probe
@@ -164,13 +198,14 @@ class BlockLLM(Optimizer):
         self.block_size = block_size
 
         self._param_by_name: dict[str, torch.nn.Parameter] = {}
-        self._group_by_name: dict[str, dict[str, Any]] = {}
-        for group in self.param_groups:
+        # Parameter name -> index of its group: torch's load_state_dict replaces the group dicts, not their order.
+        self._group_index: dict[str, int] = {}
+        for index, group in enumerate(self.param_groups):
             for name, param in zip(group["param_names"], group["params"]):
                 if name in self._param_by_name:
                     raise ValueError(f"Invalid params: the parameter name {name!r} appears twice")
                 self._param_by_name[name] = param
-                self._group_by_name[name] = group
+                self._group_index[name] = index
         # Eligible parameters: trainable at construction, embeddings/heads only on request. The rest stays frozen.
         self.eligible_params: list[str] = [
             name
@@ -222,6 +257,7 @@ class BlockLLM(Optimizer):
         self._steps_without_loss = 0
         self._warned_no_loss = False
         self.selection_events: list[dict[str, Any]] = []
+        self._loading: tuple[dict[torch.nn.Parameter, dict[str, Any]], dict[str, Any]] | None = None  # see load
 
         # Hooks are attached to probed blocks only, and removed once their norm is taken.
         self._probe_handles: list[Any] = []
@@ -238,18 +274,11 @@ class BlockLLM(Optimizer):
         self._set_trainable(probed=list(self.block_names))
 
     # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _named_groups(params: NamedParams | ParamGroups) -> list[dict[str, Any]]:
-        params = list(params)
-        _check(bool(params), "Invalid params: empty parameter list")
-        groups = params if isinstance(params[0], dict) else [{"params": params}]
-        for index, group in enumerate(groups):
-            entries = list(group["params"])
-            _check(
-                all(isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) for entry in entries),
-                f"Invalid params: group {index} must hold (name, parameter) pairs, e.g. model.named_parameters()",
-            )
-            group["params"] = entries
+    def _arrange_groups(self, groups: list[dict[str, Any]], defaults: dict[str, Any]) -> list[dict[str, Any]]:
+        """Extension point: the parameter groups (of ``(name, parameter)`` pairs) handed to torch's ``Optimizer``.
+
+        Called once, before ``Optimizer.__init__``, with the groups as given (checked) and the defaults; BlockLLM keeps
+        them. An engine that needs another layout returns it here rather than rewriting ``param_groups`` later."""
         return groups
 
     def _make_gradient_carrier(self) -> torch.nn.Parameter:
@@ -340,6 +369,27 @@ class BlockLLM(Optimizer):
     def skipped_steps(self) -> int:
         return self._skipped_steps
 
+    @property
+    def param_by_name(self) -> Mapping[str, torch.nn.Parameter]:
+        """Every parameter given at construction by its name (a read-only view), frozen ones included."""
+        return MappingProxyType(self._param_by_name)
+
+    @property
+    def block_sizes(self) -> Mapping[str, int]:
+        """Coordinates of every block by name (a read-only view)."""
+        return MappingProxyType(self._sizes)
+
+    @property
+    def probed_blocks(self) -> list[str]:
+        """Blocks whose gradient norm the next backward measures (besides the selection), in model order."""
+        return list(self._probed)
+
+    def rescale_norms(self, names: Iterable[str], factor: float) -> None:
+        """Multiplies the norm-table entries of ``names`` by ``factor``: for an engine that clips the selected blocks'
+        gradients after they were measured, so that the table holds the clipped norms as in one process."""
+        for name in names:
+            self._norms[name] *= factor
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -382,9 +432,9 @@ class BlockLLM(Optimizer):
         return loss
 
     def _measure(self) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, list[str]]:
-        """This rank's squared gradient norms (per block), the share of each block they cover (None: all of it) and
-        the parameters with selected blocks that have a gradient to update. Engines that shard parameters override
-        this (see zero.py)."""
+        """Extension point: this rank's squared gradient norms (per block), the share of each block they cover (None:
+        all of it) and the parameters with selected blocks that have a gradient to update. Engines that shard
+        parameters override this (see zero.py); :meth:`step` sums the result over ranks and decides from it."""
         if self.compact_gradients:
             selected_names = [name for name in self._selected_by_param if name in self._compacted]
         else:
@@ -447,11 +497,14 @@ class BlockLLM(Optimizer):
         }
 
     def _apply_updates(self, selected_names: list[str]) -> None:
+        """Extension point: the masked AdamW update of ``selected_names`` (from :meth:`_measure`), after the norm
+        table holds this step's measurements and before the loss rule runs."""
         for name in selected_names:
             self._update_param(name)
 
     @staticmethod
     def _block_numel(param: torch.nn.Parameter) -> int:
+        """Extension point: the number of coordinates of ``param`` (read once, at construction)."""
         return param.numel()
 
     def record_probe_norm(self, name: str, squared_norm: torch.Tensor) -> None:
@@ -544,7 +597,7 @@ class BlockLLM(Optimizer):
 
     def _update_param(self, name: str) -> None:
         param = self._param_by_name[name]
-        group = self._group_by_name[name]
+        group = self.param_groups[self._group_index[name]]
         compact = self.compact_gradient(name)
         if not self.state.get(param):
             self._init_param_state(name, param.grad)
@@ -705,11 +758,15 @@ class BlockLLM(Optimizer):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict (its hooks run) plus the run state under ``"blockllm"`` (see :meth:`run_state`).
+
+        Extension point: a subclass that keeps its per-parameter states elsewhere writes its own dict here, with the
+        run state under the same key, and reads it back in :meth:`_unpack_state_dict`."""
         state_dict = super().state_dict()
-        state_dict["blockllm"] = self._run_state()
+        state_dict[RUN_STATE_KEY] = self.run_state()
         return state_dict
 
-    def _run_state(self) -> dict[str, Any]:
+    def run_state(self) -> dict[str, Any]:
         """Everything but the per-block tensors: selection, probes, norm table, losses, counters, generator."""
         return {
             "selected": dict(self._selected),
@@ -757,26 +814,79 @@ class BlockLLM(Optimizer):
         self._set_trainable(probed=list(run["probed"]))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        run = self._check_run_state(state_dict.get("blockllm"))
+        """Restores a state saved by :meth:`state_dict`, through torch's ``Optimizer.load_state_dict``.
+
+        Hooks registered with ``register_load_state_dict_pre_hook`` see (and may replace) the dict as saved; those
+        registered with ``register_load_state_dict_post_hook`` see the optimizer fully restored. BlockLLM's own part
+        runs as the last pre-hook and the first post-hook: torch is handed the groups' settings only (it would cast
+        every state tensor to its parameter's dtype, and BlockLLM keeps fp32 moments and uint8 masks next to bf16
+        weights), and the states and the run state are restored right after it.
+        """
+        prepare = self.register_load_state_dict_pre_hook(_prepare_load)
+        finish = self.register_load_state_dict_post_hook(_finish_load, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            prepare.remove()
+            finish.remove()
+            self._loading = None
+
+    def _unpack_state_dict(
+        self, state_dict: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], dict[torch.nn.Parameter, dict[str, Any]]]:
+        """Extension point: from a dict saved by :meth:`state_dict` (its run state already checked), the settings of
+        each group of ``param_groups`` in order (without ``"params"``) and every parameter's state, on its device."""
         # The gradient carrier's group holds no state: a run may resume with compact gradients switched on or off.
         saved_groups = [group for group in state_dict["param_groups"] if not _is_carrier_group(group)]
         groups = [group for group in self.param_groups if not _is_carrier_group(group)]
         if len(saved_groups) != len(groups):
             raise ValueError("Invalid state_dict: the number of parameter groups differs")
         index_to_param: dict[int, torch.nn.Parameter] = {}
+        saved_for: dict[int, dict[str, Any]] = {}
         for group, saved in zip(groups, saved_groups):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError("Invalid state_dict: a parameter group has a different size")
             index_to_param.update(zip(saved["params"], group["params"]))
-            group.update({key: value for key, value in saved.items() if key not in ("params", "param_names")})
+            saved_for[id(group)] = saved
+        settings = [
+            _group_settings(group, saved_for.get(id(group), {})) for group in self.param_groups
+        ]  # the carrier's group keeps its own
         # States keep their own dtypes (fp32 moments and masters next to bf16 weights): no casting to the param dtype.
-        self.state.clear()
+        states = {}
         for index, saved_state in state_dict["state"].items():
             param = index_to_param[int(index)]
-            self.state[param] = {
+            states[param] = {
                 key: value.to(param.device) if torch.is_tensor(value) else value for key, value in saved_state.items()
             }
-        self._load_run_state(run)
+        return settings, states
+
+
+def _group_settings(group: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """A group's settings after loading: the saved ones over the current ones; the parameters' names stay."""
+    settings = {key: value for key, value in group.items() if key != "params"}
+    settings.update((key, value) for key, value in saved.items() if key not in ("params", "param_names"))
+    return settings
+
+
+def _prepare_load(optimizer: BlockLLM, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """BlockLLM's pre-hook of torch's load_state_dict: checks the dict, keeps its states aside, and hands torch the
+    groups' settings with placeholder parameter ids (torch maps them onto ``param_groups`` as they are)."""
+    run = optimizer._check_run_state(state_dict.get(RUN_STATE_KEY))
+    settings, states = optimizer._unpack_state_dict(state_dict)
+    optimizer._loading = (states, run)
+    groups, first = [], 0
+    for group, saved in zip(optimizer.param_groups, settings):
+        groups.append({**saved, "params": list(range(first, first + len(group["params"])))})
+        first += len(group["params"])
+    return {"state": {}, "param_groups": groups}
+
+
+def _finish_load(optimizer: BlockLLM) -> None:
+    """BlockLLM's first post-hook of torch's load_state_dict: the per-parameter states and the run state."""
+    states, run = optimizer._loading
+    optimizer._loading = None
+    optimizer.state.update(states)
+    optimizer._load_run_state(run)
 
 
 def _is_carrier_group(group: dict[str, Any]) -> bool:

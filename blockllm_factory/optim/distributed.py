@@ -104,7 +104,7 @@ def register_ddp_probe_hook(ddp_model: torch.nn.parallel.DistributedDataParallel
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    name_of = {id(param): name for name, param in optimizer._param_by_name.items()}
+    name_of = {id(param): name for name, param in optimizer.param_by_name.items()}
     optimizer.set_probe_hooks(False)
     # DDP reduces .grad after autograd accumulated it: the selection keeps dense gradients under DDP.
     optimizer.disable_compact_gradients()

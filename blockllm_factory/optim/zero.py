@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .blockllm import BlockLLM
+from .blockllm import RUN_STATE_KEY, BlockLLM
 from .distributed import all_reduce_sum_, is_distributed
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
@@ -124,16 +124,20 @@ class ZeroBlockLLM(BlockLLM):
         super().__init__(params, **kwargs)
         self.max_grad_norm = float(max_grad_norm)
         self.set_probe_hooks(False)  # DeepSpeed consumes the gradients; norms come from its partitions
-        # One parameter group for DeepSpeed (one step() call per optimizer step); weight decay stays per block.
-        self._weight_decay = {name: float(group["weight_decay"]) for name, group in self._group_by_name.items()}
-        first = self.param_groups[0]
-        merged = {key: value for key, value in first.items() if key not in ("params", "param_names", "weight_decay")}
-        merged["params"] = [param for group in self.param_groups for param in group["params"]]
-        merged["param_names"] = [name for group in self.param_groups for name in group["param_names"]]
-        merged["weight_decay"] = 0.0  # unused: see _weight_decay
-        self.param_groups = [merged]
-        self._group_by_name = dict.fromkeys(self._param_by_name, merged)
         self._fragments: dict[str, Fragment | None] | None = None
+
+    def _arrange_groups(self, groups: list[dict[str, Any]], defaults: dict[str, Any]) -> list[dict[str, Any]]:
+        """One parameter group for DeepSpeed (one step() call per optimizer step); weight decay stays per block."""
+        self._weight_decay: dict[str, float] = {
+            name: float(group.get("weight_decay", defaults["weight_decay"]))
+            for group in groups
+            for name, _ in group["params"]
+        }
+        unmerged = ("params", "param_names", "weight_decay")
+        merged = {key: value for key, value in groups[0].items() if key not in unmerged}
+        merged["params"] = [entry for group in groups for entry in group["params"]]
+        merged["weight_decay"] = 0.0  # unused: see _weight_decay
+        return [merged]
 
     @staticmethod
     def _block_numel(param: torch.nn.Parameter) -> int:
@@ -151,29 +155,33 @@ class ZeroBlockLLM(BlockLLM):
 
     def fragments(self) -> dict[str, Fragment | None]:
         if self._fragments is None:
-            self._fragments = {name: find_fragment(self._param_by_name[name]) for name in self.block_names}
+            params = self.param_by_name
+            self._fragments = {name: find_fragment(params[name]) for name in self.block_names}
         return self._fragments
 
     # ------------------------------------------------------------------ measurement and update on fragments
     def _measure(self) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, list[str]]:
         partition = self._partition()
         fragments = self.fragments()
+        sizes = self.block_sizes
+        selected = list(self.kept_coordinates)
         squared_norms: dict[str, torch.Tensor] = {}
         shares: dict[str, float] = {}
-        for name in dict.fromkeys([*self._selected, *self._probed]):
+        for name in dict.fromkeys([*selected, *self.probed_blocks]):
             fragment = fragments[name]
             if fragment is None:
                 continue
             grad = partition.grad.narrow(0, fragment.partition_start, fragment.numel)
             squared_norms[name] = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-            shares[name] = fragment.numel / self._sizes[name]
+            shares[name] = fragment.numel / sizes[name]
         # Every selected block takes part in the update (and in the collective that cuts new masks), fragment or not.
-        return squared_norms, shares, list(self._selected)
+        return squared_norms, shares, selected
 
     def _apply_updates(self, selected_names: list[str]) -> None:
         partition = self._partition()
         fragments = self.fragments()
-        new = [name for name in selected_names if not self.state.get(self._param_by_name[name])]
+        params, sizes = self.param_by_name, self.block_sizes
+        new = [name for name in selected_names if not self.state.get(params[name])]
         self._init_states(new, partition, fragments)
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
@@ -181,17 +189,16 @@ class ZeroBlockLLM(BlockLLM):
         if clip is not None:
             # As in one process, where the Trainer clips before the optimizer measures, the norm table holds the
             # selected blocks' norms after clipping (the probed ones are never clipped).
-            for name in selected_names:
-                self._norms[name] *= clip
+            self.rescale_norms(selected_names, clip)
         for name in selected_names:
-            state = self.state[self._param_by_name[name]]
+            state = self.state[params[name]]
             state["step"] += 1
             fragment = fragments[name]
             if fragment is None:
                 continue
             mask = None
             if "mask" in state:
-                mask = unpack_mask(state["mask"], self._sizes[name]).narrow(0, fragment.block_start, fragment.numel)
+                mask = unpack_mask(state["mask"], sizes[name]).narrow(0, fragment.block_start, fragment.numel)
             grad = partition.grad.narrow(0, fragment.partition_start, fragment.numel)
             if clip is not None:
                 grad.mul_(clip)
@@ -214,17 +221,17 @@ class ZeroBlockLLM(BlockLLM):
         """torch's clip_grad_norm_ factor for the selected blocks, from the norms all ranks agreed on this step."""
         if self.max_grad_norm <= 0.0 or not selected_names:
             return None
-        total = math.sqrt(sum(self._norms[name] ** 2 for name in selected_names))
+        norms = self.norm_table
+        total = math.sqrt(sum(norms[name] ** 2 for name in selected_names))
         return min(1.0, self.max_grad_norm / (total + 1e-6))
 
     def _init_states(self, names: list[str], partition: torch.Tensor, fragments: dict[str, Fragment | None]) -> None:
         """Masks from the whole averaged gradient of newly selected blocks (one all-reduce), then compact moments."""
-        masked = [name for name in names if self._selected[name] < self._sizes[name]]
+        sizes, kept, params = self.block_sizes, self.kept_coordinates, self.param_by_name
+        masked = [name for name in names if kept[name] < sizes[name]]
         full_grads: dict[str, torch.Tensor] = {}
         if masked:
-            buffer = torch.zeros(
-                sum(self._sizes[name] for name in masked), dtype=torch.float32, device=partition.device
-            )
+            buffer = torch.zeros(sum(sizes[name] for name in masked), dtype=torch.float32, device=partition.device)
             offset = 0
             for name in masked:
                 fragment = fragments[name]
@@ -232,41 +239,39 @@ class ZeroBlockLLM(BlockLLM):
                     buffer.narrow(0, offset + fragment.block_start, fragment.numel).copy_(
                         partition.grad.narrow(0, fragment.partition_start, fragment.numel)
                     )
-                full_grads[name] = buffer.narrow(0, offset, self._sizes[name])
-                offset += self._sizes[name]
+                full_grads[name] = buffer.narrow(0, offset, sizes[name])
+                offset += sizes[name]
             all_reduce_sum_(buffer)
         for name in names:
             fragment = fragments[name]
             local = 0 if fragment is None else fragment.numel
             state: dict[str, Any] = {"step": 0}
             if name in full_grads:
-                mask = torch.zeros(self._sizes[name], dtype=torch.bool, device=partition.device)
-                mask[torch.topk(full_grads[name].abs(), self._selected[name], sorted=False).indices] = True
+                mask = torch.zeros(sizes[name], dtype=torch.bool, device=partition.device)
+                mask[torch.topk(full_grads[name].abs(), kept[name], sorted=False).indices] = True
                 state["mask"] = pack_mask(mask)
                 if fragment is not None:
                     local = int(mask.narrow(0, fragment.block_start, fragment.numel).sum())
             state["exp_avg"] = torch.zeros(local, dtype=torch.float32, device=partition.device)
             state["exp_avg_sq"] = torch.zeros(local, dtype=torch.float32, device=partition.device)
-            self.state[self._param_by_name[name]] = state
+            self.state[params[name]] = state
 
     # ------------------------------------------------------------------ checkpointing (one file per rank)
     def state_dict(self) -> dict[str, Any]:
         rank, world = _rank_and_world()
-        blocks = {
-            name: dict(self.state[self._param_by_name[name]])
-            for name in self.block_names
-            if self.state.get(self._param_by_name[name])
-        }
+        params = self.param_by_name
+        blocks = {name: dict(self.state[params[name]]) for name in self.block_names if self.state.get(params[name])}
         group = {key: value for key, value in self.param_groups[0].items() if key not in ("params", "param_names")}
         return {
             "state": {},
             "param_groups": [{**group, "params": []}],
-            "blockllm": self._run_state(),
+            RUN_STATE_KEY: self.run_state(),
             ZERO_STATE_KEY: {"blocks": blocks, "rank": rank, "world_size": world},
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        run = self._check_run_state(state_dict.get("blockllm"))
+    def _unpack_state_dict(
+        self, state_dict: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], dict[torch.nn.Parameter, dict[str, Any]]]:
         zero = state_dict.get(ZERO_STATE_KEY)
         if zero is None:
             raise ValueError("Invalid state_dict: it was not saved by ZeroBlockLLM (no fragment states)")
@@ -276,13 +281,16 @@ class ZeroBlockLLM(BlockLLM):
                 f"Invalid state_dict: saved by rank {zero['rank']} of {zero['world_size']}, loaded by rank {rank} of "
                 f"{world}; resume BlockLLM under DeepSpeed ZeRO with the same number of processes"
             )
-        for key, value in state_dict["param_groups"][0].items():
-            if key not in ("params", "param_names"):
-                self.param_groups[0][key] = value
-        self.state.clear()
-        device = next(iter(self._param_by_name.values())).device
-        for name, saved in zero["blocks"].items():
-            self.state[self._param_by_name[name]] = {
-                key: value.to(device) if torch.is_tensor(value) else value for key, value in saved.items()
+        # DeepSpeed's flat partition stays the group's parameter; the saved settings (lr, ...) replace the current.
+        saved = state_dict["param_groups"][0]
+        settings = {key: value for key, value in self.param_groups[0].items() if key != "params"}
+        settings.update((key, value) for key, value in saved.items() if key not in ("params", "param_names"))
+        params = self.param_by_name
+        device = next(iter(params.values())).device
+        states = {
+            params[name]: {
+                key: value.to(device) if torch.is_tensor(value) else value for key, value in block_state.items()
             }
-        self._load_run_state(run)
+            for name, block_state in zero["blocks"].items()
+        }
+        return [settings], states
