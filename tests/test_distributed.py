@@ -116,12 +116,14 @@ def _batches(rank: int, world: int, steps: int) -> list[torch.Tensor]:
     ]
 
 
-def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, out_dir: str) -> None:
+def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_size: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = TinyLM(width=16, depth=3)
-        optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.8, patience=1, probe=probe, seed=3)
+        optimizer = BlockLLM(
+            model.named_parameters(), lr=1e-2, sparsity=0.8, patience=1, probe=probe, seed=3, block_size=block_size
+        )
         wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         register_ddp_probe_hook(wrapped, optimizer)
         for tokens in _batches(rank, world, DDP_STEPS):
@@ -145,16 +147,22 @@ def _record(model: nn.Module, optimizer: BlockLLM) -> dict:
     }
 
 
-@pytest.mark.parametrize("probe", ["sample", "exact"])
-def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, probe):
+@pytest.mark.parametrize(
+    ("probe", "block_size"),
+    [("sample", 0), ("exact", 0), ("sample", 64)],  # 64: row groups of 4 rows, the LLaMA-Factory default's kind
+    ids=["sample", "exact", "sample_row_groups"],
+)
+def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, probe, block_size):
     torch.multiprocessing.spawn(
-        _run_ddp_worker, args=(2, str(tmp_path / "init"), probe, str(tmp_path)), nprocs=2, join=True
+        _run_ddp_worker, args=(2, str(tmp_path / "init"), probe, block_size, str(tmp_path)), nprocs=2, join=True
     )
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
 
     torch.manual_seed(0)
     model = TinyLM(width=16, depth=3)
-    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.8, patience=1, probe=probe, seed=3)
+    optimizer = BlockLLM(
+        model.named_parameters(), lr=1e-2, sparsity=0.8, patience=1, probe=probe, seed=3, block_size=block_size
+    )
     for tokens in _batches(0, 1, DDP_STEPS):
         loss = lm_loss(model, tokens)
         loss.backward()
