@@ -45,7 +45,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from transformers import TrainerCallback
 
-from blockllm_factory.bench.files import write_json
+from blockllm_factory._files import write_json
 
 from ._version import check_llamafactory_version
 

@@ -10,8 +10,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-SELECTION_LOG = "blockllm_selection.jsonl"
-SELECTION_PLOT = "blockllm_selection.png"
+from blockllm_factory._files import SELECTION_LOG, SELECTION_PLOT  # noqa: F401 - trainer.py reads them here
+
 NAMES_SHOWN_IN_LOG = 6
 
 

@@ -31,15 +31,16 @@ else
   log "dependencies up to date"
 fi
 
-# The project itself: a regular (non-editable) install, so that the import hook file reaches site-packages
-# exactly as it does for users. Re-installed only when a file it ships changed.
-pkg_key="$(cd "$ROOT" && find blockllm_factory patches setup.cfg build_hooks.py blockllm_factory.pth pyproject.toml \
-  -type f -not -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum | digest)"
+# The project itself, as an editable install (setuptools' PEP 660 wheel, see build_hooks.py): every process imports
+# blockllm_factory/ and patches/ from this checkout, so an edit is live without a reinstall, and the import hook file
+# blockllm_factory.pth still lands at the top of site-packages, as with a user's `pip install .`. Re-installed only
+# when a packaging file changed (a new package, an entry point, the hook line) or the checkout moved.
+pkg_key="$( { echo "editable $ROOT"; cd "$ROOT" && cat setup.cfg pyproject.toml build_hooks.py blockllm_factory.pth; } \
+  | digest)"
 if [ "$(cat "$VENV/.pkg-stamp" 2>/dev/null)" != "$pkg_key" ]; then
-  log "installing blockllm-factory from $ROOT"
-  rm -rf "$ROOT/build"
-  "$PY" -m pip install -q --no-deps --no-build-isolation --force-reinstall "$ROOT"
-  rm -rf "$ROOT/build" "$ROOT"/*.egg-info
+  log "installing blockllm-factory from $ROOT (editable)"
+  "$PY" -m pip install -q --no-deps --no-build-isolation --force-reinstall -e "$ROOT"
+  rm -rf "$ROOT"/*.egg-info
   echo "$pkg_key" > "$VENV/.pkg-stamp"
 else
   log "blockllm-factory up to date"

@@ -12,6 +12,6 @@ cd "$ROOT"
 # torch's spinning threads made the 300 steps take 314 s instead of 67 s (measured side by side, same losses).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 BIN="$ROOT/.venv/bin"
-"$BIN/python" -m blockllm_factory.demo build runs/demo/assets
+"$BIN/blockllm-factory" demo build runs/demo/assets
 "$BIN/llamafactory-cli" train recipes/demo/tiny_llama_blockllm_sft.yaml "$@"
-exec "$BIN/python" -m blockllm_factory.demo summary runs/demo/output
+exec "$BIN/blockllm-factory" demo summary runs/demo/output

@@ -6,6 +6,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/bootstrap.sh"
 bash "$ROOT/scripts/ensure_browser.sh"  # Chromium for the web UI test (tests/test_webui.py)
 cd "$ROOT"
-# The installed package is what users get: run pytest's script (not `python -m pytest`, which would put the source
-# tree first on sys.path and shadow it).
+# The checkout is installed editable (bootstrap.sh), so the tests run this tree's blockllm_factory/ and patches/ as
+# every process started through the import hook does; no reinstall after an edit.
 exec "$ROOT/.venv/bin/pytest" -q -rs "$ROOT/tests" "$@"  # -rs: print why a test was skipped

@@ -151,13 +151,17 @@ def test_the_readme_demo_recipe_trains_and_reports_where_its_results_are(assets,
     assert "MISSING" not in summary.stdout
 
 
-def test_the_summary_fails_when_a_result_is_missing(tmp_path):
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "blockllm_factory.demo"],
+        [str(Path(sys.executable).with_name("blockllm-factory")), "demo"],  # the console script: the same sub-command
+    ],
+    ids=["python -m", "blockllm-factory"],
+)
+def test_the_summary_fails_when_a_result_is_missing(tmp_path, command):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    summary = subprocess.run(
-        [sys.executable, "-m", "blockllm_factory.demo", "summary", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    summary = subprocess.run([*command, "summary", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert summary.returncode == 1
     assert "loss plot" in summary.stdout and "MISSING" in summary.stdout
+    assert f"{'model':<15}{tmp_path}" in summary.stdout

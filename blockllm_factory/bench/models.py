@@ -17,18 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from blockllm_factory.demo import builder
 
 BUILD_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_BUILD_DTYPE = "bfloat16"
 SEED = 0
 TOKENIZER_VOCAB = 2048
-STAMP_NAME = "BUILD_STAMP"
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+STAMP_NAME = builder.STAMP_NAME
 
 
 class ModelConfigError(ValueError):
@@ -106,7 +105,7 @@ def build_key(build: ModelBuild) -> str:
     digest = hashlib.sha256()
     digest.update(build.config.read_bytes())
     digest.update(f"{build.dtype}|{SEED}|{TOKENIZER_VOCAB}".encode())
-    for module_file in (Path(__file__), Path(data.__file__)):
+    for module_file in (Path(__file__), Path(data.__file__), Path(builder.__file__)):
         digest.update(module_file.read_bytes())
     for version in (torch.__version__, transformers.__version__, tokenizers.__version__):
         digest.update(version.encode())
@@ -126,20 +125,7 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(max_length: int) -> Any:
     """A byte-level BPE (any text encodes) trained on the demo's text, with the demo's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(_corpus(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=max_length, **SPECIAL_TOKENS)
+    return builder.train_tokenizer(_corpus(), TOKENIZER_VOCAB, max_length)
 
 
 def _write(build: ModelBuild, folder: Path) -> None:
@@ -170,19 +156,6 @@ def build_model(build: ModelBuild, root: str | os.PathLike, force: bool = False)
     """The folder of ``build`` under ``root``, built unless a build with the same key is there; returns the folder."""
     if build.dtype not in BUILD_DTYPES:
         raise ModelConfigError(f"build_dtype {build.dtype!r} is not one of {', '.join(BUILD_DTYPES)}")
-    folder = build.folder(Path(root)).resolve()
-    key = build_key(build)
-    stamp = folder / STAMP_NAME
-    if not force and stamp.is_file() and stamp.read_text().strip() == key:
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        _write(build, staging)
-        (staging / STAMP_NAME).write_text(key + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return builder.build_once(
+        build.folder(Path(root)).resolve(), build_key(build), lambda staging: _write(build, staging), force=force
+    )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import write_atomic
-from .report import group_runs, summarize, values_label
+from blockllm_factory._files import write_atomic
+
+from .summary import group_runs, summarize, values_label
 
 CATEGORIES = (
     ("parameter_bytes", "weights"),
@@ -87,7 +88,7 @@ def loss_plot(runs: list[dict], path: Path) -> None:
 
 def memory_plot(methods: list[dict], path: Path) -> None:
     """Per group: the peak as stacked categories (left) and the measured tensors alone, without "other", beside
-    BlockLLM's floor (right); one bar per method (its best value, means over the seeds; see report.summarize)."""
+    BlockLLM's floor (right); one bar per method (its best value, means over the seeds; see summary.summarize)."""
     from matplotlib.figure import Figure
 
     grouped = group_runs(methods) or {None: []}

@@ -1,21 +1,19 @@
-"""The report of a suite: ``report.json``, ``report.md`` (tables, ratios to full fine-tuning, goals) and the plots.
+"""The report of a suite: what ``report.json`` and ``report.md`` hold (tables, ratios to full fine-tuning, goals).
 
-Runs that differ only in their seed are one *configuration*; the configurations of a method differ in the values of
-its sweep. :func:`summarize` gives one record per method of a group: its best configuration (lowest mean eval loss)
-with mean, standard deviation, minimum and maximum of the losses over the seeds, and every configuration beside it.
-Ratios, goals and the memory plot use these records; a suite without seeds or sweeps has one run per record.
+Ratios and goals use the per-method records of :func:`.summary.summarize` (one per method of a group: its best
+configuration, means over the seeds); a suite without seeds or sweeps has one run per record. :mod:`.runner` writes
+the files beside the plots of :mod:`.plots`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import write_json, write_text
+from .summary import OK_STATUSES, group_runs, summarize, values_label
 
 # The goals of issue 5 (BlockLLM against the other four methods, same model and batch).
 GOAL_SPARSITY = 0.95
@@ -26,25 +24,8 @@ FLOOR_MARGIN = 1.10  # issue 9: peak tracked bytes within 10% of the floor
 BASELINES = ("full", "lora", "galore", "badam")
 OTHERS = "others"  # as a goal's reference: the first method of every other kind in the group
 FLOOR = "floor"  # as a goal's reference: the subject's own floor (floor_bytes)
-OK_STATUSES = ("ok", "out of memory")  # results; "failed" is not one
 # LLaMA-Factory `optim` names that give BlockLLM 8-bit moments (patches/precision.py).
 EIGHT_BIT_OPTIMS = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
-LOSS_KEYS = ("final_train_loss", "eval_loss")
-MEAN_KEYS = (
-    "peak_memory_bytes",
-    "peak_tracked_bytes",
-    "parameter_bytes",
-    "gradient_bytes",
-    "optimizer_state_bytes",
-    "master_weight_bytes",
-    "floor_bytes",
-    "trainable_parameters",
-    "eligible_parameters",
-    "total_parameters",
-    "step_time_s",
-    "step_cpu_time_s",
-    "tokens_per_s",
-)
 
 
 @dataclass(frozen=True)
@@ -295,90 +276,6 @@ def _parts(names: list[str]) -> set[str]:
     return found or {"other"}
 
 
-# ---------------------------------------------------------------- seeds and sweeps
-
-
-def _stats(values: list[float]) -> dict[str, Any] | None:
-    if not values:
-        return None
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
-def _point(records: list[dict]) -> dict[str, Any]:
-    """One configuration (the runs that differ only in seed): status, loss statistics and mean figures."""
-    done = [r for r in records if r.get("status") == "ok"]
-    statuses = {r.get("status") for r in records}
-    status = "ok" if statuses == {"ok"} else "out of memory" if statuses <= set(OK_STATUSES) else "failed"
-    first = records[0]
-    point: dict[str, Any] = {
-        "config": first.get("config") or first["name"],
-        "sweep": first.get("sweep") or {},
-        "runs": [r["name"] for r in records],
-        "seeds": [r.get("seed") for r in records],
-        "status": status,
-        "ok_runs": len(done),
-        "error": None if status == "ok" else next((r.get("error") for r in records if r.get("status") != "ok"), None),
-    }
-    for key in LOSS_KEYS:
-        stats = _stats([r[key] for r in done if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])])
-        point[f"{key}_stats"] = stats
-        point[key] = stats["mean"] if stats else None
-    source = done or records
-    for key in MEAN_KEYS:
-        values = [r[key] for r in source if isinstance(r.get(key), (int, float))]
-        point[key] = (
-            (statistics.fmean(values) if key.endswith("_s") else round(statistics.fmean(values))) if values else None
-        )
-    trains = [r.get("trained") for r in done if r.get("trained")]
-    point["trained"] = trains[0] if trains else None
-    point["trains"] = trains[0]["summary"] if trains else None
-    if len({t["summary"] for t in trains}) > 1:
-        point["trains"] += " (differs between seeds: see report.json)"
-    for key in ("peak_memory_source", "optimizer", "sparsity", "floor_formula"):
-        point[key] = next((r.get(key) for r in source if r.get(key) is not None), None)
-    return point
-
-
-def summarize(runs: list[dict]) -> list[dict]:
-    """One record per method of a group, in suite order: its best configuration's figures (means over the seeds),
-    which configuration that is (``best``: the sweep values, ``best_by``: the loss it was chosen by) and ``points``,
-    every configuration's summary."""
-    by_method: dict[tuple[str | None, str], dict[str, list[dict]]] = {}
-    for record in runs:
-        method_key = (record.get("group"), record.get("method") or record["name"])
-        by_method.setdefault(method_key, {}).setdefault(record.get("config") or record["name"], []).append(record)
-    summaries = []
-    for (group, method), configs in by_method.items():
-        points = [_point(records) for records in configs.values()]
-        best, best_by = None, None
-        for key in LOSS_KEYS[::-1]:  # eval loss first, else the final train loss
-            candidates = [p for p in points if p["status"] == "ok" and p[key] is not None]
-            if candidates:
-                best, best_by = min(candidates, key=lambda p: p[key]), key
-                break
-        chosen = best or points[0]
-        first = next(iter(configs.values()))[0]
-        summaries.append(
-            {
-                **{key: value for key, value in chosen.items() if key not in ("runs", "seeds")},
-                "name": f"{group}/{method}" if group else method,
-                "method": method,
-                "group": group,
-                "kind": first.get("kind"),
-                "best": chosen["sweep"] if best is not None else None,
-                "best_by": best_by,
-                "points": points,
-            }
-        )
-    return summaries
-
-
 # ---------------------------------------------------------------- goals
 
 
@@ -442,14 +339,6 @@ def goals(
     return result
 
 
-def group_runs(runs: list[dict]) -> dict[str | None, list[dict]]:
-    """Runs by group (model size, ...), in suite order; one group ``None`` for a suite without groups."""
-    grouped: dict[str | None, list[dict]] = {}
-    for record in runs:
-        grouped.setdefault(record.get("group"), []).append(record)
-    return grouped
-
-
 # ---------------------------------------------------------------- markdown
 
 
@@ -509,46 +398,60 @@ def _spread(stats: dict | None) -> str:
     return f"{stats['mean']:.4f} ± {stats['std']:.4f} [{stats['min']:.4f}, {stats['max']:.4f}]"
 
 
-def values_label(sweep: dict | None) -> str:
-    """``{"learning_rate": 0.003}`` -> ``learning_rate=0.003``."""
-    return ", ".join(
-        f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in (sweep or {}).items()
-    )
+# Columns of the per-method and sweep tables: (title, right-aligned).
+LOSS_SPREAD_COLUMNS = (
+    ("final train loss (mean ± std [min, max])", True),
+    ("eval loss (mean ± std [min, max])", True),
+)
+METHOD_COLUMNS = (
+    ("method", False),
+    ("kind", False),
+    ("best value", False),
+    ("runs ok", True),
+    *LOSS_SPREAD_COLUMNS,
+    ("trains (parameters that changed)", False),
+)
+SWEEP_COLUMNS = (
+    ("method", False),
+    ("values", False),
+    ("status", False),
+    ("runs ok", True),
+    *LOSS_SPREAD_COLUMNS,
+    ("best", False),
+)
+
+
+def _markdown_table(columns: tuple[tuple[str, bool], ...], rows: list[list[Any]]) -> list[str]:
+    """A header, its alignment rule and one line per row (cells as ``str`` gives them)."""
+    header = "| " + " | ".join(title for title, _ in columns) + " |"
+    rule = "|" + "".join("---:|" if right else "---|" for _, right in columns)
+    return [header, rule] + ["| " + " | ".join(map(str, cells)) + " |" for cells in rows]
+
+
+def _loss_spreads(record: dict) -> list[str]:
+    return [_spread(record.get("final_train_loss_stats")), _spread(record.get("eval_loss_stats"))]
 
 
 def _method_table(summaries: list[dict]) -> list[str]:
-    lines = [
-        "| method | kind | best value | runs ok | final train loss (mean ± std [min, max]) "
-        "| eval loss (mean ± std [min, max]) | trains (parameters that changed) |",
-        "|---|---|---|---:|---:|---:|---|",
-    ]
+    rows = []
     for s in summaries:
         runs = sum(len(p["runs"]) for p in s["points"])
         ok = sum(p["ok_runs"] for p in s["points"])
         best = values_label(s.get("best")) or ("-" if len(s["points"]) == 1 else "n/a")
-        lines.append(
-            f"| {s['name']} | {s.get('kind') or ''} | {best} | {ok} of {runs} "
-            f"| {_spread(s.get('final_train_loss_stats'))} | {_spread(s.get('eval_loss_stats'))} "
-            f"| {s.get('trains') or 'n/a'} |"
+        rows.append(
+            [s["name"], s.get("kind") or "", best, f"{ok} of {runs}", *_loss_spreads(s), s.get("trains") or "n/a"]
         )
-    return lines
+    return _markdown_table(METHOD_COLUMNS, rows)
 
 
 def _sweep_table(summaries: list[dict]) -> list[str]:
-    lines = [
-        "| method | values | status | runs ok | final train loss (mean ± std [min, max]) "
-        "| eval loss (mean ± std [min, max]) | best |",
-        "|---|---|---|---:|---:|---:|---|",
-    ]
+    rows = []
     for s in summaries:
         for p in s["points"]:
             best = "**best**" if s.get("best") is not None and p["sweep"] == s["best"] else ""
-            lines.append(
-                f"| {s['name']} | {values_label(p['sweep']) or '-'} | {p['status']} "
-                f"| {p['ok_runs']} of {len(p['runs'])} | {_spread(p.get('final_train_loss_stats'))} "
-                f"| {_spread(p.get('eval_loss_stats'))} | {best} |"
-            )
-    return lines
+            ok = f"{p['ok_runs']} of {len(p['runs'])}"
+            rows.append([s["name"], values_label(p["sweep"]) or "-", p["status"], ok, *_loss_spreads(p), best])
+    return _markdown_table(SWEEP_COLUMNS, rows)
 
 
 def _gaps(summaries: list[dict]) -> list[str]:
@@ -678,13 +581,3 @@ def markdown(document: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_all(document: dict, out: Path) -> None:
-    from . import plots
-
-    document["results"] = summarize(document["runs"])
-    write_json(out / "report.json", document)
-    write_text(out / "report.md", markdown(document))
-    plots.loss_plot(document["runs"], out / "loss.png")
-    plots.memory_plot(document["results"], out / "memory.png")

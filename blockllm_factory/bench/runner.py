@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from blockllm_factory._files import write_json, write_text
+
 from . import report
-from .files import write_json
 from .report import OK_STATUSES, human_bytes
 from .suite import Run, Suite, SuiteError, load_suite, plan, resolve_paths
 
@@ -420,5 +421,11 @@ def _write_report(suite: Suite, out: Path, records: dict[str, dict], command: st
         "machine": machine_info(ordered),
         "runs": ordered,
     }
-    report.write_all(document, out)
+    from . import plots  # matplotlib: imported only once a report is written
+
+    document["results"] = report.summarize(document["runs"])
+    write_json(out / "report.json", document)
+    write_text(out / "report.md", report.markdown(document))
+    plots.loss_plot(document["runs"], out / "loss.png")
+    plots.memory_plot(document["results"], out / "memory.png")
     return document

@@ -16,20 +16,17 @@ Layout of the folder (``runs/demo/assets`` for the README's demo)::
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockllm_factory.demo import data
+from blockllm_factory.demo import builder, data
 
 SEED = 1234
 TRAIN_EXAMPLES = 4000
 EVAL_EXAMPLES = 400
 VOCAB_SIZE = 1024
-STAMP_NAME = "BUILD_STAMP"
+STAMP_NAME = builder.STAMP_NAME
 
 # The base model's pretraining: 120 AdamW steps of 16 x 64 tokens of prose (about half a minute on one core).
 # Its facts are drawn with their own seed, apart from the datasets.
@@ -45,8 +42,6 @@ MODEL_SHAPE = {
     "num_key_value_heads": 8,
     "max_position_embeddings": 256,
 }
-
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 # Dataset name -> its LLaMA-Factory dataset_info entry, less "file_name" (always "<name>.json").
 # Alpaca columns (instruction, input, output) are LLaMA-Factory's defaults.
@@ -89,16 +84,6 @@ def _records() -> dict[str, list[dict]]:
     }
 
 
-def _write_datasets(records: dict[str, list[dict]], dataset_dir: Path) -> None:
-    dataset_dir.mkdir(parents=True)
-    info = {}
-    for name, attributes in DATASETS.items():
-        file_name = f"{name}.json"
-        (dataset_dir / file_name).write_text(json.dumps(records[name], indent=1) + "\n", encoding="utf-8")
-        info[name] = {"file_name": file_name, **attributes}
-    (dataset_dir / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-
-
 def _pretraining_text() -> list[str]:
     return [data.prose(item) for item in data.examples(PRETRAIN["examples"], seed=PRETRAIN["seed"])]
 
@@ -109,25 +94,6 @@ def _corpus(records: dict[str, list[dict]], pretraining_text: list[str]) -> list
     for record in records["demo_pref"] + records["demo_sft_eval"] + records["demo_pt"]:
         lines.append("\n".join(str(value) for value in record.values()))
     return lines
-
-
-def _build_tokenizer(corpus: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, model_max_length=MODEL_SHAPE["max_position_embeddings"], **SPECIAL_TOKENS
-    )
 
 
 def _pretrain(model, tokenizer, texts: list[str]) -> None:
@@ -189,7 +155,7 @@ def build_key() -> str:
     import transformers
 
     digest = hashlib.sha256()
-    for module_file in (Path(__file__), Path(data.__file__)):
+    for module_file in (Path(__file__), Path(data.__file__), Path(builder.__file__)):
         digest.update(module_file.read_bytes())
     for version in (torch.__version__, transformers.__version__, tokenizers.__version__):
         digest.update(version.encode())
@@ -200,26 +166,16 @@ def build(destination: str | os.PathLike, force: bool = False) -> DemoAssets:
     """Build the demo model and datasets into ``destination`` unless a build with the same key is there.
 
     The build happens in a sibling temporary folder that replaces ``destination`` only when complete, so an
-    interrupted build never leaves a half-written model behind.
+    interrupted build never leaves a half-written model behind (see :func:`builder.build_once`).
     """
-    root = Path(destination).resolve()
-    key = build_key()
-    stamp = root / STAMP_NAME
-    if not force and stamp.is_file() and stamp.read_text().strip() == key:
-        return DemoAssets(root)
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
+    def write(staging: Path) -> None:
         records = _records()
         pretraining_text = _pretraining_text()
-        _write_datasets(records, staging / "data")
-        tokenizer = _build_tokenizer(_corpus(records, pretraining_text))
+        builder.write_datasets(staging / "data", {name: (records[name], DATASETS[name]) for name in DATASETS})
+        tokenizer = builder.train_tokenizer(
+            _corpus(records, pretraining_text), VOCAB_SIZE, MODEL_SHAPE["max_position_embeddings"]
+        )
         _build_model(tokenizer, pretraining_text, staging / "model")
-        (staging / STAMP_NAME).write_text(key + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return DemoAssets(root)
+
+    return DemoAssets(builder.build_once(Path(destination).resolve(), build_key(), write, force=force))

@@ -15,18 +15,16 @@ Layout of the folder (``runs/demo/domain`` for the quality suite), used as ``dat
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
+
+from blockllm_factory.demo import builder
 
 SEED = 4321
 TRAIN_PARAGRAPHS = 3000
 EVAL_PARAGRAPHS = 300
 FACTS_PER_PARAGRAPH = (3, 6)
-STAMP_NAME = "BUILD_STAMP"
 DATASETS = {"domain_pt": TRAIN_PARAGRAPHS, "domain_pt_eval": EVAL_PARAGRAPHS}
 
 # fmt: off
@@ -80,31 +78,20 @@ def paragraphs(count: int, seed: int) -> list[str]:
 
 
 def build_key() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for module_file in (Path(__file__), Path(builder.__file__)):
+        digest.update(module_file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def build(destination: str | os.PathLike, force: bool = False) -> Path:
     """Writes the domain datasets into ``destination`` unless a build with the same key is there; returns the folder.
 
     Written in a sibling temporary folder that replaces ``destination`` only when complete."""
-    root = Path(destination).resolve()
-    key = build_key()
-    stamp = root / STAMP_NAME
-    if not force and stamp.is_file() and stamp.read_text().strip() == key:
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        info = {}
-        for index, (name, count) in enumerate(DATASETS.items()):
-            records = [{"text": text} for text in paragraphs(count, seed=SEED + index)]
-            (staging / f"{name}.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-            info[name] = {"file_name": f"{name}.json", "columns": {"prompt": "text"}}
-        (staging / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        (staging / STAMP_NAME).write_text(key + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        staging.rename(root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+
+    def write(staging: Path) -> None:
+        texts = {name: paragraphs(count, seed=SEED + index) for index, (name, count) in enumerate(DATASETS.items())}
+        prose = {"columns": {"prompt": "text"}}
+        builder.write_datasets(staging, {name: ([{"text": text} for text in texts[name]], prose) for name in texts})
+
+    return builder.build_once(Path(destination).resolve(), build_key(), write, force=force)

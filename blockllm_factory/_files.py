@@ -1,4 +1,11 @@
-"""Atomic file writes: a report file is either the old one or the complete new one, never half-written."""
+"""Files the package writes, shared by the harness and the patches: atomic writes (a report or result file is either
+the old one or the complete new one, never half-written) and the names of the files a BlockLLM run leaves in its
+output directory.
+
+The lowest room of the package, beside ``__init__``: it imports the standard library only, so that the harness
+(:mod:`blockllm_factory.bench`, :mod:`blockllm_factory.demo`) and the patches (:mod:`blockllm_factory.patches`) can
+both use it without importing each other (tests/test_layout.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# Written by the trainer patch into output_dir (patches/telemetry.py); read by the demo's summary.
+SELECTION_LOG = "blockllm_selection.jsonl"
+SELECTION_PLOT = "blockllm_selection.png"
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:

@@ -1,0 +1,146 @@
+"""The package's rooms import downward only, read from the sources (no module is imported).
+
+    harness  blockllm_factory.cli, .bench, .demo   drives public commands, builds models and data
+    patches  blockllm_factory.patches (patches/)   the only code that reaches into LLaMA-Factory, with the import
+             and blockllm_factory._import_hook     hook that applies it
+    optim    blockllm_factory.optim                the pure-PyTorch optimizer
+    base     blockllm_factory (__init__), ._files  standard library only
+
+Within the harness the demo is the lower: bench builds with the demo's builder, the demo imports neither bench nor
+patches. The report and the plots of bench share ``bench.summary`` and import neither each other.
+"""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "blockllm_factory"
+
+# room -> the rooms its modules may import: its own and those below it. The demo is the harness's lower half (it builds
+# models and data, and patches nothing), so it may not import the patches.
+ALLOWED = {
+    "base": {"base"},
+    "optim": {"base", "optim"},
+    "patches": {"base", "optim", "patches"},
+    "demo": {"base", "optim", "demo"},
+    "bench": {"base", "optim", "patches", "demo", "bench"},
+    "cli": {"base", "optim", "patches", "demo", "bench", "cli"},
+}
+# module-name prefix -> room; the longest matching prefix decides.
+PREFIXES = {
+    "blockllm_factory": "base",
+    "blockllm_factory._files": "base",
+    "blockllm_factory.optim": "optim",
+    "blockllm_factory.patches": "patches",
+    "blockllm_factory._import_hook": "patches",
+    "blockllm_factory.demo": "demo",
+    "blockllm_factory.bench": "bench",
+    "blockllm_factory.cli": "cli",
+}
+APART = [("blockllm_factory.bench.plots", "blockllm_factory.bench.report")]
+
+
+def source_modules() -> dict[str, Path]:
+    """Module name -> file, as installed: ``patches/`` is ``blockllm_factory.patches`` (setup.cfg package_dir)."""
+    modules = {}
+    for folder, prefix in ((ROOT / PACKAGE, PACKAGE), (ROOT / "patches", f"{PACKAGE}.patches")):
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            if parts and parts[0] == "patches" and folder.name == PACKAGE:
+                continue  # not expected, but a stray copy would be a second patches room
+            modules[".".join([prefix, *parts])] = path
+    return modules
+
+
+MODULES = source_modules()
+
+
+def imported_modules(name: str, path: Path) -> set[str]:
+    """Every module of this package that ``path`` imports, at module level or inside functions."""
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")
+                base = base[: len(base) - node.level + (1 if is_package else 0)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            # `from package import module` imports that module too
+            found.update(f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in MODULES)
+    return {module for module in found if module == PACKAGE or module.startswith(PACKAGE + ".")}
+
+
+def room(module: str) -> str:
+    matches = [prefix for prefix in PREFIXES if module == prefix or module.startswith(prefix + ".")]
+    return PREFIXES[max(matches, key=len)]
+
+
+IMPORTS = {name: imported_modules(name, path) for name, path in MODULES.items()}
+
+
+def test_the_sources_are_found_and_the_parser_sees_their_imports():
+    expected = {"blockllm_factory.patches.metrics", "blockllm_factory.demo.assets", "blockllm_factory.bench.report"}
+    assert expected <= set(MODULES)
+    assert "blockllm_factory.bench.summary" in IMPORTS["blockllm_factory.bench.report"]  # a relative import
+    assert "blockllm_factory._files" in IMPORTS["blockllm_factory.patches.metrics"]
+
+
+def not_allowed(name: str, imports: set[str]) -> list[str]:
+    return sorted(module for module in imports if room(module) not in ALLOWED[room(name)])
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_a_module_imports_only_its_own_room_and_those_below(name):
+    upward = not_allowed(name, IMPORTS[name])
+    assert not upward, f"{MODULES[name].relative_to(ROOT)} ({room(name)}) imports from a room above it: {upward}"
+
+
+@pytest.mark.parametrize(("one", "other"), APART)
+def test_siblings_kept_apart_import_neither_each_other(one, other):
+    assert other not in IMPORTS[one] and one not in IMPORTS[other]
+
+
+def test_upward_imports_are_caught_absolute_relative_and_inside_functions(tmp_path):
+    source = tmp_path / "assets.py"
+    source.write_text(
+        "from blockllm_factory.bench.files import write_json\n"
+        "from ..patches import telemetry\n"
+        "def summary():\n"
+        "    import blockllm_factory.patches.metrics\n"
+        "    from . import data\n"
+    )
+    imports = imported_modules("blockllm_factory.demo.assets", source)
+    assert not_allowed("blockllm_factory.demo.assets", imports) == [
+        "blockllm_factory.bench.files",
+        "blockllm_factory.patches",
+        "blockllm_factory.patches.metrics",
+        "blockllm_factory.patches.telemetry",
+    ]
+    assert "blockllm_factory.demo.data" in imports
+
+
+def test_a_fresh_process_imports_this_checkout_and_installs_the_hook(tmp_path):
+    """The editable install (scripts/bootstrap.sh): an edit here is what every process runs, with no reinstall."""
+    code = (
+        "import json, sys, blockllm_factory, blockllm_factory.patches as p;"
+        "print(json.dumps([blockllm_factory.__file__, p.__file__, [type(f).__name__ for f in sys.meta_path]]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    package, patches, finders = json.loads(result.stdout)
+    reinstall = "the tests would run another copy than this checkout: run bash scripts/bootstrap.sh (editable install)"
+    assert Path(package) == ROOT / PACKAGE / "__init__.py", reinstall
+    assert Path(patches) == ROOT / "patches" / "__init__.py", reinstall
+    assert "_PatchFinder" in finders  # blockllm_factory.pth ran
