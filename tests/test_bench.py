@@ -620,12 +620,20 @@ def test_the_quality_suites_sweep_every_method_over_three_seeds(name):
     assert len(suite.seeds) >= 3
     methods = list(dict.fromkeys(run.method for run in suite.runs))
     assert {"blockllm", "lora", "badam", "full", "galore"} <= {run.kind for run in suite.runs}
+    swept_blockllm_rates = set()
+    ablations = {}
     for method in methods:
         runs = [run for run in suite.runs if run.method == method]
         rates = {run.args["learning_rate"] for run in runs}
-        assert len(rates) >= 3 and all(isinstance(rate, float) for rate in rates), method
+        assert all(isinstance(rate, float) for rate in rates), method
         assert len(runs) == len(rates) * len(suite.seeds), method
         assert {run.seed for run in runs} == set(suite.seeds)
+        if len(rates) >= 3:
+            swept_blockllm_rates |= rates if runs[0].kind == "blockllm" else set()
+        else:  # only a BlockLLM ablation may run at one rate: one that the swept BlockLLM settings also ran
+            assert runs[0].kind == "blockllm", f"{method}: a baseline needs a sweep of at least 3 rates"
+            ablations[method] = rates
+    assert all(rates <= swept_blockllm_rates for rates in ablations.values()), ablations
     for run in suite.runs:
         assert run.args["max_steps"] >= 300 and run.args["do_eval"] and run.args["eval_dataset"]
     assert "eval_loss_at_or_below_lora_badam" in suite.goals
