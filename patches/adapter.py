@@ -10,9 +10,9 @@ model.
 
 import functools
 
-from ._version import check_llamafactory_version
+from blockllm_factory.optim.settings import FINETUNING_TYPE
 
-FINETUNING_TYPE = "blockllm"
+from ._version import check_llamafactory_version
 
 
 def build_init_adapter(original, logger):

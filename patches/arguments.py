@@ -10,13 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from blockllm_factory.optim.settings import FINETUNING_TYPE, YAML_SETTINGS, Setting, check
+
 from ._version import check_llamafactory_version
 
-FINETUNING_TYPE = "blockllm"
 STAGES = ("pt", "sft", "rm", "dpo", "kto")
-PROBES = ("sample", "exact")
-SCORES = ("norm", "norm_per_sqrt_size")
-BLOCK_SIZE_HEAD = "head"  # blockllm_block_size resolved from the model's config (patches/optimizer.py)
 
 # Other optimizers and methods LLaMA-Factory switches on by flag; BlockLLM is itself the optimizer.
 EXCLUSIVE_FLAGS = (
@@ -32,107 +30,37 @@ EXCLUSIVE_FLAGS = (
 ADAPTER_ONLY_DATACLASSES = ("LoraArguments", "OFTArguments", "FreezeArguments")
 
 
-@dataclass
-class BlockLLMArguments:
-    r"""Arguments pertaining to BlockLLM (arXiv 2406.17296), used with ``finetuning_type: blockllm``."""
-
-    blockllm_sparsity: float = field(
-        default=0.95,
-        metadata={
-            "help": (
-                "Share of the trainable coordinates that BlockLLM leaves unchanged at each step, in [0, 1). "
-                "0.95 (the paper's setting) updates about one coordinate in twenty at a time."
-            )
-        },
-    )
-    blockllm_patience: int = field(
-        default=100,
-        metadata={
-            "help": (
-                "Window m of BlockLLM's loss rule (>= 1): the selected blocks are revisited when the loss is at or "
-                "above the mean of the last m optimizer-step losses."
-            )
-        },
-    )
-    blockllm_probe: Literal["sample", "exact"] = field(
-        default="sample",
-        metadata={
-            "help": (
-                "How BlockLLM measures gradient norms of unselected blocks: `sample` (the paper: a few random "
-                "unselected blocks per step) or `exact` (every block, one gradient at a time, before a reselection)."
-            )
-        },
-    )
-    blockllm_probe_blocks: int = field(
-        default=2,
-        metadata={"help": "Number of unselected blocks probed per step with `blockllm_probe: sample` (>= 0)."},
-    )
-    blockllm_include_embeddings: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "Whether BlockLLM may also select the input embeddings and the output head "
-                "(needed when training from scratch). Off by default, as in the paper's code."
-            )
-        },
-    )
-    blockllm_score: Literal["norm", "norm_per_sqrt_size"] = field(
-        default="norm_per_sqrt_size",
-        metadata={
-            "help": (
-                "How BlockLLM ranks blocks: `norm_per_sqrt_size` (the default: gradient norm over visit frequency, "
-                "divided by the square root of the block's size, which removes the bias toward large tensors; "
-                "measured better, docs/algorithm.md) or `norm` (the paper's rule)."
-            )
-        },
-    )
-    blockllm_block_size: str = field(
-        default=BLOCK_SIZE_HEAD,
-        metadata={
-            "help": (
-                "Size of BlockLLM's blocks: `head` (the default: groups of whole rows of head_dim x hidden_size "
-                "coordinates, one attention head of q/k/v, read from the model's config; whole tensors under "
-                "DeepSpeed), an integer N > 0 (row groups of about N coordinates) or 0 (the paper: every weight "
-                "tensor is one block). Finer blocks spread the budget over more layers. Numbers other than 0 are "
-                "refused under DeepSpeed."
-            )
-        },
-    )
+def _field_type(setting: Setting):
+    """The type ``HfArgumentParser`` parses the field as: its choices (shown in ``--help``), text where the field also
+    takes named values (``head``), else the optimizer's type."""
+    if setting.choices:
+        return Literal[setting.choices]
+    return str if setting.named_values else setting.type
 
 
-def check_blockllm_values(args: BlockLLMArguments) -> None:
-    """Range checks of the ``blockllm_*`` fields; errors name the field and its allowed values."""
-    sparsity = args.blockllm_sparsity
-    if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(
-            f"`blockllm_sparsity` must be a number in [0, 1) (the share of coordinates left unchanged per step), "
-            f"got {sparsity!r}."
+BlockLLMArguments = dataclasses.make_dataclass(
+    "BlockLLMArguments",
+    [
+        (
+            setting.field,
+            _field_type(setting),
+            field(default=setting.yaml_default, metadata={"help": setting.help}),
         )
-    patience = args.blockllm_patience
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-        raise ValueError(f"`blockllm_patience` must be an integer >= 1 (optimizer steps), got {patience!r}.")
-    if args.blockllm_probe not in PROBES:
-        raise ValueError(f"`blockllm_probe` must be one of {', '.join(PROBES)}, got {args.blockllm_probe!r}.")
-    probe_blocks = args.blockllm_probe_blocks
-    if isinstance(probe_blocks, bool) or not isinstance(probe_blocks, int) or probe_blocks < 0:
-        raise ValueError(f"`blockllm_probe_blocks` must be an integer >= 0, got {probe_blocks!r}.")
-    if not isinstance(args.blockllm_include_embeddings, bool):
-        raise ValueError(
-            f"`blockllm_include_embeddings` must be true or false, got {args.blockllm_include_embeddings!r}."
-        )
-    if args.blockllm_score not in SCORES:
-        raise ValueError(f"`blockllm_score` must be one of {', '.join(SCORES)}, got {args.blockllm_score!r}.")
-    block_size = args.blockllm_block_size
-    if isinstance(block_size, str) and block_size.strip().isdigit():  # from the command line or the web UI
-        block_size = args.blockllm_block_size = int(block_size)
-    if block_size != BLOCK_SIZE_HEAD and (
-        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0
-    ):
-        raise ValueError(
-            f"`blockllm_block_size` must be `{BLOCK_SIZE_HEAD}` (one attention head: head_dim x hidden_size "
-            f"coordinates, the default), an integer > 0 (row groups of about that many coordinates) or 0 (whole "
-            f"tensors, the paper), got {block_size!r}."
-        )
+        for setting in YAML_SETTINGS
+    ],
+    namespace={
+        "__doc__": "Arguments pertaining to BlockLLM (arXiv 2406.17296), used with ``finetuning_type: blockllm``; "
+        "one field ``blockllm_<name>`` per setting of blockllm_factory/optim/settings.py.",
+        "__module__": __name__,
+    },
+)
+
+
+def check_blockllm_values(args) -> None:
+    """Range checks of the ``blockllm_*`` fields, in the wording of ``BlockLLM(...)``'s own checks, naming the field;
+    a block size written as digits (command line, web UI) becomes a number."""
+    for setting in YAML_SETTINGS:
+        setattr(args, setting.field, check(setting.name, getattr(args, setting.field), yaml=True))
 
 
 def _adapter_only_defaults(module) -> dict[str, object]:

@@ -10,8 +10,9 @@ drive ``param_groups[i]["lr"]`` as for any torch optimizer.
 
 import functools
 
+from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD, FINETUNING_TYPE
+
 from ._version import check_llamafactory_version
-from .arguments import BLOCK_SIZE_HEAD, FINETUNING_TYPE
 
 
 def _text_config(model):

@@ -12,10 +12,11 @@ back into the model (the weights would silently stay at their initial values).
 
 import functools
 
+from blockllm_factory.optim.settings import FINETUNING_TYPE
+
 from ._version import check_llamafactory_version
 from .launch import ray_refusal, requested_finetuning_type
 
-FINETUNING_TYPE = "blockllm"
 NO_RESUME_STAGES = ("rm", "ppo")  # as LLaMA-Factory does for full and freeze tuning
 
 

@@ -18,9 +18,9 @@ a BlockLLM, attaches two things to that trainer instance:
 
 import functools
 
-from ._version import check_llamafactory_version
+from blockllm_factory.optim.settings import FINETUNING_TYPE
 
-FINETUNING_TYPE = "blockllm"
+from ._version import check_llamafactory_version
 
 # Trainer module -> the class in it whose optimizer LLaMA-Factory creates with create_custom_optimizer.
 TRAINER_CLASSES = {

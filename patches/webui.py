@@ -17,21 +17,13 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
+from blockllm_factory.optim.settings import FINETUNING_TYPE, SETTINGS, YAML_SETTINGS
+
 from ._version import check_llamafactory_version
-from .arguments import PROBES, SCORES, BlockLLMArguments
 from .parser import check_training_setup
 
-FINETUNING_TYPE = "blockllm"
 # Panel elements whose values the runner reads (registered as ``train.<name>``, saved in training configs).
-PANEL_INPUTS = (
-    "blockllm_sparsity",
-    "blockllm_patience",
-    "blockllm_probe",
-    "blockllm_probe_blocks",
-    "blockllm_include_embeddings",
-    "blockllm_score",
-    "blockllm_block_size",
-)
+PANEL_INPUTS = tuple(setting.field for setting in YAML_SETTINGS)
 # Train-tab checkboxes for methods that parse time refuses together with blockllm.
 EXCLUSIVE_CHECKBOXES = ("use_galore", "use_apollo", "use_badam", "use_llama_pro")
 # Panels of settings that blockllm never reads.
@@ -54,18 +46,18 @@ def create_blockllm_panel() -> dict[str, Any]:
     """The accordion and its elements, unlabelled: labels come from LOCALES (see :mod:`.webui_locales`)."""
     import gradio as gr
 
-    defaults = BlockLLMArguments()
+    default = {setting.name: setting.yaml_default for setting in YAML_SETTINGS}  # LLaMA-Factory's defaults
     with gr.Accordion(open=False, elem_id="blockllm_panel") as blockllm_tab:
         with gr.Row():
             use_blockllm = gr.Checkbox()
-            blockllm_sparsity = gr.Slider(minimum=0, maximum=0.995, value=defaults.blockllm_sparsity, step=0.005)
-            blockllm_patience = gr.Slider(minimum=1, maximum=1000, value=defaults.blockllm_patience, step=1)
-            blockllm_probe = gr.Dropdown(choices=list(PROBES), value=defaults.blockllm_probe)
-            blockllm_probe_blocks = gr.Slider(minimum=0, maximum=64, value=defaults.blockllm_probe_blocks, step=1)
-            blockllm_include_embeddings = gr.Checkbox(value=defaults.blockllm_include_embeddings)
+            blockllm_sparsity = gr.Slider(minimum=0, maximum=0.995, value=default["sparsity"], step=0.005)
+            blockllm_patience = gr.Slider(minimum=1, maximum=1000, value=default["patience"], step=1)
+            blockllm_probe = gr.Dropdown(choices=list(SETTINGS["probe"].choices), value=default["probe"])
+            blockllm_probe_blocks = gr.Slider(minimum=0, maximum=64, value=default["probe_blocks"], step=1)
+            blockllm_include_embeddings = gr.Checkbox(value=default["include_embeddings"])
         with gr.Row():
-            blockllm_score = gr.Dropdown(choices=list(SCORES), value=defaults.blockllm_score)
-            blockllm_block_size = gr.Textbox(value=str(defaults.blockllm_block_size))
+            blockllm_score = gr.Dropdown(choices=list(SETTINGS["score"].choices), value=default["score"])
+            blockllm_block_size = gr.Textbox(value=str(default["block_size"]))
 
     return {
         "blockllm_tab": blockllm_tab,

@@ -8,6 +8,7 @@ from functools import partial
 
 import pytest
 from helpers import parse_args
+from torch import nn
 
 FIELDS = (
     "blockllm_sparsity",
@@ -76,6 +77,52 @@ def test_command_line_form_and_help_text(tiny_llamafactory_assets, tmp_path):
 def test_bad_arguments_are_refused_by_name(parse, overrides, message):
     with pytest.raises(ValueError, match=message):
         parse(**overrides)
+
+
+# One bad value per ``blockllm_*`` field: the Python API and the YAML path refuse it with one message (settings.py),
+# naming `sparsity` or `blockllm_sparsity`; a YAML block size also offers `head`, which only YAML accepts.
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("sparsity", 1.5),
+        ("sparsity", True),
+        ("patience", 0),
+        ("patience", 2.5),
+        ("probe", "all"),
+        ("probe_blocks", -1),
+        ("include_embeddings", "yes"),
+        ("score", "size"),
+        ("block_size", -1),
+        ("block_size", 0.5),
+    ],
+)
+def test_python_api_and_yaml_refuse_a_bad_value_with_one_message(parse, name, value):
+    from blockllm_factory.optim import BlockLLM
+    from blockllm_factory.optim.settings import SETTINGS
+
+    with pytest.raises(ValueError) as from_python:
+        BlockLLM(nn.Linear(4, 4).named_parameters(), **{name: value})
+    with pytest.raises(ValueError) as from_yaml:
+        parse(**{f"blockllm_{name}": value})
+    python_message = str(from_python.value)
+    assert python_message.startswith(f"`{name}` must be ") and python_message.endswith(f", got {value!r}.")
+    yaml_only = "".join(f"`{named}` ({meaning}), " for named, meaning in SETTINGS[name].named_values.items())
+    assert str(from_yaml.value) == python_message.replace(
+        f"`{name}` must be ", f"`blockllm_{name}` must be {yaml_only}"
+    )
+
+
+def test_every_blockllm_field_comes_from_the_settings():
+    import dataclasses
+
+    from blockllm_factory.optim.settings import YAML_SETTINGS
+    from blockllm_factory.patches.arguments import BlockLLMArguments
+
+    fields = {spec.name: spec for spec in dataclasses.fields(BlockLLMArguments)}
+    assert tuple(fields) == FIELDS == tuple(setting.field for setting in YAML_SETTINGS)
+    for setting in YAML_SETTINGS:
+        assert fields[setting.field].default == setting.yaml_default
+        assert fields[setting.field].metadata["help"] == setting.help
 
 
 def test_lora_defaults_written_out_explicitly_are_accepted(parse):

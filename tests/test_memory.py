@@ -6,6 +6,7 @@ from where the gradient lives.
 """
 
 import io
+import re
 
 import pytest
 import torch
@@ -306,12 +307,13 @@ def test_8bit_resume_is_bit_identical():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"optim_bits": 16}, "Invalid optim_bits: 16 (allowed: 32, 8)"),
-        ({"compact_gradients": "yes"}, "Invalid compact_gradients: 'yes' (allowed: True, False)"),
+        ({"optim_bits": 16}, "`optim_bits` must be one of 32, 8, got 16."),
+        ({"optim_bits": True}, "`optim_bits` must be one of 32, 8, got True."),
+        ({"compact_gradients": "yes"}, "`compact_gradients` must be true or false, got 'yes'."),
     ],
 )
 def test_new_options_refused_by_name(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         BlockLLM(TinyLM().named_parameters(), **kwargs)
 
 

@@ -389,6 +389,7 @@ def _cases(assets, tmp_path, monkeypatch):
         "optimizer_patience": lambda: BlockLLM(_tiny_named_params(), patience=0),
         "optimizer_probe": lambda: BlockLLM(_tiny_named_params(), probe="all"),
         "optimizer_probe_blocks": lambda: BlockLLM(_tiny_named_params(), probe_blocks=-1),
+        "optimizer_include_embeddings": lambda: BlockLLM(_tiny_named_params(), include_embeddings="yes"),
         "optimizer_empty": lambda: BlockLLM([]),
         "optimizer_not_named": lambda: BlockLLM([param for _, param in _tiny_named_params()]),
         "optimizer_duplicate_name": lambda: BlockLLM(_tiny_named_params()[:1] * 2),

@@ -32,13 +32,12 @@ from .distributed import squared_norms_vector, synchronize, unpack_measurements
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
 from .quantization import check_available, dequantize_moments_, quantize_moments_, quantized, zero_moments_
-from .selection import SCORES, Block, cut_mask, is_embedding_name, pick_blocks, rank_blocks, split_blocks, split_budget
+from .selection import Block, cut_mask, is_embedding_name, pick_blocks, rank_blocks, split_blocks, split_budget
+from .settings import DEFAULTS, check
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 ParamGroups = Iterable[dict[str, Any]]
 
-PROBES = ("sample", "exact")
-OPTIM_BITS = (32, 8)
 GRADIENT_CARRIER_NAME = "blockllm.compact_gradients"
 RUN_STATE_KEY = "blockllm"  # the state_dict entry that holds the run state (see BlockLLM.run_state)
 
@@ -123,61 +122,39 @@ class BlockLLM(Optimizer):
     def __init__(
         self,
         params: NamedParams | ParamGroups,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        sparsity: float = 0.95,
-        patience: int = 100,
-        probe: str = "sample",
-        probe_blocks: int = 2,
-        include_embeddings: bool = False,
+        lr: float = DEFAULTS["lr"],
+        betas: tuple[float, float] = DEFAULTS["betas"],
+        eps: float = DEFAULTS["eps"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        sparsity: float = DEFAULTS["sparsity"],
+        patience: int = DEFAULTS["patience"],
+        probe: str = DEFAULTS["probe"],
+        probe_blocks: int = DEFAULTS["probe_blocks"],
+        include_embeddings: bool = DEFAULTS["include_embeddings"],
         seed: int = 0,
-        compact_gradients: bool = True,
-        optim_bits: int = 32,
-        score: str = "norm",
-        block_size: int = 0,
+        compact_gradients: bool = DEFAULTS["compact_gradients"],
+        optim_bits: int = DEFAULTS["optim_bits"],
+        score: str = DEFAULTS["score"],
+        block_size: int = DEFAULTS["block_size"],
     ) -> None:
-        # Every argument is checked before any parameter or state is touched.
-        _check(
-            isinstance(lr, float | int) and lr >= 0.0,
-            f"Invalid lr: {lr!r} (allowed: lr >= 0)",
-        )
-        _check(
-            len(betas) == 2 and all(0.0 <= beta < 1.0 for beta in betas),
-            f"Invalid betas: {betas!r} (allowed: two values, each in [0, 1))",
-        )
-        _check(eps >= 0.0, f"Invalid eps: {eps!r} (allowed: eps >= 0)")
-        _check(
-            weight_decay >= 0.0,
-            f"Invalid weight_decay: {weight_decay!r} (allowed: weight_decay >= 0)",
-        )
-        _check(
-            0.0 <= sparsity < 1.0,
-            f"Invalid sparsity: {sparsity!r} (allowed: 0 <= sparsity < 1)",
-        )
-        _check(
-            isinstance(patience, int) and not isinstance(patience, bool) and patience >= 1,
-            f"Invalid patience: {patience!r} (allowed: an integer >= 1)",
-        )
-        _check(probe in PROBES, f"Invalid probe: {probe!r} (allowed: {', '.join(PROBES)})")
-        _check(
-            isinstance(probe_blocks, int) and probe_blocks >= 0,
-            f"Invalid probe_blocks: {probe_blocks!r} (allowed: an integer >= 0)",
-        )
-        _check(
-            isinstance(compact_gradients, bool),
-            f"Invalid compact_gradients: {compact_gradients!r} (allowed: True, False)",
-        )
-        _check(
-            optim_bits in OPTIM_BITS and not isinstance(optim_bits, bool),
-            f"Invalid optim_bits: {optim_bits!r} (allowed: {', '.join(map(str, OPTIM_BITS))})",
-        )
-        _check(score in SCORES, f"Invalid score: {score!r} (allowed: {', '.join(SCORES)})")
-        _check(
-            isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 0,
-            f"Invalid block_size: {block_size!r} (allowed: an integer >= 0, 0 for whole tensors)",
-        )
+        # Every argument is checked before any parameter or state is touched (settings.py: one message per setting).
+        arguments = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "sparsity": sparsity,
+            "patience": patience,
+            "probe": probe,
+            "probe_blocks": probe_blocks,
+            "include_embeddings": include_embeddings,
+            "compact_gradients": compact_gradients,
+            "optim_bits": optim_bits,
+            "score": score,
+            "block_size": block_size,
+        }
+        for name, value in arguments.items():
+            check(name, value)
         if optim_bits == 8:
             check_available()
         defaults = {

@@ -7,9 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-# How blocks are ranked: the paper's gradient norm over visit frequency, or the same divided by sqrt(block size).
-SCORES = ("norm", "norm_per_sqrt_size")
-
 # Input/output embeddings and heads, matched on parameter names (as the original BlockLLM code does, but on whole
 # name components so that e.g. "attention.output.dense" is not taken for an output head).
 EMBEDDING_PATTERN = re.compile(

@@ -43,6 +43,7 @@ from .blockllm import RUN_STATE_KEY, BlockLLM
 from .distributed import all_reduce_sum_, is_distributed
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
+from .settings import invalid_value
 
 ZERO_STATE_KEY = "blockllm_zero"
 
@@ -109,18 +110,25 @@ class ZeroBlockLLM(BlockLLM):
 
     def __init__(self, params, max_grad_norm: float = 0.0, **kwargs: Any) -> None:
         if not max_grad_norm >= 0.0:
-            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} (allowed: max_grad_norm >= 0, 0 for none)")
+            raise invalid_value("max_grad_norm", "a number >= 0 (0: no clipping)", max_grad_norm)
+        # What DeepSpeed's partitions cannot serve, refused before BlockLLM's own checks (settings.py).
         if kwargs.get("compact_gradients"):
-            raise ValueError(
-                "Invalid compact_gradients: True under DeepSpeed ZeRO (DeepSpeed owns the gradient buffers); use False"
+            raise invalid_value(
+                "compact_gradients",
+                "false under DeepSpeed ZeRO (DeepSpeed owns the gradient buffers)",
+                kwargs["compact_gradients"],
             )
         kwargs["compact_gradients"] = False
         if kwargs.get("block_size", 0) != 0:
-            raise ValueError(
-                "Invalid block_size under DeepSpeed ZeRO: row-group blocks are not served there; use 0 (whole tensors)"
+            raise invalid_value(
+                "block_size",
+                "0 (whole tensors) under DeepSpeed ZeRO (row-group blocks are not served there)",
+                kwargs["block_size"],
             )
         if kwargs.get("optim_bits", 32) != 32:
-            raise ValueError("Invalid optim_bits under DeepSpeed ZeRO: 8-bit moments are not served there; use 32")
+            raise invalid_value(
+                "optim_bits", "32 under DeepSpeed ZeRO (8-bit moments are not served there)", kwargs["optim_bits"]
+            )
         super().__init__(params, **kwargs)
         self.max_grad_norm = float(max_grad_norm)
         self.set_probe_hooks(False)  # DeepSpeed consumes the gradients; norms come from its partitions

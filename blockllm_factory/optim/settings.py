@@ -1,0 +1,219 @@
+"""BlockLLM's settings, each defined once: name, defaults, allowed values, help text and the check of a value.
+
+``BlockLLM(...)`` checks its arguments here; LLaMA-Factory's ``blockllm_*`` arguments (``patches/arguments.py``), the
+web UI panel (``patches/webui.py``) and docs/bad_inputs.md are built from or checked against the same table, so a bad
+value gets one message wherever it is given. The message names the field the user wrote: ``sparsity`` in the Python
+API, ``blockllm_sparsity`` in YAML, on the command line and in the web UI. Pure Python: nothing here imports torch or
+LLaMA-Factory.
+"""
+
+import dataclasses
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+FINETUNING_TYPE = "blockllm"  # LLaMA-Factory's `finetuning_type` for BlockLLM, and the prefix of its fields
+PROBES = ("sample", "exact")
+SCORES = ("norm", "norm_per_sqrt_size")
+OPTIM_BITS = (32, 8)
+BLOCK_SIZE_HEAD = "head"  # `blockllm_block_size: head`, resolved from the model's config by patches/optimizer.py
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _at_least(minimum: float) -> Callable[[Any], bool]:
+    return lambda value: _is_real(value) and value >= minimum
+
+
+def _integer_at_least(minimum: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_fraction(value: Any) -> bool:
+    return _is_real(value) and 0.0 <= value < 1.0
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_pair_of_fractions(value: Any) -> bool:
+    return isinstance(value, tuple | list) and len(value) == 2 and all(_is_fraction(beta) for beta in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One keyword of ``BlockLLM(...)``; a YAML field ``blockllm_<name>`` unless ``set_from`` names where
+    LLaMA-Factory takes it from instead."""
+
+    name: str
+    type: type
+    default: Any  # BlockLLM(...)'s default
+    allowed: str  # the allowed values, as the error message says them
+    accepts: Callable[[Any], bool]
+    help: str
+    choices: tuple = ()
+    llamafactory_default: Any = None  # the default of the YAML field where it differs from `default`
+    # Named values only the YAML field accepts, resolved by patches/optimizer.py before the optimizer sees them.
+    named_values: dict[str, str] = dataclasses.field(default_factory=dict)
+    set_from: str = ""  # not a YAML field: what LLaMA-Factory sets it from
+
+    @property
+    def field(self) -> str:
+        """The name of the LLaMA-Factory argument, ``blockllm_<name>``."""
+        return f"{FINETUNING_TYPE}_{self.name}"
+
+    @property
+    def yaml_default(self) -> Any:
+        return self.default if self.llamafactory_default is None else self.llamafactory_default
+
+    def allowed_in(self, yaml: bool) -> str:
+        named = [f"`{value}` ({meaning})" for value, meaning in self.named_values.items()] if yaml else []
+        return ", ".join([*named, self.allowed])
+
+
+def _choice(name: str, choices: tuple, default: Any, help: str, **extra: Any) -> Setting:
+    return Setting(
+        name,
+        type(default),
+        default,
+        f"one of {', '.join(map(str, choices))}",
+        lambda value: value in choices and not isinstance(value, bool),
+        help,
+        choices=choices,
+        **extra,
+    )
+
+
+_SETTINGS = (
+    # torch's own AdamW settings, set by LLaMA-Factory from its training arguments.
+    Setting("lr", float, 1e-3, "a number >= 0", _at_least(0.0), "Learning rate.", set_from="learning_rate"),
+    Setting(
+        "betas",
+        tuple,
+        (0.9, 0.999),
+        "two numbers, each in [0, 1)",
+        _is_pair_of_fractions,
+        "Adam's coefficients of the running averages of the gradient and its square.",
+        set_from="adam_beta1, adam_beta2",
+    ),
+    Setting("eps", float, 1e-8, "a number >= 0", _at_least(0.0), "Adam's epsilon.", set_from="adam_epsilon"),
+    Setting(
+        "weight_decay",
+        float,
+        0.0,
+        "a number >= 0",
+        _at_least(0.0),
+        "Decoupled weight decay of the selected coordinates.",
+        set_from="weight_decay",
+    ),
+    # BlockLLM's own.
+    Setting(
+        "sparsity",
+        float,
+        0.95,
+        "a number in [0, 1) (the share of coordinates left unchanged per step)",
+        _is_fraction,
+        "Share of the trainable coordinates that BlockLLM leaves unchanged at each step, in [0, 1). "
+        "0.95 (the paper's setting) updates about one coordinate in twenty at a time.",
+    ),
+    Setting(
+        "patience",
+        int,
+        100,
+        "an integer >= 1 (optimizer steps)",
+        _integer_at_least(1),
+        "Window m of BlockLLM's loss rule (>= 1): the selected blocks are revisited when the loss is at or above "
+        "the mean of the last m optimizer-step losses.",
+    ),
+    _choice(
+        "probe",
+        PROBES,
+        "sample",
+        "How BlockLLM measures gradient norms of unselected blocks: `sample` (the paper: a few random unselected "
+        "blocks per step) or `exact` (every block, one gradient at a time, before a reselection).",
+    ),
+    Setting(
+        "probe_blocks",
+        int,
+        2,
+        "an integer >= 0",
+        _integer_at_least(0),
+        "Number of unselected blocks probed per step with `blockllm_probe: sample` (>= 0).",
+    ),
+    Setting(
+        "include_embeddings",
+        bool,
+        False,
+        "true or false",
+        _is_bool,
+        "Whether BlockLLM may also select the input embeddings and the output head (needed when training from "
+        "scratch). Off by default, as in the paper's code.",
+    ),
+    Setting(
+        "compact_gradients",
+        bool,
+        True,
+        "true or false",
+        _is_bool,
+        "Keep only the masked coordinates of each selected block's gradient.",
+        set_from="the engine (off under DDP and DeepSpeed)",
+    ),
+    _choice(
+        "optim_bits",
+        OPTIM_BITS,
+        32,
+        "Bits of the Adam moments: 32 (fp32) or 8 (block-wise 8-bit, bitsandbytes).",
+        set_from="optim",
+    ),
+    _choice(
+        "score",
+        SCORES,
+        "norm",
+        "How BlockLLM ranks blocks: `norm_per_sqrt_size` (the default: gradient norm over visit frequency, divided "
+        "by the square root of the block's size, which removes the bias toward large tensors; measured better, "
+        "docs/algorithm.md) or `norm` (the paper's rule).",
+        llamafactory_default="norm_per_sqrt_size",
+    ),
+    Setting(
+        "block_size",
+        int,
+        0,
+        "an integer > 0 (row groups of about that many coordinates) or 0 (whole tensors, the paper)",
+        _integer_at_least(0),
+        "Size of BlockLLM's blocks: `head` (the default: groups of whole rows of head_dim x hidden_size "
+        "coordinates, one attention head of q/k/v, read from the model's config; whole tensors under DeepSpeed), "
+        "an integer N > 0 (row groups of about N coordinates) or 0 (the paper: every weight tensor is one block). "
+        "Finer blocks spread the budget over more layers. Numbers other than 0 are refused under DeepSpeed.",
+        llamafactory_default=BLOCK_SIZE_HEAD,
+        named_values={BLOCK_SIZE_HEAD: "one attention head: head_dim x hidden_size coordinates, the default"},
+    ),
+)
+
+SETTINGS: dict[str, Setting] = {setting.name: setting for setting in _SETTINGS}
+DEFAULTS: dict[str, Any] = {setting.name: setting.default for setting in _SETTINGS}  # BlockLLM(...)'s defaults
+YAML_SETTINGS: tuple[Setting, ...] = tuple(setting for setting in _SETTINGS if not setting.set_from)
+
+
+def invalid_value(field: str, allowed: str, value: Any) -> ValueError:
+    """The error for a refused value, in the one wording every check uses."""
+    return ValueError(f"`{field}` must be {allowed}, got {value!r}.")
+
+
+def check(name: str, value: Any, *, yaml: bool = False) -> Any:
+    """``value`` of the setting ``name`` if it is allowed, else a ``ValueError`` naming the field as the user wrote it:
+    ``name`` for ``BlockLLM(...)``, ``blockllm_<name>`` (``yaml=True``) for LLaMA-Factory's arguments. A YAML field
+    also takes the setting's named values; there, a number written as digits (command line, web UI) is returned as an
+    int.
+    """
+    setting = SETTINGS[name]
+    if yaml and setting.named_values and isinstance(value, str):
+        if value in setting.named_values:
+            return value
+        if value.strip().isdigit():
+            value = int(value)
+    if not setting.accepts(value):
+        raise invalid_value(setting.field if yaml else name, setting.allowed_in(yaml), value)
+    return value
