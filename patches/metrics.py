@@ -32,6 +32,7 @@ What is measured, and when:
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import statistics
@@ -65,6 +66,7 @@ def apply(module: Any) -> None:
     check_llamafactory_version()
     original = module._training_function
 
+    @functools.wraps(original)
     def _training_function(config: dict[str, Any]) -> None:
         callbacks = config.get("callbacks")
         if callbacks is None:
@@ -77,7 +79,6 @@ def apply(module: Any) -> None:
             callback.record_failure(error)
             raise
 
-    _training_function.__wrapped__ = original  # type: ignore[attr-defined]
     module._training_function = _training_function
     setattr(module, _PATCHED_FLAG, True)
 

@@ -13,6 +13,7 @@
 """
 
 import dataclasses
+import functools
 import os
 from types import SimpleNamespace
 from typing import Any
@@ -103,6 +104,7 @@ def method_from_checkbox(use_blockllm: bool, finetuning_type: str) -> str:
 
 
 def build_create_train_tab(original):
+    @functools.wraps(original)
     def create_train_tab(engine):
         # Built before LLaMA-Factory's tab so that its inputs are in the set the tab's buttons are wired with.
         panel = create_blockllm_panel()
@@ -133,8 +135,6 @@ def build_create_train_tab(original):
         )
         return {**elem_dict, **panel}
 
-    create_train_tab.__wrapped__ = original
-    create_train_tab.__doc__ = original.__doc__
     return create_train_tab
 
 
@@ -248,6 +248,7 @@ def refusal(args: dict[str, Any]) -> str:
 
 
 def build_parse_train_args(original):
+    @functools.wraps(original)
     def _parse_train_args(self, data):
         args = original(self, data)
         if args.get("finetuning_type") != FINETUNING_TYPE:
@@ -256,20 +257,17 @@ def build_parse_train_args(original):
             args, "finetuning_type", panel_arguments(lambda elem_id: data[self.manager.get_elem_by_id(elem_id)])
         )
 
-    _parse_train_args.__wrapped__ = original
-    _parse_train_args.__doc__ = original.__doc__
     return _parse_train_args
 
 
 def build_initialize(original):
+    @functools.wraps(original)
     def _initialize(self, data, do_train, from_preview):
         error = original(self, data, do_train, from_preview)
         if error or not do_train or data[self.manager.get_elem_by_id("top.finetuning_type")] != FINETUNING_TYPE:
             return error
         return refusal(self._parse_train_args(data))
 
-    _initialize.__wrapped__ = original
-    _initialize.__doc__ = original.__doc__
     return _initialize
 
 
