@@ -7,8 +7,7 @@ temporary folder, deterministically and without any hub.
 ``llamafactory_train``: runs the real, unmodified ``llamafactory-cli train <yaml>`` in a subprocess on CPU.
 
 The plain functions (the CLI's environment, the argument builder, the CLI runs) live in tests/helpers.py; test files
-import them from there. ``CLI``, ``cli_env``, ``tiny_config``, ``run_cli`` and ``run_logged`` are also importable from
-here for the files that still do ``from conftest import ...``.
+import them from there.
 """
 
 import json
@@ -18,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import CLI, cli_env, run_cli, run_logged, tiny_config
+from helpers import run_cli, run_logged, tiny_config
 
-__all__ = ["CLI", "cli_env", "run_cli", "run_logged", "tiny_config"]  # re-exported, see the docstring
 SEED = 7
 WORDS = (
     "apple river stone cloud green quick lazy brown fox dog bird tree house light dark blue red small large "

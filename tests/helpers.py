@@ -80,6 +80,23 @@ def parse_args(assets, output_dir: Path, **overrides):
     return get_train_args(tiny_config(assets, output_dir, **overrides))
 
 
+def reselecting_config(assets, output_dir: Path, *, steps: int, save_steps: int, **overrides) -> dict:
+    """:func:`tiny_config` for a short run whose loss rule fires often (sparsity 0.8, patience 1, a large rate on a
+    cosine schedule: reselections within a few steps) and that saves a checkpoint every ``save_steps``: the runs that
+    resume and multi-process tests compare."""
+    settings = {
+        "blockllm_sparsity": 0.8,
+        "blockllm_patience": 1,
+        "max_samples": 64,
+        "gradient_accumulation_steps": 2,
+        "max_steps": steps,
+        "lr_scheduler_type": "cosine",
+        "save_strategy": "steps",
+        "save_steps": save_steps,
+    }
+    return tiny_config(assets, output_dir, **{**settings, **overrides})
+
+
 def run_logged(argv: list[str], cwd: Path, timeout: int, **env: str) -> subprocess.CompletedProcess:
     """Runs ``argv`` with :func:`cli_env` (plus ``env``); the CompletedProcess gets ``.log`` (both streams)."""
     result = subprocess.run(argv, cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)

@@ -8,7 +8,6 @@ that are too long for tests (real shapes, quality) are validated and planned, no
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import cli_env
 
 from blockllm_factory.bench import models, report, runner
 from blockllm_factory.bench.suite import KINDS, SuiteError, load_suite
@@ -839,7 +839,7 @@ def bench_runs(tiny_llamafactory_assets, tmp_path_factory):
     }
     path = _write_suite(root / "suite.yaml", suite)
     out = root / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_TORCHRUN", "BLOCKLLM_FACTORY_DISABLE")}
+    env = cli_env()  # the CLI's scrubbed environment (tests/helpers.py)
 
     def bench() -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -1019,7 +1019,7 @@ def shaped_runs(tiny_llamafactory_assets, tmp_path_factory):
     }
     path = _write_suite(root / "suite.yaml", suite)
     out = root / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_TORCHRUN", "BLOCKLLM_FACTORY_DISABLE")}
+    env = cli_env()  # the CLI's scrubbed environment (tests/helpers.py)
     result = subprocess.run(
         [str(BENCH), "bench", str(path), "--out", str(out)],
         cwd=root,

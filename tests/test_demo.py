@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLI, cli_env
+from helpers import CLI, cli_env
 
 from blockllm_factory.demo import data
 from blockllm_factory.demo.assets import DATASETS, EVAL_EXAMPLES, SEED, STAMP_NAME, TRAIN_EXAMPLES, build

@@ -13,13 +13,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import CLI, run_logged, tiny_config
+from helpers import CLI, reselecting_config, run_logged
 from test_optim import TinyLM, lm_loss
 from torch import nn
 
@@ -185,20 +184,14 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, pro
 
 # ---------------------------------------------------------------------------------------------------- llamafactory-cli
 def _config(assets, output_dir: Path, **extra) -> dict:
-    return tiny_config(
+    return reselecting_config(
         assets,
         output_dir,
-        blockllm_sparsity=0.8,
-        blockllm_patience=1,  # the loss rule fires often: reselections within a few steps
-        blockllm_block_size=0,  # whole tensors on every engine (the ZeRO adapter serves only those), so they compare
-        max_samples=64,
-        per_device_train_batch_size=1,
-        gradient_accumulation_steps=2,
-        learning_rate=3.0e-2,  # large enough for the loss to stall now and then: reselections
-        max_steps=STEPS,
-        lr_scheduler_type="cosine",
-        save_strategy="steps",
+        steps=STEPS,
         save_steps=4,
+        blockllm_block_size=0,  # whole tensors on every engine (the ZeRO adapter serves only those), so they compare
+        per_device_train_batch_size=1,
+        learning_rate=3.0e-2,  # large enough for the loss to stall now and then: reselections
         **extra,
     )
 
@@ -211,11 +204,7 @@ def run_cli(
     instrumentation = path.parent / "rank_dump"
     instrumentation.mkdir(exist_ok=True)
     (instrumentation / "sitecustomize.py").write_text(RANK_DUMP, encoding="utf-8")
-    extra = {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(instrumentation),
-        **env,
-    }
+    extra = {"PYTHONPATH": str(instrumentation), **env}  # cli_env puts the venv's bin/ (torchrun) first on PATH
     if processes > 1:
         extra.update(FORCE_TORCHRUN="1", NPROC_PER_NODE=str(processes))
     for attempt in range(2):

@@ -383,20 +383,15 @@ def test_domain_shift_finetune_gains_comparable_share_of_adamw():
     assert blockllm_gain >= 0.5 * adamw_gain, (start, adamw_loss, blockllm_loss)
 
 
+# The values docs/bad_inputs.md lists are checked against its quoted messages by test_reliability.py; these are the
+# other values of the same checks, and this test also checks that nothing was changed before the refusal.
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"sparsity": 1.0}, "sparsity"),
         ({"sparsity": -0.1}, "sparsity"),
-        ({"patience": 0}, "patience"),
         ({"patience": 2.5}, "patience"),
-        ({"lr": -1.0}, "lr"),
         ({"betas": (0.9, 1.0)}, "betas"),
         ({"betas": (-0.1, 0.9)}, "betas"),
-        ({"eps": -1.0}, "eps"),
-        ({"weight_decay": -0.1}, "weight_decay"),
-        ({"probe": "all"}, "probe"),
-        ({"probe_blocks": -1}, "probe_blocks"),
         ({"sparsity": False}, "sparsity"),  # not a number, as in YAML
         ({"probe_blocks": True}, "probe_blocks"),
         ({"include_embeddings": 1}, "include_embeddings"),
@@ -407,11 +402,6 @@ def test_bad_argument_refused_by_name_before_any_change(kwargs, field):
     with pytest.raises(ValueError, match=rf"^`{field}` must be .*, got {re.escape(repr(kwargs[field]))}\.$"):
         BlockLLM(model.named_parameters(), **kwargs)
     assert all(param.requires_grad for param in model.parameters())
-
-
-def test_plain_parameters_refused_with_hint():
-    with pytest.raises(ValueError, match="named_parameters"):
-        BlockLLM(TinyLM().parameters())
 
 
 def test_mask_packing_round_trip():

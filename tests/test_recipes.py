@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli_env
+from helpers import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import bad_inputs, documented_pattern, parse_args, run_cli, tiny_config
+from helpers import bad_inputs, documented_pattern, parse_args, reselecting_config, run_cli
 from safetensors.torch import load_file
 from test_optim import TinyLM, flat_params, lm_loss, make_batches
 
@@ -58,18 +58,12 @@ if _nan_at_call:
 
 
 def _config(assets, output_dir: Path, **extra) -> dict:
-    return tiny_config(
+    return reselecting_config(
         assets,
         output_dir,
-        blockllm_sparsity=0.8,
-        blockllm_patience=1,
-        max_samples=64,
-        gradient_accumulation_steps=2,
-        learning_rate=2.0e-2,  # large enough for the loss to stall now and then: reselections
-        max_steps=STEPS,
-        lr_scheduler_type="cosine",
-        save_strategy="steps",
+        steps=STEPS,
         save_steps=3,
+        learning_rate=2.0e-2,  # large enough for the loss to stall now and then: reselections
         **extra,
     )
 
