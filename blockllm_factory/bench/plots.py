@@ -43,6 +43,8 @@ def _across_seeds(curves: list[list[list[float]]]) -> tuple[list[float], list[fl
 def loss_plot(runs: list[dict], path: Path) -> None:
     """Per group, one line per method at its best value: the mean over the seeds, with a band from their minimum to
     their maximum; evaluation losses as dots (mean) with bars (minimum to maximum)."""
+    import matplotlib
+
     grouped = group_runs(summarize(runs)) or {None: []}
     by_config: dict[str, list[dict]] = {}
     for record in runs:
@@ -50,7 +52,10 @@ def loss_plot(runs: list[dict], path: Path) -> None:
     figure, axes = _figure(len(grouped))
     for axis, (group, methods) in zip(axes, grouped.items()):
         drawn = False
-        for summary in methods:
+        # More methods than the default cycle's 10 colours: 20 distinct ones, and dashes for the second ten.
+        palette = matplotlib.colormaps["tab20"]
+        styles = [(palette(index % 20), "-" if index < 10 else "--") for index in range(len(methods))]
+        for (color, linestyle), summary in zip(styles, methods):
             records = [
                 r for r in by_config.get(summary["config"], []) if r.get("status") == "ok" and r.get("loss_curve")
             ]
@@ -62,7 +67,7 @@ def loss_plot(runs: list[dict], path: Path) -> None:
                 label += f" ({values_label(summary['best'])})"
             if len(records) > 1:
                 label += f", {len(records)} seeds"
-            (line,) = axis.plot(steps, means, linewidth=1.2, label=label)
+            (line,) = axis.plot(steps, means, linewidth=1.2, label=label, color=color, linestyle=linestyle)
             if len(records) > 1:
                 axis.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
             evaluated = [r["eval_curve"] for r in records if r.get("eval_curve")]
