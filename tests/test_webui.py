@@ -336,6 +336,7 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     expect(_field(page, "number input for Sparsity")).to_have_value("0.9")
 
     screenshot = tmp_path / SCREENSHOT.name
+    page.add_style_tag(content=".toast-wrap { display: none !important; }")  # no notice over the panel in the picture
     panel.screenshot(path=str(screenshot))
     assert screenshot.stat().st_size > 0
     if os.environ.get(UPDATE_SCREENSHOT) == "1":  # an explicit request: the checkout is never written otherwise
