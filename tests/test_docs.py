@@ -1,4 +1,4 @@
-"""The documentation's Python examples run as written."""
+"""The documentation's Python examples run as written, and its argument table matches the settings."""
 
 import re
 from pathlib import Path
