@@ -8,6 +8,7 @@ that are too long for tests (real shapes, quality) are validated and planned, no
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -1073,3 +1074,18 @@ def test_seeds_and_sweep_values_reach_the_training_and_the_report_keeps_them_all
     assert "peak tracked bytes within 10% of the floor" in markdown
     assert summary["trained"]["embeddings"] is False and summary["trained"]["layers"]
     assert (shaped_runs.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_input_stamp_follows_contents_not_modification_times(tmp_path):
+    from blockllm_factory.bench import suite as suite_module
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"\x00" * 1000)
+    (model / "config.json").write_text("{}")
+    before = suite_module.stamp(model)
+    (model / "weights.bin").write_bytes(b"\x00" * 1000)  # rebuilt to the same bytes: a later modification time
+    os.utime(model / "config.json", ns=(1, 1))
+    assert suite_module.stamp(model) == before
+    (model / "weights.bin").write_bytes(b"\x01" + b"\x00" * 999)  # other weights of the same size
+    assert suite_module.stamp(model) != before

@@ -96,6 +96,7 @@ REQUIRED_KEYS = ("model_name_or_path", "stage", "dataset")
 PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "deepspeed", "tokenized_path", "cache_dir")
 KINDS = ("blockllm", "full", "lora", "galore", "badam", "apollo")
 MAX_STAMPED_FILES = 10000
+CONTENT_STAMP_MAX_BYTES = 64 * 2**20  # larger files are stamped by size and modification time
 # YAML 1.2 floats: `1e-3` is a number (PyYAML's YAML 1.1 rules read it as text), as in LLaMA-Factory's own configs.
 _FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
@@ -235,13 +236,19 @@ def read_yaml(text: str) -> Any:
 
 
 def stamp(path: Path) -> str:
-    """Names, sizes and modification times of the files under ``path``: changes when a model or dataset is rebuilt."""
+    """Names and contents of the files under ``path``: changes when a model or dataset changes, not when it is only
+    rebuilt to the same bytes or copied. Files over ``CONTENT_STAMP_MAX_BYTES`` (real checkpoints) are stamped by size
+    and modification time instead, which is cheap."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())[:MAX_STAMPED_FILES]
     digest = hashlib.sha256()
     for item in files:
         status = item.stat()
         name = item.relative_to(path) if item != path else ""
-        digest.update(f"{name}|{status.st_size}|{status.st_mtime_ns}\n".encode())
+        if status.st_size <= CONTENT_STAMP_MAX_BYTES:
+            content = hashlib.sha256(item.read_bytes()).hexdigest()
+        else:
+            content = f"{status.st_size}|{status.st_mtime_ns}"
+        digest.update(f"{name}|{content}\n".encode())
     return digest.hexdigest()[:16]
 
 
