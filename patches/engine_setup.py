@@ -18,6 +18,8 @@ DeepSpeed: the config is checked and adjusted in :mod:`.deepspeed_config`; how B
 :mod:`blockllm_factory.optim.zero`.
 """
 
+from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD
+
 from . import deepspeed_config
 from .serialization import allow_loading_on_indexed_cpu
 
@@ -29,13 +31,13 @@ def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
             "`fsdp` cannot be combined with `finetuning_type: blockllm` (supported engines: DDP and DeepSpeed "
             "ZeRO-1/2/3); remove `fsdp`."
         )
-    # The default, `head`, falls back to whole tensors there (see patches/optimizer.py); a number is refused.
-    if training_args.deepspeed and getattr(finetuning_args, "blockllm_block_size", 0) not in (0, "head"):
-        raise ValueError(
-            f"`blockllm_block_size: {finetuning_args.blockllm_block_size}` cannot be combined with `deepspeed` (the "
-            "ZeRO adapter selects whole tensors); set `blockllm_block_size: 0`, or train without `deepspeed`."
-        )
     if training_args.deepspeed:
+        # The default, `head`, falls back to whole tensors there (see patches/optimizer.py); a number is refused.
+        if getattr(finetuning_args, "blockllm_block_size", 0) not in (0, BLOCK_SIZE_HEAD):
+            raise ValueError(
+                f"`blockllm_block_size: {finetuning_args.blockllm_block_size}` cannot be combined with `deepspeed` "
+                "(the ZeRO adapter selects whole tensors); set `blockllm_block_size: 0`, or train without `deepspeed`."
+            )
         deepspeed_config.check_deepspeed_config(deepspeed_config.read_deepspeed_config(training_args))
         deepspeed_config.leave_clipping_to_blockllm(training_args)
         deepspeed_config.connect_deepspeed_comm()

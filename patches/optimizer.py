@@ -69,9 +69,8 @@ def build_create_blockllm_optimizer(module):
         from .engine import blockllm_optimizer_class, uses_deepspeed_zero
         from .precision import compact_gradients, optim_bits
 
-        block_size = resolve_block_size(
-            finetuning_args.blockllm_block_size, model, uses_deepspeed_zero(training_args), logger
-        )
+        deepspeed_zero = uses_deepspeed_zero(training_args)
+        block_size = resolve_block_size(finetuning_args.blockllm_block_size, model, deepspeed_zero, logger)
         optimizer = blockllm_optimizer_class(training_args)(
             [group for group in param_groups if group["params"]],
             lr=training_args.learning_rate,
@@ -87,7 +86,7 @@ def build_create_blockllm_optimizer(module):
             optim_bits=optim_bits(training_args),
             score=finetuning_args.blockllm_score,
             block_size=block_size,
-            **({} if uses_deepspeed_zero(training_args) else {"compact_gradients": compact_gradients(training_args)}),
+            **({} if deepspeed_zero else {"compact_gradients": compact_gradients(training_args)}),
         )
         blocks = f"{block_size:,} coordinates" if block_size else "whole tensors"
         blocks += f" (`blockllm_block_size: {finetuning_args.blockllm_block_size}`)"

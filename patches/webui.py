@@ -161,8 +161,8 @@ def panel_arguments(get) -> dict[str, Any]:
         arguments["blockllm_probe_blocks"] = _whole(get("train.blockllm_probe_blocks"))
     arguments["blockllm_include_embeddings"] = get("train.blockllm_include_embeddings")
     arguments["blockllm_score"] = get("train.blockllm_score")
-    block_size = str(get("train.blockllm_block_size")).strip()  # `head` or a number; the parse-time check reads it
-    arguments["blockllm_block_size"] = int(block_size) if block_size.isdigit() else block_size
+    # `head` or a number, as typed: the parse-time check (settings.check) turns digits into a number.
+    arguments["blockllm_block_size"] = str(get("train.blockllm_block_size")).strip()
     return arguments
 
 
