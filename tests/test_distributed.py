@@ -152,10 +152,22 @@ def _record(model: nn.Module, optimizer: BlockLLM) -> dict:
     ids=["sample", "exact", "sample_row_groups"],
 )
 def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, probe, block_size):
-    torch.multiprocessing.spawn(
-        _run_ddp_worker, args=(2, str(tmp_path / "init"), probe, block_size, str(tmp_path)), nprocs=2, join=True
-    )
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for attempt in range(2):
+        out = tmp_path / f"attempt{attempt}"
+        out.mkdir()
+        try:
+            torch.multiprocessing.spawn(
+                _run_ddp_worker, args=(2, str(out / "init"), probe, block_size, str(out)), nprocs=2, join=True
+            )
+            break
+        except torch.multiprocessing.ProcessExitedException as error:
+            # The known teardown flake (see run_cli below): a rank aborts in C++ teardown after both ranks saved
+            # their results. Run once more from scratch; any other failure stands.
+            saved = all((out / f"rank{rank}.pt").exists() for rank in range(2))
+            if attempt or error.signal_name != "SIGABRT" or not saved:
+                raise
+            print(f"rank aborted in teardown after saving (attempt {attempt + 1}); running again")
+    ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
     torch.manual_seed(0)
     model = TinyLM(width=16, depth=3)
