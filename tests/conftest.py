@@ -6,6 +6,9 @@ temporary folder, deterministically and without any hub.
 
 ``llamafactory_train``: runs the real, unmodified ``llamafactory-cli train <yaml>`` in a subprocess on CPU.
 
+Tests marked ``cuda`` (tests/test_cuda.py) need a CUDA device: where torch sees none they are deselected, not skipped,
+and the summary says how many and how to run them (``pytest -m cuda tests`` on a GPU machine).
+
 The plain functions (the CLI's environment, the argument builder, the CLI runs) live in tests/helpers.py; test files
 import them from there.
 """
@@ -20,6 +23,33 @@ import pytest
 from helpers import run_cli, run_logged, tiny_config
 
 SEED = 7
+_DESELECTED_CUDA: list[str] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; deselected where torch sees none")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    deselected = [item for item in items if item.get_closest_marker("cuda")]
+    if deselected:
+        _DESELECTED_CUDA.extend(item.nodeid for item in deselected)
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _DESELECTED_CUDA:
+        terminalreporter.write_line(
+            f"{len(_DESELECTED_CUDA)} CUDA tests deselected: torch sees no CUDA device here "
+            "(on a GPU machine: pytest -m cuda tests)"
+        )
+
+
 WORDS = (
     "apple river stone cloud green quick lazy brown fox dog bird tree house light dark blue red small large "
     "happy sad open close water fire earth wind sun moon star day night"

@@ -783,7 +783,8 @@ class BlockLLM(Optimizer):
         self._skipped_steps = run["skipped_steps"]
         self._steps_without_loss = run.get("steps_without_loss", 0)  # absent from checkpoints of version 0.1.0
         self.selection_events = [dict(event) for event in run["events"]]
-        self._generator.set_state(run["rng_state"])
+        # A CPU generator: accelerate moves a state dict to the model's device before loading it (device placement).
+        self._generator.set_state(run["rng_state"].to("cpu"))
         self._pending_losses = []
         self._probe_sq_norms = {}
         self._premeasured_sq_norms = {}
