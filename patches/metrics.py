@@ -28,6 +28,17 @@ What is measured, and when:
 - a run that raises (e.g. out of memory) still writes what was measured until then, with the error.
 - step times (step begin to step end, device synchronised), tokens per step (``num_input_tokens_seen``), the logged
   training losses and the evaluation losses.
+
+Two switches, read from the environment (a suite sets them under ``env:``):
+
+- ``BLOCKLLM_FACTORY_BENCH_GRADIENT_SAMPLES=0``: no sample after each gradient accumulation, only around every
+  optimizer step. A sample walks every parameter in Python; taken after each of a model's hundreds of gradients it
+  delays the kernel launches of the backward pass on a GPU, and more so for methods that train more tensors, so timed
+  suites turn it off. The gradient peak is then the one seen at the optimizer step, which is where a method that
+  keeps its gradients until the step peaks; the GPU's peak comes from the allocator either way.
+- ``BLOCKLLM_FACTORY_BENCH_PROFILE=N``: the last ``N`` steps of the run are profiled with ``torch.profiler`` and the
+  table of operators by device time (by CPU time without a GPU) is written beside the metrics as ``profile.txt``.
+  Profiled steps are left out of the step times.
 """
 
 from __future__ import annotations
@@ -51,6 +62,10 @@ from blockllm_factory._files import write_json
 from ._version import check_llamafactory_version
 
 ENV_VAR = "BLOCKLLM_FACTORY_BENCH_OUT"
+GRADIENT_SAMPLES_ENV = "BLOCKLLM_FACTORY_BENCH_GRADIENT_SAMPLES"
+PROFILE_ENV = "BLOCKLLM_FACTORY_BENCH_PROFILE"
+PROFILE_FILE = "profile.txt"
+_PROFILE_ROWS = 40
 SCHEMA = 1
 _PATCHED_FLAG = "_blockllm_factory_bench_metrics"
 _MAX_WALK_DEPTH = 6
@@ -71,7 +86,11 @@ def apply(module: Any) -> None:
         callbacks = config.get("callbacks")
         if callbacks is None:
             callbacks = config["callbacks"] = []
-        callback = BenchMetricsCallback(out_path)
+        callback = BenchMetricsCallback(
+            out_path,
+            sample_gradients=os.environ.get(GRADIENT_SAMPLES_ENV, "1") != "0",
+            profile_steps=int(os.environ.get(PROFILE_ENV, "0") or 0),
+        )
         callbacks.append(callback)
         try:
             return original(config)
@@ -139,8 +158,12 @@ def _state_of(optimizer: Any) -> Mapping | None:
 class BenchMetricsCallback(TrainerCallback):
     """Measures one training run for the comparison harness and writes the figures to ``out_path``."""
 
-    def __init__(self, out_path: str) -> None:
+    def __init__(self, out_path: str, sample_gradients: bool = True, profile_steps: int = 0) -> None:
         self.out_path = out_path
+        self.sample_gradients = sample_gradients
+        self.profile_steps = max(0, profile_steps)
+        self._profiler: Any = None
+        self.profiled_steps = 0
         self.chain: list[Any] = []
         self.params: list[Any] = []
         self.param_names: dict[int, list[str]] = {}  # id(parameter) -> its names (several for tied weights)
@@ -208,11 +231,13 @@ class BenchMetricsCallback(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any):
         # Blocks switch between steps (BAdam, BlockLLM): hook the parameters that became trainable.
-        for param in self.params:
+        for param in self.params if self.sample_gradients else ():
             if param.requires_grad and id(param) not in self.hooked:
                 self.hooked.add(id(param))
                 self.handles.append(param.register_post_accumulate_grad_hook(self._on_gradient))
         self._synchronize()
+        if self.profile_steps and self._profiler is None and state.global_step >= state.max_steps - self.profile_steps:
+            self._start_profiler()
         self._tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         self._step_cpu_start = time.process_time()
         self._step_start = time.perf_counter()
@@ -228,6 +253,12 @@ class BenchMetricsCallback(TrainerCallback):
         if self._step_start is None:
             return
         self._synchronize()
+        if self._profiler is not None:  # a profiled step is slower: it is left out of the step times
+            self.profiled_steps += 1
+            self._step_start = None
+            if state.global_step >= state.max_steps:
+                self._stop_profiler()
+            return
         self.step_times.append(time.perf_counter() - self._step_start)
         self.step_cpu_times.append(time.process_time() - self._step_cpu_start)
         self.step_tokens.append(int(getattr(state, "num_input_tokens_seen", 0) or 0) - self._tokens_at_start)
@@ -243,6 +274,7 @@ class BenchMetricsCallback(TrainerCallback):
         self._write()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **_: Any):
+        self._stop_profiler()
         for handle in self.handles:
             handle.remove()
         self.handles = []
@@ -260,6 +292,30 @@ class BenchMetricsCallback(TrainerCallback):
         self.error = f"{type(error).__name__}: {str(error)[:500]}"
         if self._started:
             self._write()
+
+    # ------------------------------------------------------------------ profile
+    def _start_profiler(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU]
+        if self.device is not None and self.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        self._profiler = profile(activities=activities, record_shapes=False)
+        self._profiler.__enter__()
+
+    def _stop_profiler(self) -> None:
+        """Writes the operator table of the profiled steps to ``profile.txt`` beside the metrics."""
+        profiler, self._profiler = self._profiler, None
+        if profiler is None:
+            return
+        profiler.__exit__(None, None, None)
+        if not self._world_zero:
+            return
+        on_gpu = self.device is not None and self.device.type == "cuda"
+        sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+        table = profiler.key_averages().table(sort_by=sort_by, row_limit=_PROFILE_ROWS)
+        header = f"torch.profiler, {self.profiled_steps} training step(s) at the end of the run, sorted by {sort_by}\n"
+        (Path(self.out_path).parent / PROFILE_FILE).write_text(header + table + "\n", encoding="utf-8")
 
     # ------------------------------------------------------------------ sampling
     def _synchronize(self) -> None:
@@ -390,6 +446,8 @@ class BenchMetricsCallback(TrainerCallback):
             # outermost first, e.g. "...AcceleratedOptimizer > badam.block_optim.BlockOptimizer > torch...AdamW"
             "optimizer": " > ".join(f"{type(item).__module__}.{type(item).__name__}" for item in self.chain) or None,
             "steps": measured_steps,
+            "profiled_steps": self.profiled_steps,
+            "gradient_samples": self.sample_gradients,
             "step_times_s": self.step_times,
             "step_time_s": statistics.median(self.step_times) if self.step_times else None,
             "step_cpu_time_s": statistics.median(self.step_cpu_times) if self.step_cpu_times else None,

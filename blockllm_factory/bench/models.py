@@ -1,7 +1,9 @@
 """Models at real shapes without a hub: random weights built from a ``config.json`` (suite key ``model_config``).
 
 ``build_model(config, dtype, root)`` reads a config (for example ``recipes/models/qwen2.5_0.5b``), initialises the
-model it describes from a fixed seed with the architecture's own initialiser, and saves it with ``save_pretrained``
+model it describes from a fixed seed with the architecture's own initialiser (on the GPU where there is one: the 7B
+shape takes seconds there and minutes on a CPU; the device is part of the build's key, as the two draw different
+numbers), and saves it with ``save_pretrained``
 in ``dtype``, beside a byte-level BPE tokenizer trained here on the demo's text. The vocabulary of that tokenizer is
 small, but the model keeps the config's ``vocab_size`` (and every other value), so embedding and head have their real
 shapes; only the special-token ids are set to the tokenizer's. The weights are random: the model is for measuring
@@ -104,12 +106,19 @@ def build_key(build: ModelBuild) -> str:
 
     digest = hashlib.sha256()
     digest.update(build.config.read_bytes())
-    digest.update(f"{build.dtype}|{SEED}|{TOKENIZER_VOCAB}".encode())
+    digest.update(f"{build.dtype}|{SEED}|{TOKENIZER_VOCAB}|{_init_device()}".encode())
     for module_file in (Path(__file__), Path(data.__file__), Path(builder.__file__)):
         digest.update(module_file.read_bytes())
     for version in (torch.__version__, transformers.__version__, tokenizers.__version__):
         digest.update(version.encode())
     return digest.hexdigest()[:16]
+
+
+def _init_device() -> str:
+    """Where the random weights are drawn: the first GPU where there is one."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _corpus() -> list[str]:
@@ -144,7 +153,8 @@ def _write(build: ModelBuild, folder: Path) -> None:
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     dtype = getattr(torch, build.dtype)
-    with torch.random.fork_rng(devices=[]):
+    device = _init_device()
+    with torch.random.fork_rng(devices=[0] if device == "cuda" else []), torch.device(device):
         torch.manual_seed(SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(folder)

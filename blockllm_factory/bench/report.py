@@ -73,6 +73,9 @@ GOALS: dict[str, GoalSpec] = {
     "eval_loss_at_or_below_baselines": GoalSpec(
         "eval loss at or below BAdam's, GaLore's and LoRA's", "eval_loss", ("badam", "galore", "lora")
     ),
+    "peak_at_or_below_others": GoalSpec(
+        "peak memory at or below every other method's", "peak_memory_bytes", (OTHERS,)
+    ),
     "peak_tracked_lowest": GoalSpec(
         "peak tracked bytes the lowest of all methods", "peak_tracked_bytes", (OTHERS,), strict=True
     ),
@@ -488,7 +491,12 @@ def markdown(document: dict) -> str:
     lines += [
         f"Machine: {machine.get('cpu')}, {machine.get('cpu_count')} CPU cores, "
         f"{human_bytes(memory)} memory; devices: {', '.join(machine.get('devices') or []) or 'none finished'}; "
-        f"{machine.get('platform')}, Python {machine.get('python')}.",
+        f"{machine.get('platform')}, Python {machine.get('python')}."
+        + (
+            f" (Runs from {machine['hosts']} hosts; the first run's is shown.)"
+            if (machine.get("hosts") or 1) > 1
+            else ""
+        ),
         "",
         f"Versions: {versions}.",
         "",
@@ -511,13 +519,26 @@ def markdown(document: dict) -> str:
             "seconds of the training process per step, median) is less affected.",
             "",
         ]
+    per_gradient = not any(r.get("gradient_samples") is False for r in runs)
+    sampled = (
+        "sampled after each gradient accumulation and around every optimizer step"
+        if per_gradient
+        else "sampled around every optimizer step (not after each gradient: BLOCKLLM_FACTORY_BENCH_GRADIENT_SAMPLES=0)"
+    )
+    profiled = sorted({r["profiled_steps"] for r in runs if r.get("profiled_steps")})
+    step_time = "step time is the median" + (
+        f" of the steps before the last {profiled[-1]}, which were profiled (runs/<run>/profile.txt)"
+        if profiled
+        else ""
+    )
     lines += [
-        "Byte figures are peaks of live tensors (storages counted once), sampled after each gradient "
-        "accumulation and around every optimizer step; peak tracked is the largest sum of the four categories at one "
-        "sample; floor is BlockLLM's target (weights at their bytes per parameter x all parameters + (1 - sparsity) x "
-        "(4 B master + 8 B moments, 2 B with 8-bit states + a gradient) per eligible parameter), a formula beside the "
-        "measured figures; step time is the median; final train loss is the mean logged loss over the last 10% of the "
-        "steps; trains lists the parameter tensors whose values changed during the run. See docs/benchmarks.md.",
+        f"Byte figures are peaks of live tensors (storages counted once), {sampled}; "
+        "peak tracked is the largest sum of the four categories at one sample; "
+        "floor is BlockLLM's target (weights at their bytes per parameter x all parameters + (1 - sparsity) x "
+        "(4 B master + 8 B moments, 2 B with 8-bit states + a gradient) per eligible parameter), "
+        f"a formula beside the measured figures; {step_time}; "
+        "final train loss is the mean logged loss over the last 10% of the steps; "
+        "trains lists the parameter tensors whose values changed during the run. See docs/benchmarks.md.",
         "",
     ]
     summaries = document.get("results") or summarize(runs)

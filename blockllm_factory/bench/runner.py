@@ -67,6 +67,8 @@ RUN_FIELDS = (
     "load_average",
     "tokens",
     "tokens_per_s",
+    "gradient_samples",
+    "profiled_steps",
 )
 
 
@@ -151,7 +153,7 @@ def _record(run: Run, status: str, error: str | None, metrics: dict[str, Any], w
     record["trains"] = record["trained"]["summary"] if record["trained"] else None
     floor = report.floor(record, run.args)
     record["floor_bytes"], record["floor_formula"] = floor if floor else (None, None)
-    record.update({"fingerprint": run.fingerprint, "log": str(log), "args": run.args})
+    record.update({"fingerprint": run.fingerprint, "log": str(log), "args": run.args, "host": host_info()})
     return record
 
 
@@ -253,9 +255,8 @@ def progress_line(index: int, total: int, record: dict, skipped: bool = False) -
     return f"{head} " + " | ".join(parts)
 
 
-def machine_info(records: list[dict]) -> dict[str, Any]:
-    from importlib import metadata
-
+def host_info() -> dict[str, Any]:
+    """This machine: platform, Python, processor, cores and memory (stored with every run it executes)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -268,6 +269,22 @@ def machine_info(records: list[dict]) -> dict[str, Any]:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         memory = None
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": memory,
+    }
+
+
+def machine_info(records: list[dict]) -> dict[str, Any]:
+    """Where the runs ran: the host stored with the runs (the first run's; a report assembled elsewhere keeps it),
+    else this machine; plus devices, memory sources and the library versions here."""
+    from importlib import metadata
+
+    hosts = [r["host"] for r in records if isinstance(r.get("host"), dict)]
+    host = hosts[0] if hosts else host_info()
     versions = {}
     for package in (
         "torch",
@@ -288,11 +305,8 @@ def machine_info(records: list[dict]) -> dict[str, Any]:
     devices = sorted({r["device_name"] for r in records if r.get("status") == "ok" and r.get("device_name")})
     sources = sorted({r["peak_memory_source"] for r in records if r.get("peak_memory_source")})
     return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "memory_bytes": memory,
+        **host,
+        "hosts": len({json.dumps(h, sort_keys=True) for h in hosts}) or None,
         "devices": devices,
         "peak_memory_sources": sources,
         "versions": versions,
