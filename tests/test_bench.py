@@ -879,6 +879,8 @@ def test_bench_reports_every_run_with_all_fields(bench_runs):
     for run in runs.values():
         assert set(RUN_FIELDS) <= set(run), set(RUN_FIELDS) - set(run)
     assert {"cpu_count", "platform", "versions", "peak_memory_sources"} <= set(bench_runs.first_report["machine"])
+    # Each run stores the host it ran on, so a report assembled on another machine still names the right one.
+    assert all(run["host"]["cpu_count"] == os.cpu_count() for run in runs.values() if run["status"] == "ok")
     for name in ("full", "blockllm"):
         run = runs[name]
         assert run["status"] == "ok", run["error"]
@@ -1089,3 +1091,23 @@ def test_input_stamp_follows_contents_not_modification_times(tmp_path):
     assert suite_module.stamp(model) == before
     (model / "weights.bin").write_bytes(b"\x01" + b"\x00" * 999)  # other weights of the same size
     assert suite_module.stamp(model) != before
+
+
+def test_metrics_can_profile_the_last_steps_and_skip_per_gradient_samples(llamafactory_train, tmp_path):
+    """The two switches GPU suites use (patches/metrics.py): the profiled steps leave the step times, the operator
+    table lands beside the metrics, and no sample is taken per gradient."""
+    metrics = tmp_path / "profiled" / "metrics.json"
+    metrics.parent.mkdir()
+    result = llamafactory_train(
+        {"max_steps": 5, "blockllm_sparsity": 0.5},
+        name="profiled_run",
+        BLOCKLLM_FACTORY_BENCH_OUT=str(metrics),
+        BLOCKLLM_FACTORY_BENCH_PROFILE="2",
+        BLOCKLLM_FACTORY_BENCH_GRADIENT_SAMPLES="0",
+    )
+    assert result.returncode == 0, result.log[-4000:]
+    measured = json.loads(metrics.read_text(encoding="utf-8"))
+    assert (measured["steps"], measured["profiled_steps"], measured["gradient_samples"]) == (3, 2, False)
+    assert len(measured["step_times_s"]) == 3 and measured["gradient_bytes"] > 0  # seen at the optimizer step
+    table = (metrics.parent / "profile.txt").read_text(encoding="utf-8")
+    assert table.startswith("torch.profiler, 2 training step(s)") and "aten::mm" in table
