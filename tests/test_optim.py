@@ -548,3 +548,33 @@ def test_gradient_ranking_beats_random_and_reversed_selection_on_the_same_batche
     }
     assert mean["ranked"] < mean["random"] - 0.08, mean
     assert mean["random"] < mean["reversed"], mean
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
+def test_row_group_norms_are_taken_in_one_reduction_per_tensor(compact):
+    """Every block's gradient norm as measured one block at a time, from one reduction per tensor (plus one for a
+    shorter last row group): the first step measures every block of every tensor."""
+    torch.manual_seed(0)
+    model = TinyLM(width=48)
+    reference = TinyLM(width=48)
+    reference.load_state_dict(model.state_dict())
+    # 7 rows of 48 per block: a (96, 48) matrix has 13 row groups of 7 rows and a last one of 5.
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, block_size=48 * 7, compact_gradients=compact)
+    assert "layers.0.0.weight[91:96]" in optimizer.block_names
+    tokens = make_batches(1)[0]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        train_step(model, optimizer, tokens)
+    norm_calls = sum(event.count for event in profile.key_averages() if event.key == "aten::linalg_vector_norm")
+    tensors = len({block.param for block in optimizer.blocks.values()})
+    assert len(optimizer.block_names) > 4 * tensors
+    assert norm_calls <= 2 * tensors
+
+    lm_loss(reference, tokens).backward()
+    grads = {name: param.grad.reshape(-1) for name, param in reference.named_parameters()}
+    expected = {
+        name: torch.linalg.vector_norm(grads[block.param][block.start : block.stop], dtype=torch.float32).item()
+        for name, block in optimizer.blocks.items()
+    }
+    assert optimizer.norm_table.keys() == expected.keys()
+    for name, value in optimizer.norm_table.items():
+        assert value == pytest.approx(expected[name], rel=1e-5), name

@@ -32,7 +32,16 @@ from .distributed import squared_norms_vector, synchronize, unpack_measurements
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
 from .quantization import check_available, dequantize_moments_, quantize_moments_, quantized, zero_moments_
-from .selection import Block, cut_mask, is_embedding_name, pick_blocks, rank_blocks, split_blocks, split_budget
+from .selection import (
+    Block,
+    cut_mask,
+    is_embedding_name,
+    leading_equal_blocks,
+    pick_blocks,
+    rank_blocks,
+    split_blocks,
+    split_budget,
+)
 from .settings import DEFAULTS, check
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
@@ -201,6 +210,8 @@ class BlockLLM(Optimizer):
             blocks = split_blocks(name, tuple(param.shape), self._block_numel(param), block_size)
             self._param_blocks[name] = blocks
             self._blocks.update((block.name, block) for block in blocks)
+        self._block_names_of = {name: [block.name for block in blocks] for name, blocks in self._param_blocks.items()}
+        self._equal_row_groups = {name: leading_equal_blocks(blocks) for name, blocks in self._param_blocks.items()}
         self.block_names: list[str] = list(self._blocks)
         self._sizes = {name: block.numel for name, block in self._blocks.items()}
         self.eligible_numel = sum(self._sizes.values())
@@ -429,27 +440,43 @@ class BlockLLM(Optimizer):
             grad = self._param_by_name[name].grad
             if grad is None:
                 continue
-            for block in self._param_blocks[name]:
-                if block.name not in squared_norms:
-                    squared_norms[block.name] = premeasured.get(block.name)
-                    if squared_norms[block.name] is None:
-                        squared_norms[block.name] = self._block_sq_norm(grad, block)
+            blocks = [block for block in self._param_blocks[name] if block.name not in squared_norms]
+            if not blocks:
+                continue
+            measured = {}
+            if any(block.name not in premeasured for block in blocks):
+                measured = dict(zip(self._block_names_of[name], self._tensor_sq_norms(name, grad)))
+            squared_norms.update(
+                (block.name, premeasured.get(block.name, measured.get(block.name))) for block in blocks
+            )
         return squared_norms, None, selected_names
 
-    def _block_sq_norm(self, grad: torch.Tensor, block: Block) -> torch.Tensor:
-        whole = block.numel == grad.numel()
-        values = grad if whole else grad.reshape(-1)[block.start : block.stop]
-        return torch.linalg.vector_norm(values, dtype=torch.float32).square()
+    def _tensor_sq_norms(self, name: str, grad: torch.Tensor) -> list[torch.Tensor]:
+        """The squared norm of every block of parameter ``name`` (in block order) from its gradient, in one reduction
+        for a tensor's equal row groups: one kernel per tensor rather than one per block (a 7B model's selection
+        touches hundreds of attention heads)."""
+        blocks = self._param_blocks[name]
+        if len(blocks) == 1:
+            return [torch.linalg.vector_norm(grad, dtype=torch.float32).square()]
+        flat = grad.reshape(-1)
+        size = blocks[0].numel
+        equal = self._equal_row_groups[name]  # the leading blocks of one size, contiguous from coordinate 0
+        squared = list(
+            torch.linalg.vector_norm(flat[: equal * size].view(equal, size), dim=1, dtype=torch.float32)
+            .square()
+            .unbind(0)
+        )
+        for block in blocks[equal:]:  # the last row group may be shorter
+            squared.append(torch.linalg.vector_norm(flat[block.start : block.stop], dtype=torch.float32).square())
+        return squared
 
     def record_gradient_norms(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """Records the squared norm of every block of parameter ``name`` from its gradient (a hook, or an engine
         that reduces first, e.g. DDP's communication hook); returns the parameter's total squared norm."""
-        total = None
-        for block in self._param_blocks[name]:
-            squared = self._block_sq_norm(grad, block)
-            self.record_probe_norm(block.name, squared)
-            total = squared if total is None else total + squared
-        return total
+        squared = self._tensor_sq_norms(name, grad)
+        for block_name, value in zip(self._block_names_of[name], squared):
+            self.record_probe_norm(block_name, value)
+        return squared[0] if len(squared) == 1 else torch.stack(squared).sum()
 
     def probe_only_parameters(self) -> set[str]:
         """Parameters whose gradient only serves to measure norms this step (probed, none of their blocks selected):
@@ -467,10 +494,12 @@ class BlockLLM(Optimizer):
         if self.compact_gradients:
             return
         self._premeasured_sq_norms = {
-            block.name: self._block_sq_norm(self._param_by_name[name].grad, block)
+            block_name: value
             for name in self._selected_by_param
             if self._param_by_name[name].grad is not None
-            for block in self._param_blocks[name]
+            for block_name, value in zip(
+                self._block_names_of[name], self._tensor_sq_norms(name, self._param_by_name[name].grad)
+            )
         }
 
     def _apply_updates(self, selected_names: list[str]) -> None:

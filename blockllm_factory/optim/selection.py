@@ -55,6 +55,18 @@ def split_blocks(name: str, shape: Sequence[int], numel: int, block_size: int) -
     ]
 
 
+def leading_equal_blocks(blocks: Sequence[Block]) -> int:
+    """How many of a parameter's blocks, from the first, have the first one's size and follow each other from
+    coordinate 0: their norms can be taken in one reduction over a ``(count, size)`` view."""
+    size = blocks[0].numel
+    count = 0
+    for block in blocks:
+        if block.numel != size or block.start != count * size:
+            break
+        count += 1
+    return count
+
+
 def visit_frequency(visits: Mapping[str, int], name: str) -> float:
     """The paper's sum-normalised visit count f_l, smoothed by one visit each so that unvisited blocks stay finite."""
     total = sum(visits.values()) + len(visits)
