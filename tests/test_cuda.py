@@ -3,7 +3,8 @@
 Marked ``cuda``: conftest.py deselects them where torch sees no CUDA device (CI's CPU machine), and says so in the
 summary; on a GPU machine ``pytest -m cuda tests`` runs only these. Nothing here replaces LLaMA-Factory's own GPU
 checks (unlike tests/test_integration.py's CPU stand-in for pure bf16, which has to). The fp16 loss-scaler test also
-runs on CPU, where the Trainer's GradScaler works too.
+runs on CPU, where the Trainer's GradScaler works too; the gradient-checkpointing test has a "cuda" case in
+tests/test_integration.py.
 """
 
 import json
@@ -12,10 +13,16 @@ import sys
 import pytest
 import torch
 from helpers import run_logged
-from test_integration import assert_ok, changed_names, save_in_dtype, selected_names, selection_log, weights
-
-ON_GPU = {"use_cpu": False}
-GPU_ENV = {"CUDA_VISIBLE_DEVICES": "0"}
+from test_integration import (
+    GPU_ENV,
+    ON_GPU,
+    assert_ok,
+    changed_names,
+    save_in_dtype,
+    selected_names,
+    selection_log,
+    weights,
+)
 
 
 @pytest.mark.cuda
@@ -131,22 +138,6 @@ def test_fp16_grad_scaler_skips_an_inf_step_through_the_trainer(
         assert record["skipped"] in (0, 1)
         assert (record["changed"] == []) == (record["skipped"] == 1), record
     assert sum(record["skipped"] == 0 for record in records[1:]) >= 3  # it trains once the scale fits
-
-
-@pytest.mark.cuda
-def test_gradient_checkpointing_on_cuda_gives_the_same_training(llamafactory_train):
-    # The exact probe (patience 1: it runs after every non-falling loss) makes every block require grad for a step.
-    settings = {**ON_GPU, "blockllm_sparsity": 0.5, "blockllm_patience": 1, "blockllm_probe": "exact", "max_steps": 5}
-    checkpointed = llamafactory_train(settings, name="checkpointed", **GPU_ENV)
-    plain = llamafactory_train({**settings, "disable_gradient_checkpointing": True}, name="plain", **GPU_ENV)
-    assert_ok(checkpointed)
-    assert_ok(plain)
-    assert "Gradient checkpointing enabled." in checkpointed.log
-    assert "Gradient checkpointing enabled." not in plain.log
-    with_gc, without_gc = weights(checkpointed.output_dir), weights(plain.output_dir)
-    for name in with_gc:
-        torch.testing.assert_close(with_gc[name], without_gc[name], msg=name)
-    assert selected_names(selection_log(checkpointed.output_dir)) == selected_names(selection_log(plain.output_dir))
 
 
 @pytest.mark.cuda
