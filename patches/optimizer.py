@@ -126,6 +126,7 @@ def build_create_blockllm_optimizer(module):
             optim_bits=optim_bits(training_args),
             score=finetuning_args.blockllm_score,
             block_size=block_size,
+            norms=finetuning_args.blockllm_norms,
             **({} if deepspeed_zero else {"compact_gradients": compact_gradients(training_args)}),
         )
         blocks = f"{block_size:,} coordinates" if block_size else "whole tensors"
@@ -136,7 +137,8 @@ def build_create_blockllm_optimizer(module):
         logger.info_rank0(
             f"Using BlockLLM optimizer: sparsity {finetuning_args.blockllm_sparsity}, patience {patience}, probe "
             f"{finetuning_args.blockllm_probe}{probed}, score "
-            f"{finetuning_args.blockllm_score}, blocks of {blocks}, budget {optimizer.budget:,} of "
+            f"{finetuning_args.blockllm_score}, blocks of {blocks}, norms {finetuning_args.blockllm_norms}, "
+            f"budget {optimizer.budget:,} of "
             f"{optimizer.eligible_numel:,} coordinates per step; "
             f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments."
         )
