@@ -84,7 +84,11 @@ class Setting:
         return named + ([SHARE_OF_RUN] if self.share_of_run else [])
 
     def allowed_in(self, yaml: bool) -> str:
-        return ", ".join([*(self.yaml_only() if yaml else []), self.allowed])
+        extra = self.yaml_only() if yaml else []
+        if not extra:
+            return self.allowed
+        # "..., an integer > 0 (...) or 0 (...)" already ends in its own "or"; else the last choice gets one.
+        return ", ".join(extra) + (", " if " or " in self.allowed else " or ") + self.allowed
 
 
 def _choice(name: str, choices: tuple, default: Any, help: str, **extra: Any) -> Setting:
