@@ -234,8 +234,9 @@ def invalid_value(field: str, allowed: str, value: Any) -> ValueError:
 def check(name: str, value: Any, *, yaml: bool = False) -> Any:
     """``value`` of the setting ``name`` if it is allowed, else a ``ValueError`` naming the field as the user wrote it:
     ``name`` for ``BlockLLM(...)``, ``blockllm_<name>`` (``yaml=True``) for LLaMA-Factory's arguments. A YAML field
-    also takes the setting's named values; there, a number written as digits (command line, web UI) is returned as an
-    int.
+    also takes the setting's named values and, where the setting says so, a share of the run in (0, 1) (returned as a
+    float, for patches/optimizer.py to turn into steps); there, a number written as text (command line, web UI) is
+    returned as a number.
     """
     setting = SETTINGS[name]
     if yaml and (setting.named_values or setting.share_of_run) and isinstance(value, str):
