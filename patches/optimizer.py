@@ -5,7 +5,9 @@ Every stage trainer of LLaMA-Factory (pt, sft, rm, dpo, kto) creates its optimiz
 before those imports, so they all get the wrapped factory. Like LLaMA-Factory's ``_create_*_optimizer`` functions,
 ``_create_blockllm_optimizer`` takes lr, betas, eps and weight decay from the training arguments, and puts biases and
 norm weights in a group without weight decay (LLaMA-Factory's own ``_get_decay_parameter_names``). HF schedulers then
-drive ``param_groups[i]["lr"]`` as for any torch optimizer.
+drive ``param_groups[i]["lr"]`` as for any torch optimizer. Two YAML-only values become numbers here:
+``blockllm_block_size: head`` (from the model's config) and a ``blockllm_patience`` in (0, 1) (that share of the run's
+optimizer steps, which the trainer patch passes in through :func:`run_steps`).
 """
 
 import contextlib
