@@ -32,10 +32,11 @@ ADAPTER_ONLY_DATACLASSES = ("LoraArguments", "OFTArguments", "FreezeArguments")
 
 def _field_type(setting: Setting):
     """The type ``HfArgumentParser`` parses the field as: its choices (shown in ``--help``), text where the field also
-    takes named values (``head``), else the optimizer's type."""
+    takes named values (``head``) or a share of the run (``0.1``; :func:`check` reads the number), else the optimizer's
+    type."""
     if setting.choices:
         return Literal[setting.choices]
-    return str if setting.named_values else setting.type
+    return str if setting.named_values or setting.share_of_run else setting.type
 
 
 BlockLLMArguments = dataclasses.make_dataclass(
@@ -58,7 +59,7 @@ BlockLLMArguments = dataclasses.make_dataclass(
 
 def check_blockllm_values(args) -> None:
     """Range checks of the ``blockllm_*`` fields, in the wording of ``BlockLLM(...)``'s own checks, naming the field;
-    a block size written as digits (command line, web UI) becomes a number."""
+    a block size or patience written as text (command line, web UI) becomes a number."""
     for setting in YAML_SETTINGS:
         setattr(args, setting.field, check(setting.name, getattr(args, setting.field), yaml=True))
 

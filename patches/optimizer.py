@@ -5,12 +5,16 @@ Every stage trainer of LLaMA-Factory (pt, sft, rm, dpo, kto) creates its optimiz
 before those imports, so they all get the wrapped factory. Like LLaMA-Factory's ``_create_*_optimizer`` functions,
 ``_create_blockllm_optimizer`` takes lr, betas, eps and weight decay from the training arguments, and puts biases and
 norm weights in a group without weight decay (LLaMA-Factory's own ``_get_decay_parameter_names``). HF schedulers then
-drive ``param_groups[i]["lr"]`` as for any torch optimizer.
+drive ``param_groups[i]["lr"]`` as for any torch optimizer. Two YAML-only values become numbers here:
+``blockllm_block_size: head`` (from the model's config) and a ``blockllm_patience`` in (0, 1) (that share of the run's
+optimizer steps, which the trainer patch passes in through :func:`run_steps`).
 """
 
+import contextlib
+import contextvars
 import functools
 
-from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD, FINETUNING_TYPE
+from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD, FINETUNING_TYPE, steps_from_share
 
 from ._version import check_llamafactory_version
 
@@ -50,6 +54,43 @@ def resolve_block_size(block_size, model, deepspeed_zero: bool, logger) -> int:
     return size
 
 
+# The run's optimizer steps, set by the trainer patch (trainer.py) around ``create_optimizer``: the Trainer knows them
+# (``state.max_steps``, from max_steps or from epochs x batches) before it creates the optimizer; the factory
+# LLaMA-Factory calls is not told them.
+_RUN_STEPS: contextvars.ContextVar[int | None] = contextvars.ContextVar("blockllm_run_steps", default=None)
+
+
+@contextlib.contextmanager
+def run_steps(total_steps: int | None):
+    """Within this block, BlockLLM optimizers are created for a run of ``total_steps`` optimizer steps."""
+    token = _RUN_STEPS.set(total_steps if isinstance(total_steps, int) and total_steps > 0 else None)
+    try:
+        yield
+    finally:
+        _RUN_STEPS.reset(token)
+
+
+def resolve_patience(patience, training_args, logger) -> int:
+    """``blockllm_patience`` as optimizer steps: an integer stays; a share in (0, 1) becomes that share of the run's
+    steps (the Trainer's, else ``max_steps``), logged once; refused when the run's length is unknown."""
+    if isinstance(patience, int):
+        return patience
+    total_steps = _RUN_STEPS.get()
+    if total_steps is None and getattr(training_args, "max_steps", -1) > 0:
+        total_steps = training_args.max_steps
+    if total_steps is None:
+        raise ValueError(
+            f"`blockllm_patience: {patience}` is a share of the run, but the run's number of optimizer steps is not "
+            "known where the optimizer is created; set `max_steps`, or give `blockllm_patience` as a number of "
+            "optimizer steps (an integer >= 1)."
+        )
+    steps = steps_from_share(patience, total_steps)
+    logger.info_rank0(
+        f"BlockLLM patience: `blockllm_patience: {patience}` of {total_steps:,} optimizer steps is {steps} steps."
+    )
+    return steps
+
+
 def build_create_blockllm_optimizer(module):
     get_decay_parameter_names = module._get_decay_parameter_names
     logger = module.logger
@@ -71,6 +112,7 @@ def build_create_blockllm_optimizer(module):
 
         deepspeed_zero = uses_deepspeed_zero(training_args)
         block_size = resolve_block_size(finetuning_args.blockllm_block_size, model, deepspeed_zero, logger)
+        patience = resolve_patience(finetuning_args.blockllm_patience, training_args, logger)
         optimizer = blockllm_optimizer_class(training_args)(
             [group for group in param_groups if group["params"]],
             lr=training_args.learning_rate,
@@ -78,7 +120,7 @@ def build_create_blockllm_optimizer(module):
             eps=training_args.adam_epsilon,
             weight_decay=training_args.weight_decay,
             sparsity=finetuning_args.blockllm_sparsity,
-            patience=finetuning_args.blockllm_patience,
+            patience=patience,
             probe=finetuning_args.blockllm_probe,
             probe_blocks=finetuning_args.blockllm_probe_blocks,
             include_embeddings=finetuning_args.blockllm_include_embeddings,
@@ -86,6 +128,7 @@ def build_create_blockllm_optimizer(module):
             optim_bits=optim_bits(training_args),
             score=finetuning_args.blockllm_score,
             block_size=block_size,
+            norms=finetuning_args.blockllm_norms,
             **({} if deepspeed_zero else {"compact_gradients": compact_gradients(training_args)}),
         )
         blocks = f"{block_size:,} coordinates" if block_size else "whole tensors"
@@ -94,9 +137,10 @@ def build_create_blockllm_optimizer(module):
             f" ({finetuning_args.blockllm_probe_blocks} blocks)" if finetuning_args.blockllm_probe == "sample" else ""
         )
         logger.info_rank0(
-            f"Using BlockLLM optimizer: sparsity {finetuning_args.blockllm_sparsity}, patience "
-            f"{finetuning_args.blockllm_patience}, probe {finetuning_args.blockllm_probe}{probed}, score "
-            f"{finetuning_args.blockllm_score}, blocks of {blocks}, budget {optimizer.budget:,} of "
+            f"Using BlockLLM optimizer: sparsity {finetuning_args.blockllm_sparsity}, patience {patience}, probe "
+            f"{finetuning_args.blockllm_probe}{probed}, score "
+            f"{finetuning_args.blockllm_score}, blocks of {blocks}, norms {finetuning_args.blockllm_norms}, "
+            f"budget {optimizer.budget:,} of "
             f"{optimizer.eligible_numel:,} coordinates per step; "
             f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments."
         )

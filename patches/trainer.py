@@ -197,7 +197,12 @@ def _measure_before_clipping(trainer) -> None:
 def build_create_optimizer(original, logger):
     @functools.wraps(original)
     def create_optimizer(self, *args, **kwargs):
-        optimizer = original(self, *args, **kwargs)
+        from .optimizer import run_steps
+
+        # The Trainer has set state.max_steps (from max_steps, or epochs x batches) before it creates the optimizer:
+        # a `blockllm_patience` given as a share of the run is resolved against it (optimizer.py).
+        with run_steps(getattr(getattr(self, "state", None), "max_steps", None)):
+            optimizer = original(self, *args, **kwargs)
         if self.finetuning_args.finetuning_type == FINETUNING_TYPE:
             attach(self, logger)
         return optimizer

@@ -52,13 +52,15 @@ def create_blockllm_panel() -> dict[str, Any]:
         with gr.Row():
             use_blockllm = gr.Checkbox()
             blockllm_sparsity = gr.Slider(minimum=0, maximum=0.995, value=default["sparsity"], step=0.005)
-            blockllm_patience = gr.Slider(minimum=1, maximum=1000, value=default["patience"], step=1)
+            # Steps or a share of the run ("0.1"), as typed: the parse-time check (settings.check) reads the number.
+            blockllm_patience = gr.Textbox(value=str(default["patience"]))
             blockllm_probe = gr.Dropdown(choices=list(SETTINGS["probe"].choices), value=default["probe"])
             blockllm_probe_blocks = gr.Slider(minimum=0, maximum=64, value=default["probe_blocks"], step=1)
             blockllm_include_embeddings = gr.Checkbox(value=default["include_embeddings"])
         with gr.Row():
             blockllm_score = gr.Dropdown(choices=list(SETTINGS["score"].choices), value=default["score"])
             blockllm_block_size = gr.Textbox(value=str(default["block_size"]))
+            blockllm_norms = gr.Dropdown(choices=list(SETTINGS["norms"].choices), value=default["norms"])
 
     return {
         "blockllm_tab": blockllm_tab,
@@ -70,6 +72,7 @@ def create_blockllm_panel() -> dict[str, Any]:
         "blockllm_include_embeddings": blockllm_include_embeddings,
         "blockllm_score": blockllm_score,
         "blockllm_block_size": blockllm_block_size,
+        "blockllm_norms": blockllm_norms,
     }
 
 
@@ -154,7 +157,8 @@ def panel_arguments(get) -> dict[str, Any]:
     """The ``blockllm_*`` arguments from the panel; ``get(elem_id)`` reads one element's value."""
     arguments = {
         "blockllm_sparsity": get("train.blockllm_sparsity"),
-        "blockllm_patience": _whole(get("train.blockllm_patience")),
+        # Steps or a share of the run, as typed: the parse-time check (settings.check) reads the number.
+        "blockllm_patience": str(get("train.blockllm_patience")).strip(),
         "blockllm_probe": get("train.blockllm_probe"),
     }
     if arguments["blockllm_probe"] == "sample":  # only read by the sampled probe
@@ -163,6 +167,7 @@ def panel_arguments(get) -> dict[str, Any]:
     arguments["blockllm_score"] = get("train.blockllm_score")
     # `head` or a number, as typed: the parse-time check (settings.check) turns digits into a number.
     arguments["blockllm_block_size"] = str(get("train.blockllm_block_size")).strip()
+    arguments["blockllm_norms"] = get("train.blockllm_norms")
     return arguments
 
 

@@ -39,14 +39,29 @@ BLOCKLLM_LOCALES: dict[str, dict[str, dict[str, str]]] = {
         "ja": {"label": "スパース率", "info": "各ステップで更新しないパラメータの割合、[0, 1)。"},
     },
     "blockllm_patience": {
-        "en": {"label": "Patience", "info": "Steps of loss history that decide when blocks are reselected."},
+        "en": {
+            "label": "Patience",
+            "info": "Steps of loss history that decide when blocks are reselected; a number in (0, 1) is that share "
+            "of the run's steps.",
+        },
         "ru": {
             "label": "Терпение",
-            "info": "Число шагов истории потерь, по которому решается повторный выбор блоков.",
+            "info": "Число шагов истории потерь, по которому решается повторный выбор блоков; число в (0, 1) — "
+            "такая доля шагов обучения.",
         },
-        "zh": {"label": "耐心步数", "info": "决定何时重新选择参数块的损失历史步数。"},
-        "ko": {"label": "인내 스텝", "info": "블록 재선택 시점을 결정하는 손실 기록 스텝 수."},
-        "ja": {"label": "ペイシェンス", "info": "ブロックを選び直す時期を決める損失履歴のステップ数。"},
+        "zh": {
+            "label": "耐心步数",
+            "info": "决定何时重新选择参数块的损失历史步数；(0, 1) 之间的数表示占训练总步数的比例。",
+        },
+        "ko": {
+            "label": "인내 스텝",
+            "info": "블록 재선택 시점을 결정하는 손실 기록 스텝 수. (0, 1) 사이의 수는 전체 학습 스텝에 대한 비율.",
+        },
+        "ja": {
+            "label": "ペイシェンス",
+            "info": "ブロックを選び直す時期を決める損失履歴のステップ数。"
+            "(0, 1) の数は学習全体のステップに対する割合。",
+        },
     },
     "blockllm_probe": {
         "en": {"label": "Probe", "info": "How the gradients of unselected blocks are measured."},
@@ -93,6 +108,28 @@ BLOCKLLM_LOCALES: dict[str, dict[str, dict[str, str]]] = {
         "ja": {
             "label": "ブロックサイズ",
             "info": "head（既定: 注意ヘッド 1 つ）、N 座標、0（テンソル全体、論文）。",
+        },
+    },
+    "blockllm_norms": {
+        "en": {
+            "label": "Norms",
+            "info": "select (default: ranked like other blocks), always (in every selection) or frozen.",
+        },
+        "ru": {
+            "label": "Нормализации",
+            "info": "select (по умолчанию: как другие блоки), always (в каждом выборе) или frozen (заморожены).",
+        },
+        "zh": {
+            "label": "归一化层",
+            "info": "select（默认：与其他块一样排序选择）、always（每次都选中）或 frozen（冻结）。",
+        },
+        "ko": {
+            "label": "정규화 층",
+            "info": "select(기본값: 다른 블록처럼 선택), always(매번 선택) 또는 frozen(고정).",
+        },
+        "ja": {
+            "label": "正規化層",
+            "info": "select（既定: 他のブロックと同様に選択）、always（常に選択）、frozen（凍結）。",
         },
     },
 }

@@ -640,6 +640,21 @@ def test_the_quality_suites_sweep_every_method_over_three_seeds(name):
     assert "eval_loss_at_or_below_lora_badam" in suite.goals
 
 
+def test_the_patience_length_suite_compares_steps_with_the_same_share_at_other_run_lengths():
+    from blockllm_factory.optim.settings import steps_from_share
+
+    suite = load_suite(SUITES / "patience_length.yaml")
+    assert all(run.problem is None for run in suite.runs) and len(suite.seeds) >= 3
+    lengths = {run.args["max_steps"] for run in suite.runs}
+    assert 300 not in lengths and min(lengths) < 300 < max(lengths)  # 300 steps: the quality suites
+    for run in suite.runs:
+        assert run.args["learning_rate"] == 1.0e-2 and run.args["finetuning_type"] == "blockllm"
+        assert not {"blockllm_score", "blockllm_block_size", "blockllm_norms"} & set(run.args)  # the defaults
+        assert run.args["blockllm_patience"] in (100, 0.3333)
+    # The share is the default's share of a 300-step run.
+    assert steps_from_share(0.3333, 300) == 100
+
+
 def test_the_pretraining_suite_trains_on_the_unseen_domain_text(tmp_path):
     from blockllm_factory.demo import data, domain
 

@@ -5,6 +5,7 @@ is what tells BlockLLM trained rather than LLaMA-Factory's default AdamW, which 
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,13 @@ EIGHT_BIT = {  # 8-bit moments need vectors of >= 4096 entries: the tiny model's
 }
 
 
-@pytest.mark.parametrize("states", ["fp32", "8bit"])
+NORMS_ALWAYS_PATIENCE_SHARE = {  # norms in every selection; patience 0.34 of the 6 steps: 2 steps
+    "blockllm_norms": "always",
+    "blockllm_patience": 0.34,
+}
+
+
+@pytest.mark.parametrize("states", ["fp32", "8bit", "norms_always_patience_share"])
 def test_resume_from_checkpoint_continues_exactly(states, llamafactory_cli, tmp_path):
     common = {
         "max_steps": 6,
@@ -104,6 +111,7 @@ def test_resume_from_checkpoint_continues_exactly(states, llamafactory_cli, tmp_
         "save_strategy": "steps",
         "save_steps": 3,
         **(EIGHT_BIT if states == "8bit" else {}),
+        **(NORMS_ALWAYS_PATIENCE_SHARE if states == "norms_always_patience_share" else {}),
     }
     unbroken = llamafactory_cli.config(tmp_path / "unbroken", **common)
     assert_ok(llamafactory_cli.run("train", unbroken, tmp_path, "unbroken"))
@@ -118,6 +126,8 @@ def test_resume_from_checkpoint_continues_exactly(states, llamafactory_cli, tmp_
     result = llamafactory_cli.run("train", resumed, tmp_path, "resumed")
     assert_ok(result)
     assert "Resuming training from checkpoint" in result.log
+    if states == "norms_always_patience_share":  # the share is resolved against the whole run, not what is left
+        assert "`blockllm_patience: 0.34` of 6 optimizer steps is 2 steps" in result.log
 
     final, again = weights(tmp_path / "unbroken"), weights(tmp_path / "resumed")
     assert final.keys() == again.keys()
@@ -288,3 +298,36 @@ def test_pure_bf16_keeps_bf16_weights_and_trains_the_selection(llamafactory_cli,
     assert {tensor.dtype for tensor in trained.values()} == {torch.bfloat16}
     changed = changed_names(weights(bf16_model), trained)
     assert changed and changed <= selected_names(selection_log(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("norms", ["always", "frozen"])
+def test_norm_policy_decides_whether_norm_weights_train(norms, llamafactory_train, tiny_llamafactory_assets):
+    result = llamafactory_train(
+        {"max_steps": 4, "blockllm_sparsity": 0.9, "blockllm_patience": 1, "blockllm_norms": norms}, name=norms
+    )
+    assert_ok(result)
+    assert f"norms {norms}, budget" in result.log
+    before = weights(tiny_llamafactory_assets.model_dir)
+    norm_weights = {name for name in before if "norm" in name}
+    assert len(norm_weights) == 5  # two per layer and the final one
+    changed = changed_names(before, weights(result.output_dir))
+    records = selection_log(result.output_dir)
+    if norms == "always":
+        assert all(norm_weights <= set(record["names"]) for record in records)
+        assert norm_weights <= changed
+    else:
+        assert not norm_weights & selected_names(records) and not norm_weights & changed
+    assert changed - norm_weights, "no other weight trained"
+
+
+def test_patience_as_a_share_of_a_run_given_in_epochs(llamafactory_train):
+    # No max_steps: the Trainer computes the run's steps from the epochs and the data before it creates the optimizer.
+    result = llamafactory_train({"max_steps": -1, "num_train_epochs": 1, "blockllm_patience": 0.25}, name="share")
+    assert_ok(result)
+    (total,) = {
+        int(steps.replace(",", "")) for steps in re.findall(r"Total optimization steps = ([\d,]+)", result.log)
+    }
+    steps = round(0.25 * total)
+    assert total > 4
+    assert f"`blockllm_patience: 0.25` of {total} optimizer steps is {steps} steps" in result.log
+    assert f"Using BlockLLM optimizer: sparsity 0.95, patience {steps}," in result.log

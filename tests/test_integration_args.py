@@ -18,6 +18,7 @@ FIELDS = (
     "blockllm_include_embeddings",
     "blockllm_score",
     "blockllm_block_size",
+    "blockllm_norms",
 )
 
 
@@ -30,10 +31,10 @@ def parse(tiny_llamafactory_assets, tmp_path_factory):
 def test_defaults_and_values_reach_finetuning_args(parse):
     finetuning_args = parse()[3]
     assert finetuning_args.finetuning_type == "blockllm"
-    defaults = (0.95, 100, "sample", 2, False, "norm_per_sqrt_size", "head")
+    defaults = (0.95, 100, "sample", 2, False, "norm_per_sqrt_size", "head", "select")
     assert tuple(getattr(finetuning_args, field) for field in FIELDS) == defaults
 
-    values = (0.9, 7, "exact", 0, True, "norm", 0)
+    values = (0.9, 7, "exact", 0, True, "norm", 0, "always")
     finetuning_args = parse(**dict(zip(FIELDS, values)))[3]
     assert tuple(getattr(finetuning_args, field) for field in FIELDS) == values
 
@@ -53,12 +54,14 @@ def test_command_line_form_and_help_text(tiny_llamafactory_assets, tmp_path):
         "--dataset", "tiny_sft", "--template", "default", "--do_train", "true", "--use_cpu", "true",
         "--output_dir", str(tmp_path / "out"), "--report_to", "none",
         "--finetuning_type", "blockllm", "--blockllm_probe", "exact", "--blockllm_include_embeddings", "true",
-        "--blockllm_block_size", "8192",
+        "--blockllm_block_size", "8192", "--blockllm_patience", "0.25", "--blockllm_norms", "frozen",
     ]  # fmt: skip
     finetuning_args = get_train_args(argv)[3]
     assert finetuning_args.finetuning_type == "blockllm"
     assert finetuning_args.blockllm_probe == "exact" and finetuning_args.blockllm_include_embeddings is True
     assert finetuning_args.blockllm_block_size == 8192  # a number on the command line is a number
+    assert finetuning_args.blockllm_patience == 0.25 and finetuning_args.blockllm_norms == "frozen"
+    assert "--blockllm_norms {select,always,frozen}" in help_text
 
 
 # What the docs table's test does not feed: the other values its entries list under "Also" (the ends of a range, a
@@ -68,7 +71,9 @@ def test_command_line_form_and_help_text(tiny_llamafactory_assets, tmp_path):
     [
         ({"blockllm_sparsity": 1.0}, r"`blockllm_sparsity` must be a number in \[0, 1\)"),
         ({"blockllm_sparsity": -0.1}, r"`blockllm_sparsity` must be a number in \[0, 1\)"),
-        ({"blockllm_patience": 2.5}, r"`blockllm_patience` must be an integer >= 1"),
+        ({"blockllm_patience": 2.5}, r"`blockllm_patience` must be a number in \(0, 1\) .* or an integer >= 1"),
+        ({"blockllm_patience": 1.0}, r"`blockllm_patience` must be .* got 1.0"),
+        ({"blockllm_patience": "0.5x"}, r"`blockllm_patience` must be .* got '0.5x'"),
         ({"blockllm_block_size": "heads"}, r"`blockllm_block_size` must be `head` .* got 'heads'"),
         ({"blockllm_block_size": 0.5}, r"`blockllm_block_size` must be `head` .* got 0.5"),
         ({"lora_target": "q_proj", "use_dora": True}, r"lora_target='q_proj', use_dora=True"),
@@ -80,7 +85,8 @@ def test_bad_arguments_are_refused_by_name(parse, overrides, message):
 
 
 # One bad value per ``blockllm_*`` field: the Python API and the YAML path refuse it with one message (settings.py),
-# naming `sparsity` or `blockllm_sparsity`; a YAML block size also offers `head`, which only YAML accepts.
+# naming `sparsity` or `blockllm_sparsity`; a YAML block size also offers `head`, a YAML patience a share of the run,
+# which only YAML accepts.
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -94,6 +100,7 @@ def test_bad_arguments_are_refused_by_name(parse, overrides, message):
         ("score", "size"),
         ("block_size", -1),
         ("block_size", 0.5),
+        ("norms", "train"),
     ],
 )
 def test_python_api_and_yaml_refuse_a_bad_value_with_one_message(parse, name, value):
@@ -105,11 +112,12 @@ def test_python_api_and_yaml_refuse_a_bad_value_with_one_message(parse, name, va
     with pytest.raises(ValueError) as from_yaml:
         parse(**{f"blockllm_{name}": value})
     python_message = str(from_python.value)
-    assert python_message.startswith(f"`{name}` must be ") and python_message.endswith(f", got {value!r}.")
-    yaml_only = "".join(f"`{named}` ({meaning}), " for named, meaning in SETTINGS[name].named_values.items())
-    assert str(from_yaml.value) == python_message.replace(
-        f"`{name}` must be ", f"`blockllm_{name}` must be {yaml_only}"
-    )
+    setting = SETTINGS[name]
+    assert python_message == f"`{name}` must be {setting.allowed}, got {value!r}."
+    assert str(from_yaml.value) == f"`blockllm_{name}` must be {setting.allowed_in(yaml=True)}, got {value!r}."
+    # The YAML field's message lists what only YAML takes, then the Python API's allowed values as they are.
+    assert setting.allowed_in(yaml=True).endswith(setting.allowed)
+    assert all(accepted in setting.allowed_in(yaml=True) for accepted in setting.yaml_only())
 
 
 def test_every_blockllm_field_comes_from_the_settings():

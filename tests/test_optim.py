@@ -395,6 +395,8 @@ def test_domain_shift_finetune_gains_comparable_share_of_adamw():
         ({"sparsity": False}, "sparsity"),  # not a number, as in YAML
         ({"probe_blocks": True}, "probe_blocks"),
         ({"include_embeddings": 1}, "include_embeddings"),
+        ({"norms": "train"}, "norms"),
+        ({"norms": True}, "norms"),
     ],
 )
 def test_bad_argument_refused_by_name_before_any_change(kwargs, field):
@@ -578,3 +580,101 @@ def test_row_group_norms_are_taken_in_one_reduction_per_tensor(compact):
     assert optimizer.norm_table.keys() == expected.keys()
     for name, value in optimizer.norm_table.items():
         assert value == pytest.approx(expected[name], rel=1e-5), name
+
+
+def test_norms_always_are_whole_in_every_selection_within_the_budget_and_select_leaves_them_to_the_ranking():
+    def train(norms):
+        torch.manual_seed(0)
+        model = TinyLM()
+        before = flat_params(model)
+        optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=1, norms=norms)
+        for index, tokens in enumerate(make_batches(8)):
+            train_step(model, optimizer, tokens, loss_offset=index * 0.1)  # rising loss: reselects every step
+        return optimizer, before, flat_params(model)
+
+    optimizer, before, after = train("always")
+    assert optimizer.always_selected == ["norm.weight", "norm.bias"]
+    assert len(optimizer.selection_events) >= 4  # the window is cleared at each reselection: every other step
+    for event in optimizer.selection_events:
+        assert {"norm.weight", "norm.bias"} <= set(event["names"])
+        assert event["coordinates"] <= optimizer.budget
+    assert optimizer.kept_coordinates["norm.weight"] == optimizer.block_sizes["norm.weight"]  # whole, never masked
+    # Every coordinate of the norm changed: it was trained whole at every step.
+    assert bool((after["norm.weight"] != before["norm.weight"]).all())
+
+    selected, _, _ = train("select")
+    assert any("norm.weight" not in event["names"] for event in selected.selection_events)  # up to the ranking
+    assert selected.budget == optimizer.budget and selected.block_names == optimizer.block_names
+
+
+def test_norms_frozen_are_never_eligible_nor_changed():
+    torch.manual_seed(0)
+    model = TinyLM()
+    before = flat_params(model)
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.5, patience=1, norms="frozen")
+    for index, tokens in enumerate(make_batches(6)):
+        train_step(model, optimizer, tokens, loss_offset=index * 0.1)
+    params = dict(model.named_parameters())
+    for name in ("norm.weight", "norm.bias"):
+        assert name not in optimizer.block_names and not params[name].requires_grad
+        assert torch.equal(params[name], before[name])
+    assert optimizer.eligible_numel == sum(
+        param.numel() for name, param in params.items() if name.startswith("layers.")
+    )
+
+
+def test_norm_names_and_reserved_blocks_larger_than_the_budget():
+    from blockllm_factory.optim.selection import is_norm_name, reserve_blocks
+
+    norms = [
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.3.post_attention_layernorm.weight",
+        "model.norm.weight",
+        "model.layers.0.self_attn.q_norm.weight",
+        "transformer.h.0.ln_1.bias",
+        "transformer.ln_f.weight",
+        "encoder.layer.0.output.LayerNorm.weight",
+    ]
+    others = ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "lm_head.weight", "ln.weight"]
+    assert all(is_norm_name(name) for name in norms)
+    assert not any(is_norm_name(name) for name in others)
+
+    sizes = {"a": 30, "b": 10, "c": 100}
+    assert reserve_blocks(["a", "b"], sizes, 100) == ({"a": 30, "b": 10}, 60)
+    assert reserve_blocks([], sizes, 100) == ({}, 100)
+    assert reserve_blocks(["a", "b"], sizes, 20) == ({"a": 15, "b": 5}, 0)  # more than the budget: shared by them
+
+
+@pytest.mark.parametrize("norms", ["always", "frozen"])
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
+def test_norm_policies_resume_bit_identical(norms, compact):
+    def build(model, seed):
+        return BlockLLM(
+            model.named_parameters(),
+            lr=1e-2,
+            sparsity=0.9,
+            patience=2,
+            seed=seed,
+            block_size=64,
+            score="norm_per_sqrt_size",
+            compact_gradients=compact,
+            norms=norms,
+        )
+
+    assert_resume_is_bit_identical(build, 14, 6)
+
+
+def test_a_patience_given_as_a_share_of_the_run_becomes_steps():
+    from blockllm_factory.optim.settings import check, steps_from_share
+
+    assert steps_from_share(0.3333, 150) == 50 and steps_from_share(0.3333, 600) == 200
+    assert steps_from_share(0.1, 1000) == 100 and steps_from_share(0.01, 10) == 1  # at least one step
+    with pytest.raises(ValueError, match=r"^`share` must be a number in \(0, 1\)"):
+        steps_from_share(1.5, 100)
+    with pytest.raises(ValueError, match=r"^`total_steps` must be an integer >= 1"):
+        steps_from_share(0.5, 0)
+    # YAML, the command line and the web UI take a share; BlockLLM(...) takes steps only.
+    assert check("patience", 0.25, yaml=True) == 0.25 and check("patience", " 0.25", yaml=True) == 0.25
+    assert check("patience", "100", yaml=True) == 100 and check("patience", 100, yaml=True) == 100
+    with pytest.raises(ValueError, match=r"^`patience` must be an integer >= 1 \(optimizer steps\), got 0.25\.$"):
+        BlockLLM(TinyLM().named_parameters(), patience=0.25)

@@ -159,7 +159,10 @@ def test_every_suite_loads_and_names_only_known_arguments():
         suite = load_suite(path)
         assert all(run.problem is None for run in suite.runs), [(run.name, run.problem) for run in suite.runs]
         kinds = {run.kind for run in suite.runs}
-        assert {"blockllm", "full"} <= kinds, path.name
+        assert "blockllm" in kinds, path.name
+        # A suite that grades goals compares with full fine-tuning; an ablation of BlockLLM alone (patience_length)
+        # compares its own settings.
+        assert "full" in kinds or not suite.goals, path.name
 
 
 def _same_settings(run_args: dict, recipe: dict, name: str) -> None:

@@ -314,6 +314,13 @@ def _not_blockllm_trainer():
     attach(trainer, logger=None)
 
 
+def _patience_share_without_run_length():
+    from blockllm_factory.patches.optimizer import resolve_patience
+
+    # The factory called outside a Trainer (which tells it the run's steps), on a run given in epochs.
+    resolve_patience(0.1, SimpleNamespace(max_steps=-1), logger=None)
+
+
 def _cases(assets, tmp_path, monkeypatch):
     from blockllm_factory.optim.zero import ZeroBlockLLM
     from blockllm_factory.patches._version import check_llamafactory_version
@@ -332,6 +339,8 @@ def _cases(assets, tmp_path, monkeypatch):
         "blockllm_include_embeddings": parse(blockllm_include_embeddings="yes"),
         "blockllm_score": parse(blockllm_score="size"),
         "blockllm_block_size": parse(blockllm_block_size=-1),
+        "blockllm_norms": parse(blockllm_norms="train"),
+        "blockllm_patience_share_unknown_length": _patience_share_without_run_length,
         "deepspeed_block_size": lambda: check_distributed_setup(
             None,
             SimpleNamespace(blockllm_block_size=64),
@@ -370,6 +379,7 @@ def _cases(assets, tmp_path, monkeypatch):
         "zero_block_size": lambda: ZeroBlockLLM(_tiny_named_params(), block_size=64),
         "optimizer_score": lambda: BlockLLM(_tiny_named_params(), score="size"),
         "optimizer_block_size": lambda: BlockLLM(_tiny_named_params(), block_size=-1),
+        "optimizer_norms": lambda: BlockLLM(_tiny_named_params(), norms="train"),
         "optimizer_optim_bits": lambda: BlockLLM(_tiny_named_params(), optim_bits=16),
         "optimizer_compact_gradients": lambda: BlockLLM(_tiny_named_params(), compact_gradients="yes"),
         "zero_state_world_size": lambda: _zero_state_dict_from(ZeroBlockLLM, world_size=4),

@@ -45,7 +45,7 @@ TRAINING_S = 420  # bound for the few training steps to finish, model loading in
 UI_S = 30  # bound for one UI reaction
 TRAIN_STEPS = 6
 PANEL_LABELS = ("Use BlockLLM", "Sparsity", "Patience", "Probe", "Probe blocks", "Include embeddings", "Ranking score",
-                "Block size")  # fmt: skip
+                "Block size", "Norms")  # fmt: skip
 
 
 def test_panel_labels_exist_in_every_language_llamafactory_ships():
@@ -55,7 +55,7 @@ def test_panel_labels_exist_in_every_language_llamafactory_ships():
     assert {"en", "zh"} <= set(languages)
     names = ("blockllm_tab", "use_blockllm", "blockllm_sparsity", "blockllm_patience", "blockllm_probe",
              "blockllm_probe_blocks", "blockllm_include_embeddings", "blockllm_score",
-             "blockllm_block_size")  # fmt: skip
+             "blockllm_block_size", "blockllm_norms")  # fmt: skip
     for name in names:
         for language in languages:
             assert LOCALES[name][language]["label"].strip(), f"{name} has no {language} label"
@@ -266,11 +266,12 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     for label in PANEL_LABELS:
         expect(panel.get_by_text(label, exact=True)).to_be_visible()
     expect(_field(page, "number input for Sparsity")).to_have_value("0.95")
-    expect(_field(page, "number input for Patience")).to_have_value("100")
+    expect(_textbox(page, "Patience")).to_have_value("100")
     expect(_field(page, "Probe")).to_have_value("sample")
     expect(_field(page, "number input for Probe blocks")).to_have_value("2")
     expect(_field(page, "Ranking score")).to_have_value("norm_per_sqrt_size")
     expect(_textbox(page, "Block size")).to_have_value("head")
+    expect(_field(page, "Norms")).to_have_value("select")
     expect(panel.get_by_label("Use BlockLLM")).to_be_checked()
     # What does not apply is hidden or disabled.
     expect(lora_panel).to_be_hidden()
@@ -298,16 +299,17 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
              "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "seed": 0}  # fmt: skip
     _textbox(page, "Extra arguments").fill(json.dumps(extra))
     _set_number(page, "Sparsity", 0.9)
-    _set_number(page, "Patience", 5)
+    _textbox(page, "Patience").fill("0.5")  # a share of the run: 3 of its 6 steps
     _textbox(page, "Block size").fill("4096")
+    _choose(page, "Norms", "always")
 
     page.get_by_role("button", name="Preview command").click()
     command = page.locator("code").filter(has_text="llamafactory-cli train").filter(visible=True)
     expect(command).to_contain_text("--finetuning_type blockllm")
     text = command.inner_text()
-    for expected in ("--blockllm_sparsity 0.9 ", "--blockllm_patience 5 ", "--blockllm_probe sample ",
+    for expected in ("--blockllm_sparsity 0.9 ", "--blockllm_patience 0.5 ", "--blockllm_probe sample ",
                      "--blockllm_probe_blocks 2 ", "--blockllm_score norm_per_sqrt_size ",
-                     "--blockllm_block_size 4096"):  # fmt: skip
+                     "--blockllm_block_size 4096", "--blockllm_norms always"):  # fmt: skip
         assert expected in text, text
     assert "--lora_rank" not in text and "--quantization_bit" not in text, text
     assert "--blockllm_include_embeddings" not in text  # false, dropped like every false flag
@@ -327,7 +329,7 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     saved = yaml.safe_load(config_file.read_text())
     assert saved["top.finetuning_type"] == "blockllm"
     assert saved["train.blockllm_sparsity"] == pytest.approx(0.9)
-    assert saved["train.blockllm_patience"] == 5
+    assert str(saved["train.blockllm_patience"]) == "0.5" and saved["train.blockllm_norms"] == "always"
     assert str(saved["train.blockllm_block_size"]) == "4096" and saved["train.blockllm_score"] == "norm_per_sqrt_size"
     _set_number(page, "Sparsity", 0.5)
     expect(_field(page, "number input for Sparsity")).to_have_value("0.5")
@@ -351,7 +353,9 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     assert finished.is_visible(), page.locator(".prose").filter(visible=True).all_inner_texts()
     log_box = page.locator(".prose").filter(has_text="Finished.").filter(visible=True).first
     # The run log shown in the UI says which optimizer trained, with the panel's values.
-    expect(log_box).to_contain_text("Using BlockLLM optimizer: sparsity 0.9, patience 5")
+    expect(log_box).to_contain_text(f"of {TRAIN_STEPS} optimizer steps is 3 steps")
+    expect(log_box).to_contain_text("Using BlockLLM optimizer: sparsity 0.9, patience 3")
+    expect(log_box).to_contain_text("norms always")
     # The loss plot was drawn from the trainer's log, as for any other method.
     expect(page.locator('[data-testid="matplotlib"] img').filter(visible=True)).to_be_visible()
 

@@ -36,9 +36,11 @@ from .selection import (
     Block,
     cut_mask,
     is_embedding_name,
+    is_norm_name,
     leading_equal_blocks,
     pick_blocks,
     rank_blocks,
+    reserve_blocks,
     split_blocks,
     split_budget,
 )
@@ -111,6 +113,12 @@ class BlockLLM(Optimizer):
             coordinates of its selected blocks.
         optim_bits: 32 (fp32 Adam moments) or 8 (block-wise 8-bit moments in bitsandbytes' format, for compact
             moment vectors of at least 4096 entries; needs bitsandbytes).
+        norms: the policy for normalisation layers' weights and biases (parameters with a name component that contains
+            ``norm``, e.g. ``input_layernorm``, ``model.norm``, ``LayerNorm``, or GPT-2's ``ln_1``/``ln_f``).
+            ``"select"`` (the paper): ordinary blocks, ranked and selected like any other. ``"always"``: in every
+            selection, whole, inside the budget (the ranked blocks share what they leave; their moments are reset
+            with every reselection like the others'). ``"frozen"``: never trained, like the embeddings without
+            ``include_embeddings``.
 
     Engines: an adapter that owns the gradients (DDP's communication hook, ``distributed.py``) works through the
     public methods :meth:`set_probe_hooks`, :meth:`disable_compact_gradients`, :meth:`probe_only_parameters`,
@@ -145,6 +153,7 @@ class BlockLLM(Optimizer):
         optim_bits: int = DEFAULTS["optim_bits"],
         score: str = DEFAULTS["score"],
         block_size: int = DEFAULTS["block_size"],
+        norms: str = DEFAULTS["norms"],
     ) -> None:
         # Every argument is checked before any parameter or state is touched (settings.py: one message per setting).
         arguments = {
@@ -161,6 +170,7 @@ class BlockLLM(Optimizer):
             "optim_bits": optim_bits,
             "score": score,
             "block_size": block_size,
+            "norms": norms,
         }
         for name, value in arguments.items():
             check(name, value)
@@ -182,6 +192,7 @@ class BlockLLM(Optimizer):
         self.optim_bits = optim_bits
         self.score = score
         self.block_size = block_size
+        self.norms = norms
 
         self._param_by_name: dict[str, torch.nn.Parameter] = {}
         # Parameter name -> index of its group: torch's load_state_dict replaces the group dicts, not their order.
@@ -192,11 +203,14 @@ class BlockLLM(Optimizer):
                     raise ValueError(f"Invalid params: the parameter name {name!r} appears twice")
                 self._param_by_name[name] = param
                 self._group_index[name] = index
-        # Eligible parameters: trainable at construction, embeddings/heads only on request. The rest stays frozen.
+        # Eligible parameters: trainable at construction, embeddings/heads only on request, norms unless frozen. The
+        # rest stays frozen.
         self.eligible_params: list[str] = [
             name
             for name, param in self._param_by_name.items()
-            if param.requires_grad and (include_embeddings or not is_embedding_name(name))
+            if param.requires_grad
+            and (include_embeddings or not is_embedding_name(name))
+            and not (norms == "frozen" and is_norm_name(name))
         ]
         _check(
             bool(self.eligible_params),
@@ -213,6 +227,10 @@ class BlockLLM(Optimizer):
         self._block_names_of = {name: [block.name for block in blocks] for name, blocks in self._param_blocks.items()}
         self._equal_row_groups = {name: leading_equal_blocks(blocks) for name, blocks in self._param_blocks.items()}
         self.block_names: list[str] = list(self._blocks)
+        # norms="always": blocks in every selection, outside the ranking.
+        self.always_selected: list[str] = [
+            name for name in self.block_names if norms == "always" and is_norm_name(self._blocks[name].param)
+        ]
         self._sizes = {name: block.numel for name, block in self._blocks.items()}
         self.eligible_numel = sum(self._sizes.values())
         self.budget = max(1, math.floor((1.0 - self.sparsity) * self.eligible_numel))
@@ -687,9 +705,13 @@ class BlockLLM(Optimizer):
 
     # ------------------------------------------------------------------ selection
     def _reselect(self, reason: str) -> None:
-        ranked = rank_blocks(self._norms, self._visits, self.block_names, self._sizes, self.score)
-        picked = pick_blocks(ranked, self._sizes, self.budget)
-        keep = split_budget(picked, self._sizes, self.budget)
+        keep, budget = reserve_blocks(self.always_selected, self._sizes, self.budget)
+        always = set(self.always_selected)
+        candidates = [name for name in self.block_names if name not in always]
+        if budget > 0 and candidates:
+            ranked = rank_blocks(self._norms, self._visits, candidates, self._sizes, self.score)
+            picked = pick_blocks(ranked, self._sizes, budget)
+            keep.update(split_budget(picked, self._sizes, budget))
         # Model order within the selection (the pick order is the rank order): states and logs follow the model.
         keep = {name: keep[name] for name in self.block_names if name in keep}
         # The optimizer is reset with the new selection (paper, section 2.2): old moments and masters are dropped.

@@ -15,8 +15,17 @@ EMBEDDING_PATTERN = re.compile(
 )
 
 
+# Normalisation layers' weights and biases: a name component that contains "norm" (input_layernorm, post_attention_
+# layernorm, model.norm, q_norm, LayerNorm, ...) or GPT-2's ln_1 / ln_2 / ln_f.
+NORM_PATTERN = re.compile(r"(^|\.)([^.]*norm[^.]*|ln_[a-z0-9]+)(\.|$)", re.IGNORECASE)
+
+
 def is_embedding_name(name: str) -> bool:
     return EMBEDDING_PATTERN.search(name) is not None
+
+
+def is_norm_name(name: str) -> bool:
+    return NORM_PATTERN.search(name) is not None
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,15 @@ def pick_blocks(ranked: Sequence[str], sizes: Mapping[str, int], budget: int) ->
         picked.append(name)
         total += sizes[name]
     return picked
+
+
+def reserve_blocks(reserved: Sequence[str], sizes: Mapping[str, int], budget: int) -> tuple[dict[str, int], int]:
+    """Blocks in every selection (``norms="always"``), kept whole, and the budget they leave for the ranked blocks.
+    Should they hold more than the budget, they alone share it as :func:`split_budget` shares it."""
+    total = sum(sizes[name] for name in reserved)
+    if total >= budget:
+        return split_budget(reserved, sizes, budget), 0
+    return {name: sizes[name] for name in reserved}, budget - total
 
 
 def split_budget(picked: Sequence[str], sizes: Mapping[str, int], budget: int) -> dict[str, int]:

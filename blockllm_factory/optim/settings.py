@@ -16,6 +16,8 @@ FINETUNING_TYPE = "blockllm"  # LLaMA-Factory's `finetuning_type` for BlockLLM, 
 PROBES = ("sample", "exact")
 SCORES = ("norm", "norm_per_sqrt_size")
 OPTIM_BITS = (32, 8)
+NORM_POLICIES = ("select", "always", "frozen")
+SHARE_OF_RUN = "a number in (0, 1) (that share of the run's optimizer steps)"
 BLOCK_SIZE_HEAD = "head"  # `blockllm_block_size: head`, resolved from the model's config by patches/optimizer.py
 
 
@@ -33,6 +35,10 @@ def _integer_at_least(minimum: int) -> Callable[[Any], bool]:
 
 def _is_fraction(value: Any) -> bool:
     return _is_real(value) and 0.0 <= value < 1.0
+
+
+def _is_share(value: Any) -> bool:
+    return _is_real(value) and 0.0 < value < 1.0
 
 
 def _is_bool(value: Any) -> bool:
@@ -59,6 +65,9 @@ class Setting:
     # Named values only the YAML field accepts, resolved by patches/optimizer.py before the optimizer sees them.
     named_values: dict[str, str] = dataclasses.field(default_factory=dict)
     set_from: str = ""  # not a YAML field: what LLaMA-Factory sets it from
+    # The YAML field also takes a share of the run in (0, 1), turned into optimizer steps by patches/optimizer.py
+    # (steps_from_share) once the run's length is known; the optimizer itself takes steps only.
+    share_of_run: bool = False
 
     @property
     def field(self) -> str:
@@ -69,9 +78,17 @@ class Setting:
     def yaml_default(self) -> Any:
         return self.default if self.llamafactory_default is None else self.llamafactory_default
 
+    def yaml_only(self) -> list[str]:
+        """What the YAML field accepts beyond ``BlockLLM(...)``'s values, as the error message says it."""
+        named = [f"`{value}` ({meaning})" for value, meaning in self.named_values.items()]
+        return named + ([SHARE_OF_RUN] if self.share_of_run else [])
+
     def allowed_in(self, yaml: bool) -> str:
-        named = [f"`{value}` ({meaning})" for value, meaning in self.named_values.items()] if yaml else []
-        return ", ".join([*named, self.allowed])
+        extra = self.yaml_only() if yaml else []
+        if not extra:
+            return self.allowed
+        # "..., an integer > 0 (...) or 0 (...)" already ends in its own "or"; else the last choice gets one.
+        return ", ".join(extra) + (", " if " or " in self.allowed else " or ") + self.allowed
 
 
 def _choice(name: str, choices: tuple, default: Any, help: str, **extra: Any) -> Setting:
@@ -125,8 +142,11 @@ _SETTINGS = (
         100,
         "an integer >= 1 (optimizer steps)",
         _integer_at_least(1),
-        "Window m of BlockLLM's loss rule (>= 1): the selected blocks are revisited when the loss is at or above "
-        "the mean of the last m optimizer-step losses.",
+        "Window m of BlockLLM's loss rule: the selected blocks are revisited when the loss is at or above the mean "
+        "of the last m optimizer-step losses. An integer >= 1 is a number of optimizer steps; a number in (0, 1) is "
+        "that share of the run's optimizer steps (e.g. 0.1 of a 1,000-step run: 100), resolved when the optimizer "
+        "is created.",
+        share_of_run=True,
     ),
     _choice(
         "probe",
@@ -190,6 +210,15 @@ _SETTINGS = (
         llamafactory_default=BLOCK_SIZE_HEAD,
         named_values={BLOCK_SIZE_HEAD: "one attention head: head_dim x hidden_size coordinates, the default"},
     ),
+    _choice(
+        "norms",
+        NORM_POLICIES,
+        "select",
+        "What BlockLLM does with normalisation layers' weights (names with a `norm` component, e.g. "
+        "input_layernorm): `select` (the default and the paper: ordinary blocks, ranked and selected like any other), "
+        "`always` (in every selection, whole, inside the budget: the other blocks share what they leave) or `frozen` "
+        "(never trained, like the embeddings without `blockllm_include_embeddings`).",
+    ),
 )
 
 SETTINGS: dict[str, Setting] = {setting.name: setting for setting in _SETTINGS}
@@ -205,15 +234,41 @@ def invalid_value(field: str, allowed: str, value: Any) -> ValueError:
 def check(name: str, value: Any, *, yaml: bool = False) -> Any:
     """``value`` of the setting ``name`` if it is allowed, else a ``ValueError`` naming the field as the user wrote it:
     ``name`` for ``BlockLLM(...)``, ``blockllm_<name>`` (``yaml=True``) for LLaMA-Factory's arguments. A YAML field
-    also takes the setting's named values; there, a number written as digits (command line, web UI) is returned as an
-    int.
+    also takes the setting's named values and, where the setting says so, a share of the run in (0, 1) (returned as a
+    float, for patches/optimizer.py to turn into steps); there, a number written as text (command line, web UI) is
+    returned as a number.
     """
     setting = SETTINGS[name]
-    if yaml and setting.named_values and isinstance(value, str):
+    if yaml and (setting.named_values or setting.share_of_run) and isinstance(value, str):
         if value in setting.named_values:
             return value
-        if value.strip().isdigit():
-            value = int(value)
+        value = _number_from_text(value, share=setting.share_of_run)
+    if yaml and setting.share_of_run and _is_share(value):
+        return float(value)
     if not setting.accepts(value):
         raise invalid_value(setting.field if yaml else name, setting.allowed_in(yaml), value)
     return value
+
+
+def _number_from_text(text: str, share: bool) -> Any:
+    """Digits as an int; with ``share``, also a decimal number as a float (``0.1`` typed in the web UI). Anything
+    else stays text, for the check to refuse."""
+    stripped = text.strip()
+    if stripped.isdigit():
+        return int(stripped)
+    if share:
+        try:
+            return float(stripped)
+        except ValueError:
+            return text
+    return text
+
+
+def steps_from_share(share: float, total_steps: int) -> int:
+    """A share of the run in (0, 1) as optimizer steps: ``share x total_steps`` rounded to the nearest step, at least
+    1. LLaMA-Factory's ``blockllm_patience: 0.1`` goes through it; in Python, pass the result as ``patience``."""
+    if not _is_share(share):
+        raise invalid_value("share", SHARE_OF_RUN, share)
+    if not (isinstance(total_steps, int) and not isinstance(total_steps, bool) and total_steps >= 1):
+        raise invalid_value("total_steps", "an integer >= 1 (the run's optimizer steps)", total_steps)
+    return max(1, round(share * total_steps))
