@@ -483,8 +483,11 @@ def test_row_group_blocks_spread_the_budget_over_more_tensors():
             assert not (mask & ~allowed).any()
 
 
+@pytest.mark.parametrize("norms", ["select", "always", "frozen"])
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
-def test_row_group_blocks_resume_bit_identical(compact):
+def test_row_group_blocks_resume_bit_identical(compact, norms):
+    """Row groups with the size-normalised score, under each norm policy."""
+
     def build(model, seed):
         return BlockLLM(
             model.named_parameters(),
@@ -495,6 +498,7 @@ def test_row_group_blocks_resume_bit_identical(compact):
             block_size=64,
             score="norm_per_sqrt_size",
             compact_gradients=compact,
+            norms=norms,
         )
 
     assert_resume_is_bit_identical(build, 14, 6)
@@ -643,25 +647,6 @@ def test_norm_names_and_reserved_blocks_larger_than_the_budget():
     assert reserve_blocks(["a", "b"], sizes, 100) == ({"a": 30, "b": 10}, 60)
     assert reserve_blocks([], sizes, 100) == ({}, 100)
     assert reserve_blocks(["a", "b"], sizes, 20) == ({"a": 15, "b": 5}, 0)  # more than the budget: shared by them
-
-
-@pytest.mark.parametrize("norms", ["always", "frozen"])
-@pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
-def test_norm_policies_resume_bit_identical(norms, compact):
-    def build(model, seed):
-        return BlockLLM(
-            model.named_parameters(),
-            lr=1e-2,
-            sparsity=0.9,
-            patience=2,
-            seed=seed,
-            block_size=64,
-            score="norm_per_sqrt_size",
-            compact_gradients=compact,
-            norms=norms,
-        )
-
-    assert_resume_is_bit_identical(build, 14, 6)
 
 
 def test_a_patience_given_as_a_share_of_the_run_becomes_steps():
