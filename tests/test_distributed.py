@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,11 @@ def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_siz
         torch.save(_record(model, optimizer), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Saved and torn down: leave without the interpreter's exit, where a C++ destructor of torch/gloo sometimes aborts
+    # the process ("terminate called without an active exception", SIGABRT) after everything succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _record(model: nn.Module, optimizer: BlockLLM) -> dict:
