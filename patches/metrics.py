@@ -57,7 +57,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from transformers import TrainerCallback
 
-from blockllm_factory._files import write_json
+from blockllm_factory._files import write_json, write_text
 
 from ._version import check_llamafactory_version
 
@@ -315,7 +315,7 @@ class BenchMetricsCallback(TrainerCallback):
         sort_by = "self_device_time_total" if on_gpu else "self_cpu_time_total"
         table = profiler.key_averages().table(sort_by=sort_by, row_limit=_PROFILE_ROWS)
         header = f"torch.profiler, {self.profiled_steps} training step(s) at the end of the run, sorted by {sort_by}\n"
-        (Path(self.out_path).parent / PROFILE_FILE).write_text(header + table + "\n", encoding="utf-8")
+        write_text(Path(self.out_path).parent / PROFILE_FILE, header + table + "\n")
 
     # ------------------------------------------------------------------ sampling
     def _synchronize(self) -> None:
