@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# Written by the trainer patch into output_dir (patches/telemetry.py); read by the demo's summary.
+# Written by the trainer wiring into output_dir (blockllm_factory/hf/telemetry.py); read by the demo's summary.
 SELECTION_LOG = "blockllm_selection.jsonl"
 SELECTION_PLOT = "blockllm_selection.png"
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from blockllm_factory.optim.settings import FINETUNING_TYPE, YAML_SETTINGS, Setting, check
+from blockllm_factory.optim.settings import FINETUNING_TYPE, BlockLLMArguments, check_arguments
 
 from ._version import check_llamafactory_version
 
@@ -28,40 +28,6 @@ EXCLUSIVE_FLAGS = (
 )
 # Dataclasses of LLaMA-Factory whose fields only adapter (LoRA/OFT) or freeze tuning read.
 ADAPTER_ONLY_DATACLASSES = ("LoraArguments", "OFTArguments", "FreezeArguments")
-
-
-def _field_type(setting: Setting):
-    """The type ``HfArgumentParser`` parses the field as: its choices (shown in ``--help``), text where the field also
-    takes named values (``head``) or a share of the run (``0.1``; :func:`check` reads the number), else the optimizer's
-    type."""
-    if setting.choices:
-        return Literal[setting.choices]
-    return str if setting.named_values or setting.share_of_run else setting.type
-
-
-BlockLLMArguments = dataclasses.make_dataclass(
-    "BlockLLMArguments",
-    [
-        (
-            setting.field,
-            _field_type(setting),
-            field(default=setting.yaml_default, metadata={"help": setting.help}),
-        )
-        for setting in YAML_SETTINGS
-    ],
-    namespace={
-        "__doc__": "Arguments pertaining to BlockLLM (arXiv 2406.17296), used with ``finetuning_type: blockllm``; "
-        "one field ``blockllm_<name>`` per setting of blockllm_factory/optim/settings.py.",
-        "__module__": __name__,
-    },
-)
-
-
-def check_blockllm_values(args) -> None:
-    """Range checks of the ``blockllm_*`` fields, in the wording of ``BlockLLM(...)``'s own checks, naming the field;
-    a block size or patience written as text (command line, web UI) becomes a number."""
-    for setting in YAML_SETTINGS:
-        setattr(args, setting.field, check(setting.name, getattr(args, setting.field), yaml=True))
 
 
 def _adapter_only_defaults(module) -> dict[str, object]:
@@ -145,7 +111,7 @@ def build_finetuning_arguments(module):
     adapter_only_defaults = _adapter_only_defaults(module)
 
     def __post_init__(self):
-        check_blockllm_values(self)
+        check_arguments(self)
         if self.finetuning_type != FINETUNING_TYPE:
             return original.__post_init__(self)
 

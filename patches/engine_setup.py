@@ -26,11 +26,9 @@ from .serialization import allow_loading_on_indexed_cpu
 
 def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
     """Refuses what BlockLLM cannot serve across processes and sets what it needs; errors name the argument."""
-    if getattr(training_args, "fsdp", None):
-        raise ValueError(
-            "`fsdp` cannot be combined with `finetuning_type: blockllm` (supported engines: DDP and DeepSpeed "
-            "ZeRO-1/2/3); remove `fsdp`."
-        )
+    from blockllm_factory.hf.engine import check_ddp
+
+    check_ddp(training_args)  # FSDP refused; DDP's search for unused parameters (shared with the Trainer front)
     if training_args.deepspeed:
         # The default, `head`, falls back to whole tensors there (see patches/optimizer.py); a number is refused.
         if getattr(finetuning_args, "blockllm_block_size", 0) not in (0, BLOCK_SIZE_HEAD):
@@ -45,17 +43,6 @@ def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
     if training_args.world_size <= 1:
         return
     allow_loading_on_indexed_cpu()
-    if training_args.ddp_find_unused_parameters is False:
-        raise ValueError(
-            "`ddp_find_unused_parameters: false` cannot be combined with `finetuning_type: blockllm` under DDP: the "
-            "parameters that produce gradients change with BlockLLM's selection; remove it (it is set to true)."
-        )
-    if training_args.ddp_static_graph:
-        raise ValueError(
-            "`ddp_static_graph: true` cannot be combined with `finetuning_type: blockllm`: the set of parameters "
-            "that produce gradients changes with BlockLLM's selection; remove it."
-        )
-    training_args.ddp_find_unused_parameters = True
     if not model_args.disable_gradient_checkpointing and model_args.use_reentrant_gc:
         from llamafactory.extras import logging
 

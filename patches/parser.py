@@ -26,7 +26,7 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     from .launch import check_launch
 
     check_launch(model_args, finetuning_args, training_args)
-    from .precision import check_optim
+    from blockllm_factory.hf.engine import check_optim
 
     check_optim(training_args)
     from llamafactory.extras import logging

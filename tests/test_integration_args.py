@@ -156,7 +156,7 @@ def test_reward_model_stage_does_not_resume_like_full_tuning(parse, tmp_path):
 def test_head_block_size_comes_from_the_models_config():
     from types import SimpleNamespace as NS
 
-    from blockllm_factory.patches.optimizer import head_block_size, resolve_block_size
+    from blockllm_factory.hf.optimizer import head_block_size, resolve_block_size
 
     class Logger:
         def __init__(self):

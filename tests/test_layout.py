@@ -3,6 +3,8 @@
     harness  blockllm_factory.cli, .bench, .demo   drives public commands, builds models and data
     patches  blockllm_factory.patches (patches/)   the only code that reaches into LLaMA-Factory, with the import
              and blockllm_factory._import_hook     hook that applies it
+    hf       blockllm_factory.hf                   the transformers Trainer front (Trainer, TRL): no LLaMA-Factory;
+                                                   the patches build on its shared wiring
     optim    blockllm_factory.optim                the pure-PyTorch optimizer
     base     blockllm_factory (__init__), ._files  standard library only
 
@@ -26,22 +28,27 @@ PACKAGE = "blockllm_factory"
 ALLOWED = {
     "base": {"base"},
     "optim": {"base", "optim"},
-    "patches": {"base", "optim", "patches"},
+    "hf": {"base", "optim", "hf"},
+    "patches": {"base", "optim", "hf", "patches"},
     "demo": {"base", "optim", "demo"},
-    "bench": {"base", "optim", "patches", "demo", "bench"},
-    "cli": {"base", "optim", "patches", "demo", "bench", "cli"},
+    "bench": {"base", "optim", "hf", "patches", "demo", "bench"},
+    "cli": {"base", "optim", "hf", "patches", "demo", "bench", "cli"},
 }
 # module-name prefix -> room; the longest matching prefix decides.
 PREFIXES = {
     "blockllm_factory": "base",
     "blockllm_factory._files": "base",
     "blockllm_factory.optim": "optim",
+    "blockllm_factory.hf": "hf",
     "blockllm_factory.patches": "patches",
     "blockllm_factory._import_hook": "patches",
     "blockllm_factory.demo": "demo",
     "blockllm_factory.bench": "bench",
     "blockllm_factory.cli": "cli",
 }
+# room -> outside packages its modules must never import (the optimizer is pure PyTorch; the Trainer front runs
+# without LLaMA-Factory).
+FORBIDDEN_LIBRARIES = {"optim": {"llamafactory", "transformers", "trl"}, "hf": {"llamafactory"}}
 APART = [("blockllm_factory.bench.plots", "blockllm_factory.bench.report")]
 
 
@@ -60,6 +67,17 @@ def source_modules() -> dict[str, Path]:
 
 
 MODULES = source_modules()
+
+
+def imported_libraries(path: Path) -> set[str]:
+    """The top-level names of every absolute import in ``path``, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
 
 
 def imported_modules(name: str, path: Path) -> set[str]:
@@ -107,6 +125,12 @@ def test_a_module_imports_only_its_own_room_and_those_below(name):
     assert not upward, f"{MODULES[name].relative_to(ROOT)} ({room(name)}) imports from a room above it: {upward}"
 
 
+@pytest.mark.parametrize("name", sorted(name for name in MODULES if room(name) in FORBIDDEN_LIBRARIES))
+def test_the_optimizer_and_the_trainer_front_import_no_llamafactory(name):
+    forbidden = imported_libraries(MODULES[name]) & FORBIDDEN_LIBRARIES[room(name)]
+    assert not forbidden, f"{MODULES[name].relative_to(ROOT)} ({room(name)}) imports {sorted(forbidden)}"
+
+
 @pytest.mark.parametrize(("one", "other"), APART)
 def test_siblings_kept_apart_import_neither_each_other(one, other):
     assert other not in IMPORTS[one] and one not in IMPORTS[other]
@@ -116,7 +140,7 @@ def test_upward_imports_are_caught_absolute_relative_and_inside_functions(tmp_pa
     source = tmp_path / "assets.py"
     source.write_text(
         "from blockllm_factory.bench.files import write_json\n"
-        "from ..patches import telemetry\n"
+        "from ..patches import trainer\n"
         "def summary():\n"
         "    import blockllm_factory.patches.metrics\n"
         "    from . import data\n"
@@ -126,7 +150,7 @@ def test_upward_imports_are_caught_absolute_relative_and_inside_functions(tmp_pa
         "blockllm_factory.bench.files",
         "blockllm_factory.patches",
         "blockllm_factory.patches.metrics",
-        "blockllm_factory.patches.telemetry",
+        "blockllm_factory.patches.trainer",
     ]
     assert "blockllm_factory.demo.data" in imports
 

@@ -315,7 +315,7 @@ def _not_blockllm_trainer():
 
 
 def _patience_share_without_run_length():
-    from blockllm_factory.patches.optimizer import resolve_patience
+    from blockllm_factory.hf.optimizer import resolve_patience
 
     # The factory called outside a Trainer (which tells it the run's steps), on a run given in epochs.
     resolve_patience(0.1, SimpleNamespace(max_steps=-1), logger=None)
@@ -351,7 +351,7 @@ def _cases(assets, tmp_path, monkeypatch):
         "fsdp": parse(fsdp="full_shard"),
         "optim": parse(optim="sgd"),
         "optim_8bit_deepspeed": lambda: __import__(
-            "blockllm_factory.patches.precision", fromlist=["check_optim"]
+            "blockllm_factory.hf.engine", fromlist=["check_optim"]
         ).check_optim(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed="ds_z2.json")),
         "half_patched": lambda: _half_patched(monkeypatch),
         "version": lambda: check_llamafactory_version("0.9.4"),

@@ -10,7 +10,7 @@ LLaMA-Factory.
 import dataclasses
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 FINETUNING_TYPE = "blockllm"  # LLaMA-Factory's `finetuning_type` for BlockLLM, and the prefix of its fields
 PROBES = ("sample", "exact")
@@ -272,3 +272,40 @@ def steps_from_share(share: float, total_steps: int) -> int:
     if not (isinstance(total_steps, int) and not isinstance(total_steps, bool) and total_steps >= 1):
         raise invalid_value("total_steps", "an integer >= 1 (the run's optimizer steps)", total_steps)
     return max(1, round(share * total_steps))
+
+
+def _field_type(setting: Setting):
+    """The type a ``blockllm_<name>`` field is parsed as (``HfArgumentParser``): its choices (shown in ``--help``), text
+    where the field also takes named values (``head``) or a share of the run (``0.1``; :func:`check` reads the number),
+    else the optimizer's type."""
+    if setting.choices:
+        return Literal[setting.choices]
+    return str if setting.named_values or setting.share_of_run else setting.type
+
+
+# The ``blockllm_*`` fields, one per YAML setting, with their YAML defaults and help text: LLaMA-Factory's
+# ``FinetuningArguments`` (patches/arguments.py) and the transformers front's ``BlockLLMConfig`` (blockllm_factory/hf)
+# both derive from it, so both take the same fields and refuse a bad value with the same message (check_arguments).
+BlockLLMArguments = dataclasses.make_dataclass(
+    "BlockLLMArguments",
+    [
+        (
+            setting.field,
+            _field_type(setting),
+            dataclasses.field(default=setting.yaml_default, metadata={"help": setting.help}),
+        )
+        for setting in YAML_SETTINGS
+    ],
+    namespace={
+        "__doc__": "Arguments pertaining to BlockLLM (arXiv 2406.17296), one field ``blockllm_<name>`` per setting of "
+        "blockllm_factory/optim/settings.py.",
+        "__module__": __name__,
+    },
+)
+
+
+def check_arguments(args) -> None:
+    """Range checks of the ``blockllm_*`` fields of ``args``, in the wording of ``BlockLLM(...)``'s own checks, naming
+    the field; a block size or patience written as text (command line, web UI) becomes a number."""
+    for setting in YAML_SETTINGS:
+        setattr(args, setting.field, check(setting.name, getattr(args, setting.field), yaml=True))

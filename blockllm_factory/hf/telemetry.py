@@ -1,6 +1,6 @@
 """Selection telemetry of a BlockLLM run: a JSON-lines log and, with ``plot_loss``, a plot of the selected blocks.
 
-Not a patch surface by itself (no ``apply``); :mod:`.trainer` drives it from a ``TrainerCallback``. The optimizer's
+Driven from a ``TrainerCallback`` of :mod:`.wiring`, for both fronts. The optimizer's
 ``selection_events`` is the record (it is saved in checkpoints), so a resumed run rewrites the file from it and the
 plot covers the whole run.
 """
@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from blockllm_factory._files import SELECTION_LOG, SELECTION_PLOT  # noqa: F401 - trainer.py reads them here
+from blockllm_factory._files import SELECTION_LOG, SELECTION_PLOT  # noqa: F401 - wiring.py reads them here
 
 NAMES_SHOWN_IN_LOG = 6
 

@@ -1,0 +1,102 @@
+"""Which engine a BlockLLM run trains on and with which optimizer states, read from transformers' training arguments.
+
+Shared by both fronts: LLaMA-Factory's (``patches/``) and the transformers Trainer's (:mod:`blockllm_factory.hf`).
+
+* DeepSpeed ZeRO-1/2/3 (the ``deepspeed`` training argument): :class:`blockllm_factory.optim.zero.ZeroBlockLLM`,
+  the client optimizer DeepSpeed wraps; it clips over the selected blocks itself (DeepSpeed's clipping is turned off
+  at parse time, ``patches/deepspeed_config.py``).
+* One process or DDP: :class:`blockllm_factory.optim.BlockLLM`; under DDP the gradient buffers are DDP's, so gradients
+  stay dense, and DDP must look for unused parameters every step (:func:`check_ddp`).
+* The ``optim`` training argument picks the precision of the Adam moments, as it does for GaLore: the AdamW names
+  give fp32 moments, the bitsandbytes 8-bit names block-wise 8-bit ones (``blockllm_factory/optim/quantization.py``);
+  any other value is refused (:func:`check_optim`).
+
+The optimizer is built with :func:`blockllm_optimizer_class` (:mod:`.optimizer`); the loss feed and the engine's
+callbacks are wired by the same choice (:mod:`.wiring`).
+"""
+
+import functools
+
+FP32_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+EIGHT_BIT_OPTIMS = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
+LLAMAFACTORY_METHOD = "`finetuning_type: blockllm`"  # how the messages name BlockLLM; the Trainer front names itself
+
+
+def uses_deepspeed_zero(training_args) -> bool:
+    return bool(getattr(training_args, "deepspeed", None))
+
+
+def blockllm_optimizer_class(training_args):
+    """BlockLLM, or under DeepSpeed ZeRO the variant that DeepSpeed can wrap (see blockllm_factory/optim/zero.py)."""
+    if uses_deepspeed_zero(training_args):
+        from blockllm_factory.optim.zero import ZeroBlockLLM
+
+        # The optimizer clips over the selected blocks itself; DeepSpeed's clipping is off (see deepspeed_config.py).
+        return functools.partial(ZeroBlockLLM, max_grad_norm=float(training_args.max_grad_norm or 0.0))
+    from blockllm_factory.optim import BlockLLM
+
+    return BlockLLM
+
+
+def optim_name(training_args) -> str:
+    optim = training_args.optim
+    return str(getattr(optim, "value", optim))
+
+
+def check_optim(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
+    """Errors name ``optim`` and the values BlockLLM accepts."""
+    name = optim_name(training_args)
+    if name not in FP32_OPTIMS + EIGHT_BIT_OPTIMS:
+        raise ValueError(
+            f"`optim: {name}` cannot be combined with {method} (BlockLLM is itself the optimizer); "
+            f"use one of {', '.join(FP32_OPTIMS)} (fp32 Adam moments) or {', '.join(EIGHT_BIT_OPTIMS)} (8-bit "
+            "moments through bitsandbytes)."
+        )
+    if name in EIGHT_BIT_OPTIMS and getattr(training_args, "deepspeed", None):
+        raise ValueError(
+            f"`optim: {name}` cannot be combined with {method} under DeepSpeed ZeRO (its optimizer "
+            "states live in DeepSpeed's fp32 partitions); use adamw_torch, or train without `deepspeed`."
+        )
+    if name in EIGHT_BIT_OPTIMS:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            raise ValueError(
+                f"`optim: {name}` needs bitsandbytes for BlockLLM's 8-bit moments: pip install bitsandbytes"
+            ) from error
+
+
+def optim_bits(training_args) -> int:
+    """32 or 8: the precision of BlockLLM's Adam moments for this ``optim``."""
+    return 8 if optim_name(training_args) in EIGHT_BIT_OPTIMS else 32
+
+
+def compact_gradients(training_args) -> bool:
+    """Whether BlockLLM compacts gradients: not where an engine owns the gradient buffers (DDP, DeepSpeed)."""
+    return not getattr(training_args, "deepspeed", None) and int(getattr(training_args, "world_size", 1)) <= 1
+
+
+def check_ddp(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
+    """FSDP is refused; under DDP, DDP looks for unused parameters every step (set; an explicit ``false`` refused).
+
+    BlockLLM switches ``requires_grad`` during the run. DDP builds its reducer over the parameters that require grad
+    when the model is wrapped (the Trainer creates the optimizer first, and BlockLLM's first step probes every eligible
+    block, so all of them are in the reducer); at each step only the selected and probed ones produce gradients."""
+    if getattr(training_args, "fsdp", None):
+        raise ValueError(
+            f"`fsdp` cannot be combined with {method} (supported engines: DDP and DeepSpeed "
+            "ZeRO-1/2/3); remove `fsdp`."
+        )
+    if training_args.deepspeed or training_args.world_size <= 1:
+        return
+    if training_args.ddp_find_unused_parameters is False:
+        raise ValueError(
+            f"`ddp_find_unused_parameters: false` cannot be combined with {method} under DDP: the "
+            "parameters that produce gradients change with BlockLLM's selection; remove it (it is set to true)."
+        )
+    if training_args.ddp_static_graph:
+        raise ValueError(
+            f"`ddp_static_graph: true` cannot be combined with {method}: the set of parameters "
+            "that produce gradients changes with BlockLLM's selection; remove it."
+        )
+    training_args.ddp_find_unused_parameters = True

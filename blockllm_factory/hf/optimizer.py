@@ -1,0 +1,116 @@
+"""Building BlockLLM for a transformers ``Trainer`` from its training arguments and the ``blockllm_*`` settings.
+
+Shared by both fronts: LLaMA-Factory's optimizer factory (``patches/optimizer.py``) and the Trainer front
+(:mod:`.trainer`). Like LLaMA-Factory's ``_create_*_optimizer`` functions and the Trainer's own ``create_optimizer``,
+lr, betas, eps and weight decay come from the training arguments, and the parameters the caller names as not decayed
+(biases and norm weights) go in a group without weight decay. Every parameter that requires grad is handed over,
+although BlockLLM freezes most of them at its first step; HF schedulers then drive ``param_groups[i]["lr"]`` as for
+any torch optimizer. Two YAML-only values become numbers here: ``blockllm_block_size: head`` (from the model's
+config) and a ``blockllm_patience`` in (0, 1) (that share of the run's optimizer steps, which the Trainer knows).
+"""
+
+from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD, YAML_SETTINGS, steps_from_share
+
+from .engine import blockllm_optimizer_class, compact_gradients, optim_bits, uses_deepspeed_zero
+
+
+def _text_config(model):
+    """The language model's config: ``text_config`` of a vision-language model; through trl's value-head wrapper of
+    reward models."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "pretrained_model", None), "config", None)
+    return getattr(config, "text_config", None) or config
+
+
+def head_block_size(model) -> int | None:
+    """Coordinates of one attention head of q/k/v: ``head_dim x hidden_size`` from the model's config (``None``
+    when the config does not say)."""
+    config = _text_config(model)
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    return head_dim * hidden if isinstance(hidden, int) and isinstance(head_dim, int) and head_dim > 0 else None
+
+
+def resolve_block_size(block_size, model, deepspeed_zero: bool, logger) -> int:
+    """``blockllm_block_size`` as a number: ``head`` becomes one attention head's coordinates, or whole tensors (0)
+    under DeepSpeed (whose adapter selects whole tensors) and for a model whose config names no heads."""
+    if block_size != BLOCK_SIZE_HEAD:
+        return block_size
+    if deepspeed_zero:
+        logger.info_rank0("BlockLLM under DeepSpeed selects whole tensors (`blockllm_block_size: head` -> 0).")
+        return 0
+    size = head_block_size(model)
+    if size is None:
+        logger.warning_rank0(
+            "`blockllm_block_size: head`: the model's config has no hidden_size / num_attention_heads, so BlockLLM "
+            "selects whole tensors; set `blockllm_block_size` to a number of coordinates to use row groups."
+        )
+        return 0
+    return size
+
+
+def resolve_patience(patience, training_args, logger, total_steps: int | None = None) -> int:
+    """``blockllm_patience`` as optimizer steps: an integer stays; a share in (0, 1) becomes that share of the run's
+    steps (``total_steps``, the Trainer's, else ``max_steps``), logged once; refused when the run's length is
+    unknown."""
+    if isinstance(patience, int):
+        return patience
+    if not (isinstance(total_steps, int) and total_steps > 0):
+        total_steps = training_args.max_steps if getattr(training_args, "max_steps", -1) > 0 else None
+    if total_steps is None:
+        raise ValueError(
+            f"`blockllm_patience: {patience}` is a share of the run, but the run's number of optimizer steps is not "
+            "known where the optimizer is created; set `max_steps`, or give `blockllm_patience` as a number of "
+            "optimizer steps (an integer >= 1)."
+        )
+    steps = steps_from_share(patience, total_steps)
+    logger.info_rank0(
+        f"BlockLLM patience: `blockllm_patience: {patience}` of {total_steps:,} optimizer steps is {steps} steps."
+    )
+    return steps
+
+
+def build_optimizer(model, training_args, settings, decay_names, logger, total_steps: int | None = None):
+    """BlockLLM (or, under DeepSpeed ZeRO, ZeroBlockLLM) over ``model``'s parameters that require grad.
+
+    ``settings``: any object with the ``blockllm_*`` fields (LLaMA-Factory's ``FinetuningArguments``, the Trainer
+    front's ``BlockLLMConfig``), already checked; ``decay_names``: the parameter names that get weight decay;
+    ``total_steps``: the run's optimizer steps where known (for a patience given as a share of the run)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:  # frozen by the caller (e.g. a vision tower): never trained
+            (decay if name in decay_names else no_decay).append((name, param))
+    param_groups = [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": training_args.weight_decay},
+    ]
+    # DeepSpeed ZeRO wraps a variant that works on its partitions (see engine.py, optim/zero.py).
+    deepspeed_zero = uses_deepspeed_zero(training_args)
+    block_size = resolve_block_size(settings.blockllm_block_size, model, deepspeed_zero, logger)
+    patience = resolve_patience(settings.blockllm_patience, training_args, logger, total_steps)
+    # Every YAML setting flows through by name from the settings table; two are resolved to numbers above.
+    blockllm_settings = {setting.name: getattr(settings, setting.field) for setting in YAML_SETTINGS}
+    blockllm_settings.update(block_size=block_size, patience=patience)
+    optimizer = blockllm_optimizer_class(training_args)(
+        [group for group in param_groups if group["params"]],
+        lr=training_args.learning_rate,
+        betas=(training_args.adam_beta1, training_args.adam_beta2),
+        eps=training_args.adam_epsilon,
+        weight_decay=training_args.weight_decay,
+        seed=training_args.seed,
+        optim_bits=optim_bits(training_args),
+        **blockllm_settings,
+        **({} if deepspeed_zero else {"compact_gradients": compact_gradients(training_args)}),
+    )
+    blocks = f"{block_size:,} coordinates" if block_size else "whole tensors"
+    blocks += f" (`blockllm_block_size: {settings.blockllm_block_size}`)"
+    probed = f" ({settings.blockllm_probe_blocks} blocks)" if settings.blockllm_probe == "sample" else ""
+    logger.info_rank0(
+        f"Using BlockLLM optimizer: sparsity {settings.blockllm_sparsity}, patience {patience}, probe "
+        f"{settings.blockllm_probe}{probed}, score "
+        f"{settings.blockllm_score}, blocks of {blocks}, norms {settings.blockllm_norms}, "
+        f"budget {optimizer.budget:,} of "
+        f"{optimizer.eligible_numel:,} coordinates per step; "
+        f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments."
+    )
+    return optimizer

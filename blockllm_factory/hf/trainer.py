@@ -1,0 +1,85 @@
+"""BlockLLM in a transformers ``Trainer`` or a TRL trainer: ``BlockLLMTrainer``, ``make_blockllm_trainer(cls)``.
+
+The Trainer's own ``create_optimizer`` hands the optimizer only the parameters that require grad, without their
+names, and its loop calls ``optimizer.step()`` without a loss and clips ``model.parameters()``. BlockLLM needs every
+candidate parameter by name, the loss of each optimizer step, and clipping by the selection's norm (its compact
+gradients live in the optimizer). The mixin replaces ``create_optimizer`` only: it builds BlockLLM with the builder
+LLaMA-Factory's front uses (:mod:`.optimizer`) and connects the trainer to the same wiring (:mod:`.wiring`: loss feed,
+clipping, selection log, the engine's callbacks). Everything else is the Trainer's: scheduler, gradient accumulation,
+mixed precision, checkpoints (the optimizer's ``state_dict`` carries the selection, so resuming is exact) and DDP.
+"""
+
+from transformers import Trainer
+
+from .config import BlockLLMConfig
+from .engine import check_ddp, check_optim
+from .optimizer import build_optimizer
+from .wiring import connect, find_blockllm, rank0_logger
+
+METHOD = "a BlockLLM trainer"  # how refusals name this front (LLaMA-Factory's say `finetuning_type: blockllm`)
+logger = rank0_logger(__name__)
+
+
+def check_training_arguments(args) -> None:
+    """Refuses the training arguments BlockLLM cannot serve through the Trainer front, naming the argument; under DDP
+    sets what BlockLLM needs (DDP's search for unused parameters, non-reentrant gradient checkpointing)."""
+    check_optim(args, METHOD)
+    if getattr(args, "deepspeed", None):
+        raise ValueError(
+            f"`deepspeed` cannot be combined with {METHOD} yet (its ZeRO adapter is wired and tested through "
+            "LLaMA-Factory: `finetuning_type: blockllm` with `deepspeed`); remove `deepspeed`, or train with DDP."
+        )
+    check_ddp(args, METHOD)
+    if args.world_size > 1 and args.gradient_checkpointing:
+        kwargs = dict(args.gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant", False):
+            # Reentrant checkpointing runs the forward again inside backward, where DDP's search cannot see it.
+            logger.info_rank0("BlockLLM under DDP: gradient checkpointing switched to `use_reentrant: False`.")
+        args.gradient_checkpointing_kwargs = {**kwargs, "use_reentrant": False}
+
+
+class BlockLLMTrainerMixin:
+    """Put before a ``Trainer`` class (``class MyTrainer(BlockLLMTrainerMixin, SFTTrainer)``, or
+    :func:`make_blockllm_trainer`) to train with BlockLLM; takes ``blockllm_config=BlockLLMConfig(...)`` besides the
+    trainer's own arguments (default: the YAML's defaults)."""
+
+    def __init__(self, *args, blockllm_config: BlockLLMConfig | None = None, **kwargs) -> None:
+        config = BlockLLMConfig() if blockllm_config is None else blockllm_config
+        if not isinstance(config, BlockLLMConfig):
+            raise TypeError(f"`blockllm_config` must be a BlockLLMConfig, got {type(config).__name__}.")
+        optimizers = kwargs.get("optimizers") or (None, None)
+        if optimizers[0] is not None or kwargs.get("optimizer_cls_and_kwargs") is not None:
+            raise ValueError(
+                f"`optimizers` / `optimizer_cls_and_kwargs` cannot be combined with {METHOD} (BlockLLM is itself "
+                "the optimizer); remove it (a scheduler alone may be given as `optimizers=(None, scheduler)`)."
+            )
+        self.blockllm_config = config
+        super().__init__(*args, **kwargs)
+        check_training_arguments(self.args)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay_names = set(self.get_decay_parameter_names(opt_model))
+            # The Trainer has set state.max_steps (max_steps, or epochs x batches) before it creates the optimizer.
+            self.optimizer = build_optimizer(
+                opt_model, self.args, self.blockllm_config, decay_names, logger, self.state.max_steps
+            )
+            connect(self, self.optimizer, logger)
+        return self.optimizer
+
+    @property
+    def blockllm_optimizer(self):
+        """The BlockLLM optimizer (``self.optimizer`` is accelerate's wrapper of it once training starts)."""
+        return find_blockllm(self.optimizer)
+
+
+def make_blockllm_trainer(trainer_class: type) -> type:
+    """``trainer_class`` (``Trainer`` or a subclass: TRL's ``SFTTrainer``, ``DPOTrainer``, ...) training with
+    BlockLLM: a subclass with :class:`BlockLLMTrainerMixin` first."""
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TypeError(f"`trainer_class` must be transformers.Trainer or a subclass, got {trainer_class!r}.")
+    return type(f"BlockLLM{trainer_class.__name__}", (BlockLLMTrainerMixin, trainer_class), {"__module__": __name__})
+
+
+BlockLLMTrainer = make_blockllm_trainer(Trainer)

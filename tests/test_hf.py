@@ -1,0 +1,233 @@
+"""The Trainer front (blockllm_factory.hf): BlockLLM in the real transformers ``Trainer`` and TRL's ``SFTTrainer``.
+
+In-process runs on the tiny Llama and tokenizer of the ``tiny_llamafactory_assets`` fixture (no LLaMA-Factory): only
+the selection changes at each optimizer step, the loss reaches the optimizer once per optimizer step (so the loss rule
+reselects), a run resumed from the Trainer's checkpoint ends bit for bit where an uninterrupted one does, and a bad
+setting is refused with the YAML's message (docs/bad_inputs.md).
+"""
+
+import json
+
+import pytest
+import torch
+from helpers import bad_inputs, documented_pattern
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def _texts(assets) -> list[str]:
+    records = json.loads((assets.dataset_dir / "tiny_sft.json").read_text(encoding="utf-8"))
+    return [f"{record['instruction']} = {record['output']}" for record in records]
+
+
+def _model_and_tokenizer(assets):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(assets.model_dir), AutoTokenizer.from_pretrained(assets.model_dir)
+
+
+class _Witness:
+    """A TrainerCallback (built lazily: transformers is imported by the test) that, at every optimizer step, records
+    which parameters changed and how many coordinates, against the selection that governed that step."""
+
+    def __new__(cls, optimizer_of):
+        from transformers import TrainerCallback
+
+        class Witness(TrainerCallback):
+            def __init__(self):
+                self.steps = []  # (changed {param: coordinates}, selected params, budget)
+                self.before = None
+
+            def on_step_begin(self, args, state, control, model=None, **kwargs):
+                if self.before is None:  # gradient accumulation: once per optimizer step
+                    self.before = {name: param.detach().clone() for name, param in model.named_parameters()}
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                optimizer = optimizer_of()
+                changed = {
+                    name: int((param.detach() != self.before[name]).sum())
+                    for name, param in model.named_parameters()
+                    if not torch.equal(param.detach(), self.before[name])
+                }
+                self.steps.append((changed, self.selected, optimizer.budget))
+                self.before = None
+                self.selected = {optimizer.blocks[block].param for block in optimizer.kept_coordinates}
+
+        witness = Witness()
+        witness.selected = set()  # the first optimizer step measures every block and makes the first selection
+        return witness
+
+
+def _feed_spy(monkeypatch):
+    from blockllm_factory.optim import BlockLLM
+
+    fed = []
+    original = BlockLLM.record_loss
+
+    def record_loss(self, value):
+        fed.append(float(value))
+        return original(self, value)
+
+    monkeypatch.setattr(BlockLLM, "record_loss", record_loss)
+    return fed
+
+
+def _training_args(output_dir, **overrides):
+    from transformers import TrainingArguments
+
+    settings = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 5e-2,
+        "lr_scheduler_type": "cosine",
+        "max_grad_norm": 1.0,
+        "max_steps": 8,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 3,
+        "data_seed": 3,
+        "disable_tqdm": True,
+        **overrides,
+    }
+    return TrainingArguments(**settings)
+
+
+def _lm_dataset(assets, tokenizer):
+    from datasets import Dataset
+
+    encoded = tokenizer(_texts(assets), truncation=True, max_length=48)
+    return Dataset.from_dict({"input_ids": encoded["input_ids"]})
+
+
+RESELECTING = {"blockllm_sparsity": 0.8, "blockllm_patience": 1}
+
+
+def _check_run(witness, fed, optimizer, max_steps):
+    assert len(fed) == max_steps  # one loss per optimizer step, the accumulated micro-steps' mean
+    assert all(value > 0 for value in fed)
+    assert optimizer.selection["reselections"] >= 1, "the loss feed never made the loss rule fire"
+    assert len(witness.steps) == max_steps
+    updated = 0
+    for changed, selected, budget in witness.steps:
+        assert set(changed) <= selected, f"parameters outside the selection changed: {set(changed) - selected}"
+        assert sum(changed.values()) <= budget
+        updated += bool(changed)
+    assert updated >= max_steps - 1  # every step after the first (which measures and selects) trained something
+
+
+def test_trainer_trains_only_the_selection_and_feeds_the_loss_every_step(
+    tiny_llamafactory_assets, tmp_path, monkeypatch
+):
+    """The real Trainer with gradient accumulation, clipping by the selection's norm, gradient checkpointing (the
+    frozen embeddings make the layers' inputs need no grad) and compact gradients."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from blockllm_factory.hf import BlockLLMConfig, BlockLLMTrainer
+
+    fed = _feed_spy(monkeypatch)
+    model, tokenizer = _model_and_tokenizer(tiny_llamafactory_assets)
+    trainer = BlockLLMTrainer(
+        model=model,
+        args=_training_args(tmp_path / "out", gradient_checkpointing=True),
+        train_dataset=_lm_dataset(tiny_llamafactory_assets, tokenizer),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        blockllm_config=BlockLLMConfig(**RESELECTING),
+    )
+    witness = _Witness(lambda: trainer.blockllm_optimizer)
+    trainer.add_callback(witness)
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    trainer.train()
+
+    optimizer = trainer.blockllm_optimizer
+    assert optimizer.compact_gradients and optimizer.block_size == 8 * 32  # `head`: head_dim x hidden
+    _check_run(witness, fed, optimizer, max_steps=8)
+    assert torch.equal(model.get_input_embeddings().weight, embeddings)  # not eligible without include_embeddings
+    # The Trainer logged the selection's norm (the first step only measures and selects), and the selection log has
+    # every (re)selection.
+    norms = [float(entry["grad_norm"]) for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(norms) == 8 and norms[0] == 0 and all(norm > 0 for norm in norms[1:])
+    log = (tmp_path / "out" / "blockllm_selection.jsonl").read_text().splitlines()
+    assert len(log) == len(optimizer.selection_events) == optimizer.selection["reselections"] + 1
+
+
+def test_sft_trainer_trains_only_the_selection_and_feeds_the_loss(tiny_llamafactory_assets, tmp_path, monkeypatch):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from blockllm_factory.hf import BlockLLMConfig, BlockLLMSFTTrainer
+
+    fed = _feed_spy(monkeypatch)
+    model, tokenizer = _model_and_tokenizer(tiny_llamafactory_assets)
+    records = json.loads((tiny_llamafactory_assets.dataset_dir / "tiny_sft.json").read_text(encoding="utf-8"))
+    pairs = [{"prompt": record["instruction"] + " =", "completion": " " + record["output"]} for record in records]
+    dataset = Dataset.from_list(pairs)
+    arguments = _training_args(tmp_path / "out", max_steps=6).to_dict()
+    arguments.update(max_length=48, dataset_num_proc=None, optim="adamw_bnb_8bit")
+    trainer = BlockLLMSFTTrainer(
+        model=model,
+        args=SFTConfig(**arguments),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        blockllm_config=BlockLLMConfig(**RESELECTING, blockllm_block_size=0),
+    )
+    witness = _Witness(lambda: trainer.blockllm_optimizer)
+    trainer.add_callback(witness)
+    trainer.train()
+    optimizer = trainer.blockllm_optimizer
+    assert optimizer.optim_bits == 8 and optimizer.block_size == 0
+    _check_run(witness, fed, optimizer, max_steps=6)
+
+
+def _resumable_run(assets, output_dir, resume_from=None):
+    from transformers import DataCollatorForLanguageModeling
+
+    from blockllm_factory.hf import BlockLLMConfig, BlockLLMTrainer
+
+    model, tokenizer = _model_and_tokenizer(assets)
+    trainer = BlockLLMTrainer(
+        model=model,
+        args=_training_args(output_dir, max_steps=6, save_strategy="steps", save_steps=3),
+        train_dataset=_lm_dataset(assets, tokenizer),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        blockllm_config=BlockLLMConfig(**RESELECTING),
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    return {name: param.detach().clone() for name, param in model.named_parameters()}, trainer.blockllm_optimizer
+
+
+def test_resume_from_the_trainers_checkpoint_is_bit_exact(tiny_llamafactory_assets, tmp_path):
+    whole, whole_optimizer = _resumable_run(tiny_llamafactory_assets, tmp_path / "whole")
+    assert whole_optimizer.selection["reselections"] >= 1
+    resumed, resumed_optimizer = _resumable_run(
+        tiny_llamafactory_assets, tmp_path / "resumed", resume_from=str(tmp_path / "whole" / "checkpoint-3")
+    )
+    assert resumed_optimizer.selection_events == whole_optimizer.selection_events
+    assert all(torch.equal(resumed[name], whole[name]) for name in whole), "the resumed run's weights differ"
+
+
+@pytest.mark.parametrize(
+    ("case", "settings"),
+    [("blockllm_sparsity", {"blockllm_sparsity": 1.5}), ("blockllm_patience", {"blockllm_patience": 0})],
+)
+def test_a_bad_setting_is_refused_with_the_yaml_message(case, settings):
+    from blockllm_factory.hf import BlockLLMConfig
+
+    documented = bad_inputs("case")[case]
+    with pytest.raises(ValueError) as error:
+        BlockLLMConfig(**settings)
+    assert documented_pattern(documented).fullmatch(f"ValueError: {error.value}")
+
+
+def test_the_trainer_refuses_another_optimizer_naming_the_argument(tiny_llamafactory_assets, tmp_path):
+    from blockllm_factory.hf import BlockLLMTrainer
+
+    model, _ = _model_and_tokenizer(tiny_llamafactory_assets)
+    with pytest.raises(ValueError, match=r"^`optim: sgd` cannot be combined with a BlockLLM trainer"):
+        BlockLLMTrainer(model=model, args=_training_args(tmp_path, optim="sgd"))
+    with pytest.raises(ValueError, match=r"^`optimizers` / `optimizer_cls_and_kwargs` cannot be combined"):
+        sgd = torch.optim.SGD(model.parameters())
+        BlockLLMTrainer(model=model, args=_training_args(tmp_path), optimizers=(sgd, None))
