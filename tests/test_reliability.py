@@ -350,9 +350,9 @@ def _cases(assets, tmp_path, monkeypatch):
         "adapter_only_argument": parse(lora_rank=16),
         "fsdp": parse(fsdp="full_shard"),
         "optim": parse(optim="sgd"),
-        "optim_8bit_deepspeed": lambda: __import__(
-            "blockllm_factory.hf.engine", fromlist=["check_optim"]
-        ).check_optim(SimpleNamespace(optim="adamw_bnb_8bit", deepspeed="ds_z2.json")),
+        "optim_8bit_deepspeed": lambda: __import__("blockllm_factory.hf.engine", fromlist=["check_optim"]).check_optim(
+            SimpleNamespace(optim="adamw_bnb_8bit", deepspeed="ds_z2.json")
+        ),
         "half_patched": lambda: _half_patched(monkeypatch),
         "version": lambda: check_llamafactory_version("0.9.4"),
         "use_mca": lambda: check_training_setup(None, SimpleNamespace(use_mca=True), None),

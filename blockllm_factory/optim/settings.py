@@ -275,9 +275,9 @@ def steps_from_share(share: float, total_steps: int) -> int:
 
 
 def _field_type(setting: Setting):
-    """The type a ``blockllm_<name>`` field is parsed as (``HfArgumentParser``): its choices (shown in ``--help``), text
-    where the field also takes named values (``head``) or a share of the run (``0.1``; :func:`check` reads the number),
-    else the optimizer's type."""
+    """The type a ``blockllm_<name>`` field is parsed as (``HfArgumentParser``): its choices (shown in ``--help``),
+    text where the field also takes named values (``head``) or a share of the run (``0.1``; :func:`check` reads the
+    number), else the optimizer's type."""
     if setting.choices:
         return Literal[setting.choices]
     return str if setting.named_values or setting.share_of_run else setting.type
