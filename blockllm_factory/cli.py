@@ -16,6 +16,7 @@ from blockllm_factory import __version__
 COMMANDS = {
     "bench": "blockllm_factory.bench.command",
     "demo": "blockllm_factory.demo.command",
+    "glue": "blockllm_factory.glue.command",
 }
 
 

@@ -231,3 +231,118 @@ def test_the_trainer_refuses_another_optimizer_naming_the_argument(tiny_llamafac
     with pytest.raises(ValueError, match=r"^`optimizers` / `optimizer_cls_and_kwargs` cannot be combined"):
         sgd = torch.optim.SGD(model.parameters())
         BlockLLMTrainer(model=model, args=_training_args(tmp_path), optimizers=(sgd, None))
+
+
+# ------------------------------------------------------------------------------------------------ GLUE
+A5_LEARNING_RATES = {  # the paper's appendix A.5, BlockLLM's tuned rate per task
+    "mrpc": 3e-5,
+    "cola": 5e-5,
+    "stsb": 3e-5,
+    "rte": 3e-5,
+    "sst2": 3e-5,
+    "mnli": 3e-5,
+    "qnli": 1e-5,
+    "qqp": 3e-5,
+}
+
+
+def test_every_glue_recipe_parses_with_the_papers_learning_rate():
+    from pathlib import Path
+
+    from blockllm_factory.glue.recipe import load_recipe
+
+    recipes = sorted(Path(__file__).resolve().parent.parent.glob("recipes/glue/*.yaml"))
+    assert {path.stem for path in recipes} == set(A5_LEARNING_RATES)
+    for path in recipes:
+        recipe = load_recipe(str(path))
+        assert recipe.task.name == path.stem and recipe.model == "FacebookAI/roberta-base"
+        assert recipe.dataset == "nyu-mll/glue" and recipe.methods == ["blockllm", "galore", "full"]
+        assert recipe.arguments("blockllm")["learning_rate"] == A5_LEARNING_RATES[path.stem]
+        assert recipe.arguments("galore")["optim"] == "galore_adamw"
+        assert recipe.arguments("blockllm")["per_device_train_batch_size"] == (32 if path.stem == "cola" else 16)
+
+
+def test_glue_metrics():
+    import numpy as np
+
+    from blockllm_factory.glue.recipe import TASKS
+    from blockllm_factory.glue.runner import task_metrics
+
+    logits = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    cola = task_metrics(TASKS["cola"], logits, np.array([1, 0, 0, 0]))
+    assert cola["accuracy"] == 0.75 and abs(cola["matthews_correlation"] - 1 / 3**0.5) < 1e-9
+    assert task_metrics(TASKS["mrpc"], logits, np.array([1, 0, 0, 0]))["f1"] == 2 / 3
+    stsb = task_metrics(TASKS["stsb"], np.array([[1.0], [2.0], [3.0]]), np.array([1.0, 3.0, 2.0]))
+    assert stsb["pearson"] == pytest.approx(0.5) and stsb["spearman"] == pytest.approx(0.5)
+
+
+def _tiny_roberta(assets, folder):
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.pad_token_id + 1 + 32 + 2,  # RoBERTa's positions start after the pad id
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        type_vocab_size=1,
+    )
+    RobertaForSequenceClassification(config).save_pretrained(folder)
+
+
+def _write_pairs(path, texts, seed):
+    """An MRPC-like CSV: label 1 where sentence2 is sentence1 reworded (same words, reversed), else another one."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["sentence1", "sentence2", "label", "idx"])
+        for index, text in enumerate(texts):
+            same = rng.random() < 0.5
+            other = " ".join(reversed(text.split())) if same else rng.choice(texts)
+            writer.writerow([text, other, int(same), index])
+
+
+def test_glue_command_runs_blockllm_galore_and_full_offline(tiny_llamafactory_assets, tmp_path, capsys):
+    from blockllm_factory.cli import main
+
+    _tiny_roberta(tiny_llamafactory_assets, tmp_path / "roberta")
+    texts = [text.split(" = ")[0] for text in _texts(tiny_llamafactory_assets)]
+    _write_pairs(tmp_path / "train.csv", texts[:48], seed=1)
+    _write_pairs(tmp_path / "dev.csv", texts[48:], seed=2)
+    settings = {
+        "model": tmp_path / "roberta",
+        "train_file": tmp_path / "train.csv",
+        "validation_file": tmp_path / "dev.csv",
+        "max_length": 32,
+        "training.max_steps": 4,
+        "training.per_device_train_batch_size": 8,
+        "training.eval_strategy": '"no"',  # quoted: YAML reads a bare no as false
+        "training.use_cpu": True,
+        "blockllm.blockllm_patience": 1,
+    }
+    overrides = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
+    assert main(["glue", "recipes/glue/mrpc.yaml", "--out", str(tmp_path / "report"), *overrides]) == 0
+
+    report = json.loads((tmp_path / "report" / "glue_mrpc.json").read_text())
+    results = {result["method"]: result for result in report["results"]}
+    assert list(results) == ["blockllm", "galore", "full"]
+    for result in results.values():
+        assert result["steps"] == 4 and 0 <= result["final"]["accuracy"] <= 1 and 0 <= result["final"]["f1"] <= 1
+        assert result["memory"]["peak_tracked_bytes"] > result["memory"]["parameter_bytes"] > 0
+    # Measured, not computed: BlockLLM holds Adam moments for its selection only, full fine-tuning for every weight.
+    memory = {method: result["memory"] for method, result in results.items()}
+    assert 0 < memory["blockllm"]["optimizer_state_bytes"] < memory["full"]["optimizer_state_bytes"] / 4
+    assert results["galore"]["optim"] == "galore_adamw" and results["blockllm"]["learning_rate"] == 3e-5
+    table = (tmp_path / "report" / "glue_mrpc.md").read_text()
+    assert table.count("\n| blockllm |") == table.count("\n| galore |") == table.count("\n| full |") == 1
+    assert "| blockllm |" in capsys.readouterr().out
