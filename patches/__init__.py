@@ -9,7 +9,9 @@ Helpers they call, one concern each:
 * parse time: ``launch`` (launchers and loaders refused), ``precision`` (``optim``), ``checkpoints`` (never resume
   an interrupted save), ``engine_setup`` (DDP/FSDP/DeepSpeed arguments), ``deepspeed_config`` (the DeepSpeed config),
   ``serialization`` (torch's ``cpu:N`` storage location, for multi-process CPU resume), ``model_checks``;
-* optimizer and trainer: ``engine`` (which engine, which optimizer class), ``engine_wiring`` (the engine's loss feed
-  and callbacks), ``telemetry`` (the selection log and plot);
+* optimizer and trainer: they build on the Trainer wiring both fronts share, in ``blockllm_factory.hf``
+  (``optimizer``: the builder; ``wiring``: loss feed, clipping, the engine's callbacks; ``engine``: which engine,
+  which optimizer class, which moment precision; ``telemetry``: the selection log and plot); ``precision`` keeps
+  LLaMA-Factory's weight-precision rule;
 * ``_version`` and ``_surfaces``: what installation is supported.
 """

@@ -1,6 +1,7 @@
 """The package's rooms import downward only, read from the sources (no module is imported).
 
-    harness  blockllm_factory.cli, .bench, .demo   drives public commands, builds models and data
+    harness  blockllm_factory.cli, .bench, .glue,  drives public commands, builds models and data, runs the
+             .demo                                 GLUE recipe through the Trainer front
     patches  blockllm_factory.patches (patches/)   the only code that reaches into LLaMA-Factory, with the import
              and blockllm_factory._import_hook     hook that applies it
     hf       blockllm_factory.hf                   the transformers Trainer front (Trainer, TRL): no LLaMA-Factory;
@@ -32,7 +33,8 @@ ALLOWED = {
     "patches": {"base", "optim", "hf", "patches"},
     "demo": {"base", "optim", "demo"},
     "bench": {"base", "optim", "hf", "patches", "demo", "bench"},
-    "cli": {"base", "optim", "hf", "patches", "demo", "bench", "cli"},
+    "glue": {"base", "optim", "hf", "patches", "bench", "glue"},
+    "cli": {"base", "optim", "hf", "patches", "demo", "bench", "glue", "cli"},
 }
 # module-name prefix -> room; the longest matching prefix decides.
 PREFIXES = {
@@ -44,6 +46,7 @@ PREFIXES = {
     "blockllm_factory._import_hook": "patches",
     "blockllm_factory.demo": "demo",
     "blockllm_factory.bench": "bench",
+    "blockllm_factory.glue": "glue",
     "blockllm_factory.cli": "cli",
 }
 # room -> outside packages its modules must never import (the optimizer is pure PyTorch; the Trainer front runs
