@@ -222,15 +222,33 @@ def test_a_bad_setting_is_refused_with_the_yaml_message(case, settings):
     assert documented_pattern(documented).fullmatch(f"ValueError: {error.value}")
 
 
-def test_the_trainer_refuses_another_optimizer_naming_the_argument(tiny_llamafactory_assets, tmp_path):
-    from blockllm_factory.hf import BlockLLMTrainer
+def documented_triggers(assets) -> dict:
+    """Case id of docs/bad_inputs.md -> a function that must raise the documented error (see test_reliability.py)."""
+    from types import SimpleNamespace
 
-    model, _ = _model_and_tokenizer(tiny_llamafactory_assets)
-    with pytest.raises(ValueError, match=r"^`optim: sgd` cannot be combined with a BlockLLM trainer"):
-        BlockLLMTrainer(model=model, args=_training_args(tmp_path, optim="sgd"))
-    with pytest.raises(ValueError, match=r"^`optimizers` / `optimizer_cls_and_kwargs` cannot be combined"):
-        sgd = torch.optim.SGD(model.parameters())
-        BlockLLMTrainer(model=model, args=_training_args(tmp_path), optimizers=(sgd, None))
+    def trainer(**options):
+        def create():
+            from blockllm_factory.hf import BlockLLMTrainer
+
+            model, _ = _model_and_tokenizer(assets)
+            arguments = {key: options.pop(key) for key in list(options) if key == "optim"}
+            return BlockLLMTrainer(
+                model=model, args=_training_args(assets.model_dir.parent / "hf", **arguments), **options
+            )
+
+        return create
+
+    def deepspeed():
+        from blockllm_factory.hf.trainer import check_training_arguments
+
+        check_training_arguments(SimpleNamespace(optim="adamw_torch", deepspeed="ds_z2.json"))
+
+    return {
+        "hf_optim": trainer(optim="sgd"),
+        "hf_optimizers": trainer(optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1})),
+        "hf_deepspeed": deepspeed,
+        "hf_config_type": trainer(blockllm_config={"blockllm_sparsity": 0.9}),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ GLUE

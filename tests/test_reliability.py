@@ -415,6 +415,9 @@ def _cases(assets, tmp_path, monkeypatch):
     from test_hardening import documented_triggers  # launch, surfaces and silent defaults (issue 11)
 
     cases.update(documented_triggers(assets, tmp_path, monkeypatch, parse))
+    from test_hf import documented_triggers as trainer_front_triggers  # the Trainer front (blockllm_factory.hf)
+
+    cases.update(trainer_front_triggers(assets))
     return cases
 
 
