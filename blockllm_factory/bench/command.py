@@ -20,13 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="run only this method, group or run (repeatable, e.g. blockllm or blockllm/seed=1); others stay as is",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="set an argument of every run, over the suite (repeatable), e.g. --set max_steps=20 (value read as YAML)",
+    add_override_argument(
+        parser,
+        "set an argument of every run, over the suite (repeatable), e.g. --set max_steps=20 (value read as YAML)",
     )
     parser.add_argument(
         "--seeds",
@@ -43,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the trained weights in DIR/runs/<run>/output (removed by default)",
     )
+
+
+def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable, into ``args.overrides``; read with ``suite.parse_override``)."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=help)
 
 
 def run(args: argparse.Namespace) -> int:

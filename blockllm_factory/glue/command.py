@@ -9,15 +9,13 @@ HELP = "the paper's GLUE experiment (RoBERTa): BlockLLM, GaLore and full fine-tu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from blockllm_factory.bench.command import add_override_argument
+
     parser.add_argument("recipe", help="GLUE recipe YAML, e.g. recipes/glue/mrpc.yaml")
     parser.add_argument("--out", metavar="DIR", help="report folder (default: runs/glue/<task>)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="set a recipe key over the file (repeatable; a section's key dotted, value read as YAML), e.g. "
+    add_override_argument(
+        parser,
+        "set a recipe key over the file (repeatable; a section's key dotted, value read as YAML), e.g. "
         "--set model=path/to/roberta --set training.max_steps=20",
     )
     parser.add_argument("--only", metavar="METHOD,...", help="run only these methods, e.g. --only blockllm,full")
