@@ -148,7 +148,7 @@ SURFACES: dict[str, tuple[str, tuple[Surface, ...]]] = {
     ),
 }
 
-# What blockllm_factory/optim/zero.py and patches/deepspeed_config.py read inside DeepSpeed.
+# What blockllm_factory/optim/zero.py and blockllm_factory/hf/deepspeed_config.py read inside DeepSpeed.
 DEEPSPEED_SURFACES = (
     Surface("deepspeed", "init_distributed"),
     Surface(

@@ -14,13 +14,11 @@ Plain DDP (``FORCE_TORCHRUN=1 NPROC_PER_NODE=N llamafactory-cli train``):
   parameters cannot see it; it is switched to the non-reentrant kind (``use_reentrant_gc: false``) with a log line.
 * Resuming on CPU needs torch to accept the storage location ``cpu:0`` (:mod:`.serialization`).
 
-DeepSpeed: the config is checked and adjusted in :mod:`.deepspeed_config`; how BlockLLM runs inside ZeRO-1/2/3:
+DeepSpeed: the config is checked and adjusted in ``blockllm_factory/hf/deepspeed_config.py`` (shared with the Trainer
+front); how BlockLLM runs inside ZeRO-1/2/3:
 :mod:`blockllm_factory.optim.zero`.
 """
 
-from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD
-
-from . import deepspeed_config
 from .serialization import allow_loading_on_indexed_cpu
 
 
@@ -30,15 +28,9 @@ def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
 
     check_ddp(training_args)  # FSDP refused; DDP's search for unused parameters (shared with the Trainer front)
     if training_args.deepspeed:
-        # The default, `head`, falls back to whole tensors there (see patches/optimizer.py); a number is refused.
-        if getattr(finetuning_args, "blockllm_block_size", 0) not in (0, BLOCK_SIZE_HEAD):
-            raise ValueError(
-                f"`blockllm_block_size: {finetuning_args.blockllm_block_size}` cannot be combined with `deepspeed` "
-                "(the ZeRO adapter selects whole tensors); set `blockllm_block_size: 0`, or train without `deepspeed`."
-            )
-        deepspeed_config.check_deepspeed_config(deepspeed_config.read_deepspeed_config(training_args))
-        deepspeed_config.leave_clipping_to_blockllm(training_args)
-        deepspeed_config.connect_deepspeed_comm()
+        from blockllm_factory.hf.deepspeed_config import prepare_deepspeed
+
+        prepare_deepspeed(training_args, getattr(finetuning_args, "blockllm_block_size", 0))
         return
     if training_args.world_size <= 1:
         return

@@ -239,14 +239,16 @@ def documented_triggers(assets) -> dict:
         return create
 
     def deepspeed():
+        from blockllm_factory.hf import BlockLLMConfig
         from blockllm_factory.hf.trainer import check_training_arguments
 
-        check_training_arguments(SimpleNamespace(optim="adamw_torch", deepspeed="ds_z2.json"))
+        config = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}
+        check_training_arguments(SimpleNamespace(optim="adamw_torch", deepspeed=config, fsdp=""), BlockLLMConfig())
 
     return {
         "hf_optim": trainer(optim="sgd"),
         "hf_optimizers": trainer(optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1})),
-        "hf_deepspeed": deepspeed,
+        "hf_deepspeed_optimizer": deepspeed,
         "hf_config_type": trainer(blockllm_config={"blockllm_sparsity": 0.9}),
     }
 

@@ -250,7 +250,7 @@ def _ddp_args(**values):
 
 
 def _ds(config):
-    from blockllm_factory.patches.deepspeed_config import check_deepspeed_config
+    from blockllm_factory.hf.deepspeed_config import check_deepspeed_config
 
     base = {"zero_allow_untested_optimizer": True, "zero_optimization": {"stage": 2}}
     check_deepspeed_config({**base, **config})
@@ -322,9 +322,9 @@ def _patience_share_without_run_length():
 
 
 def _cases(assets, tmp_path, monkeypatch):
+    from blockllm_factory.hf.deepspeed_config import leave_clipping_to_blockllm
     from blockllm_factory.optim.zero import ZeroBlockLLM
     from blockllm_factory.patches._version import check_llamafactory_version
-    from blockllm_factory.patches.deepspeed_config import leave_clipping_to_blockllm
     from blockllm_factory.patches.engine_setup import check_distributed_setup
     from blockllm_factory.patches.parser import check_training_setup
 

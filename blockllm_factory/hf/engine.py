@@ -4,7 +4,7 @@ Shared by both fronts: LLaMA-Factory's (``patches/``) and the transformers Train
 
 * DeepSpeed ZeRO-1/2/3 (the ``deepspeed`` training argument): :class:`blockllm_factory.optim.zero.ZeroBlockLLM`,
   the client optimizer DeepSpeed wraps; it clips over the selected blocks itself (DeepSpeed's clipping is turned off
-  at parse time, ``patches/deepspeed_config.py``).
+  before training, :mod:`.deepspeed_config`).
 * One process or DDP: :class:`blockllm_factory.optim.BlockLLM`; under DDP the gradient buffers are DDP's, so gradients
   stay dense, and DDP must look for unused parameters every step (:func:`check_ddp`).
 * The ``optim`` training argument picks the precision of the Adam moments, as it does for GaLore: the AdamW names

@@ -6,12 +6,14 @@ candidate parameter by name, the loss of each optimizer step, and clipping by th
 gradients live in the optimizer). The mixin replaces ``create_optimizer`` only: it builds BlockLLM with the builder
 LLaMA-Factory's front uses (:mod:`.optimizer`) and connects the trainer to the same wiring (:mod:`.wiring`: loss feed,
 clipping, selection log, the engine's callbacks). Everything else is the Trainer's: scheduler, gradient accumulation,
-mixed precision, checkpoints (the optimizer's ``state_dict`` carries the selection, so resuming is exact) and DDP.
+mixed precision, checkpoints (the optimizer's ``state_dict`` carries the selection, so resuming is exact), DDP and
+DeepSpeed ZeRO (which then creates the optimizer through ``create_optimizer``: ZeroBlockLLM).
 """
 
 from transformers import Trainer
 
 from .config import BlockLLMConfig
+from .deepspeed_config import prepare_deepspeed
 from .engine import check_ddp, check_optim
 from .optimizer import build_optimizer
 from .wiring import connect, find_blockllm, rank0_logger
@@ -20,17 +22,15 @@ METHOD = "a BlockLLM trainer"  # how refusals name this front (LLaMA-Factory's s
 logger = rank0_logger(__name__)
 
 
-def check_training_arguments(args) -> None:
-    """Refuses the training arguments BlockLLM cannot serve through the Trainer front, naming the argument; under DDP
-    sets what BlockLLM needs (DDP's search for unused parameters, non-reentrant gradient checkpointing)."""
+def check_training_arguments(args, config: BlockLLMConfig) -> None:
+    """Refuses the training arguments BlockLLM cannot serve through the Trainer front, naming the argument; sets what
+    BlockLLM needs under DeepSpeed (its clipping off: BlockLLM clips) and DDP (DDP's search for unused parameters,
+    non-reentrant gradient checkpointing)."""
     check_optim(args, METHOD)
-    if getattr(args, "deepspeed", None):
-        raise ValueError(
-            f"`deepspeed` cannot be combined with {METHOD} yet (its ZeRO adapter is wired and tested through "
-            "LLaMA-Factory: `finetuning_type: blockllm` with `deepspeed`); remove `deepspeed`, or train with DDP."
-        )
     check_ddp(args, METHOD)
-    if args.world_size > 1 and args.gradient_checkpointing:
+    if args.deepspeed:
+        prepare_deepspeed(args, config.blockllm_block_size, METHOD)
+    elif args.world_size > 1 and args.gradient_checkpointing:
         kwargs = dict(args.gradient_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant", False):
             # Reentrant checkpointing runs the forward again inside backward, where DDP's search cannot see it.
@@ -55,7 +55,7 @@ class BlockLLMTrainerMixin:
             )
         self.blockllm_config = config
         super().__init__(*args, **kwargs)
-        check_training_arguments(self.args)
+        check_training_arguments(self.args, config)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:

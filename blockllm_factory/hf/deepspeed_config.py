@@ -1,12 +1,31 @@
-"""DeepSpeed with ``finetuning_type: blockllm``: the config checks and settings made at parse time.
+"""DeepSpeed with BlockLLM: the config checks and settings made before training, shared by both fronts.
 
-Called from :func:`.engine_setup.check_distributed_setup` when the ``deepspeed`` training argument is set. How BlockLLM
-runs inside ZeRO-1/2/3: :mod:`blockllm_factory.optim.zero`. Nothing here imports DeepSpeed, except
+Called through :func:`prepare_deepspeed` when the ``deepspeed`` training argument is set: at parse time by
+LLaMA-Factory's front (``patches/engine_setup.py``), when the trainer is created by the Trainer front (:mod:`.trainer`).
+How BlockLLM runs inside ZeRO-1/2/3: :mod:`blockllm_factory.optim.zero`. Nothing here imports DeepSpeed, except
 :func:`connect_deepspeed_comm`, which DeepSpeed runs need anyway.
 """
 
 import json
 from typing import Any
+
+from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD
+
+from .engine import LLAMAFACTORY_METHOD
+
+
+def prepare_deepspeed(training_args, block_size, method: str = LLAMAFACTORY_METHOD) -> None:
+    """Refuses what BlockLLM's ZeRO adapter cannot serve (errors name the argument or key) and sets what it needs:
+    DeepSpeed's clipping off (BlockLLM clips), DeepSpeed's communication on the existing process group."""
+    # The default, `head`, falls back to whole tensors there (see hf/optimizer.py); a number is refused.
+    if block_size not in (0, BLOCK_SIZE_HEAD):
+        raise ValueError(
+            f"`blockllm_block_size: {block_size}` cannot be combined with `deepspeed` "
+            "(the ZeRO adapter selects whole tensors); set `blockllm_block_size: 0`, or train without `deepspeed`."
+        )
+    check_deepspeed_config(read_deepspeed_config(training_args), method)
+    leave_clipping_to_blockllm(training_args, method)
+    connect_deepspeed_comm()
 
 
 def read_deepspeed_config(training_args) -> dict[str, Any]:
@@ -18,31 +37,31 @@ def read_deepspeed_config(training_args) -> dict[str, Any]:
         return json.load(file)
 
 
-def check_deepspeed_config(config: dict[str, Any]) -> None:
+def check_deepspeed_config(config: dict[str, Any], method: str = LLAMAFACTORY_METHOD) -> None:
     """Refuses the DeepSpeed settings that BlockLLM's ZeRO adapter does not serve; errors name the key."""
     zero = config.get("zero_optimization") or {}
     stage = zero.get("stage", 0)
     if stage not in (1, 2, 3):
         raise ValueError(
-            f"`zero_optimization.stage` must be 1, 2 or 3 with `finetuning_type: blockllm`, got {stage!r} "
+            f"`zero_optimization.stage` must be 1, 2 or 3 with {method}, got {stage!r} "
             "(for plain data parallelism without ZeRO, launch without `deepspeed`: BlockLLM runs under DDP)."
         )
     for key in ("offload_optimizer", "offload_param"):
         device = (zero.get(key) or {}).get("device", "none")
         if device not in (None, "none"):
             raise ValueError(
-                f"`zero_optimization.{key}.device: {device}` cannot be combined with `finetuning_type: blockllm` "
+                f"`zero_optimization.{key}.device: {device}` cannot be combined with {method} "
                 "(BlockLLM updates DeepSpeed's fp32 partition in place on the training device); set it to `none`."
             )
     if zero.get("elastic_checkpoint"):
         raise ValueError(
-            "`zero_optimization.elastic_checkpoint: true` cannot be combined with `finetuning_type: blockllm` (its "
+            f"`zero_optimization.elastic_checkpoint: true` cannot be combined with {method} (its "
             "optimizer state is saved per rank, not as flat tensors); remove it."
         )
     if "optimizer" in config:
         raise ValueError(
             "The DeepSpeed config has an `optimizer` section, which would replace BlockLLM; remove it "
-            "(`finetuning_type: blockllm` builds the optimizer itself)."
+            f"({method} builds the optimizer itself)."
         )
     if config.get("zero_allow_untested_optimizer") is not True:
         raise ValueError(
@@ -51,7 +70,7 @@ def check_deepspeed_config(config: dict[str, Any]) -> None:
         )
 
 
-def leave_clipping_to_blockllm(training_args) -> None:
+def leave_clipping_to_blockllm(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
     """Turns DeepSpeed's gradient clipping off; ZeroBlockLLM clips with ``max_grad_norm`` over the selected blocks.
 
     DeepSpeed would clip by the norm of every gradient it reduced, the probed blocks' included, which one process never
@@ -63,7 +82,7 @@ def leave_clipping_to_blockllm(training_args) -> None:
     if clipping not in (0, 0.0) and float(clipping) != float(training_args.max_grad_norm or 0.0):
         raise ValueError(
             f"`gradient_clipping: {clipping}` in the DeepSpeed config differs from `max_grad_norm: "
-            f"{training_args.max_grad_norm}`; with `finetuning_type: blockllm` set `gradient_clipping: auto` and "
+            f"{training_args.max_grad_norm}`; with {method} set `gradient_clipping: auto` and "
             "choose the value with `max_grad_norm`."
         )
     config["gradient_clipping"] = 0.0
