@@ -1,7 +1,7 @@
 """DeepSpeed with BlockLLM: the config checks and settings made before training, shared by both fronts.
 
 Called through :func:`prepare_deepspeed` when the ``deepspeed`` training argument is set: at parse time by
-LLaMA-Factory's front (``patches/engine_setup.py``), when the trainer is created by the Trainer front (:mod:`.trainer`).
+LLaMA-Factory's front (``patches/engine_setup.py``), by the Trainer front when a trainer is created.
 How BlockLLM runs inside ZeRO-1/2/3: :mod:`blockllm_factory.optim.zero`. Nothing here imports DeepSpeed, except
 :func:`connect_deepspeed_comm`, which DeepSpeed runs need anyway.
 """
