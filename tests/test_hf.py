@@ -366,3 +366,15 @@ def test_glue_command_runs_blockllm_galore_and_full_offline(tiny_llamafactory_as
     table = (tmp_path / "report" / "glue_mrpc.md").read_text()
     assert table.count("\n| blockllm |") == table.count("\n| galore |") == table.count("\n| full |") == 1
     assert "| blockllm |" in capsys.readouterr().out
+
+
+def test_glue_command_refuses_a_bad_recipe_naming_the_key(tmp_path, capsys):
+    from blockllm_factory.cli import main
+
+    recipe = tmp_path / "wnli.yaml"
+    recipe.write_text("task: wnli\n", encoding="utf-8")
+    assert main(["glue", str(recipe), "--out", str(tmp_path / "out")]) == 2
+    assert "`task` must be one of cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, got 'wnli'" in capsys.readouterr().err
+    assert main(["glue", "recipes/glue/mrpc.yaml", "--set", "train_file=x.csv", "--out", str(tmp_path / "out")]) == 2
+    assert "give both `train_file` and `validation_file`" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
