@@ -64,6 +64,21 @@ def check_blockllm_values(args) -> None:
         setattr(args, setting.field, check(setting.name, getattr(args, setting.field), yaml=True))
 
 
+def check_blockllm_unused(args) -> None:
+    """A ``blockllm_*`` field set with another ``finetuning_type`` would be ignored (LoRA, LLaMA-Factory's default, or
+    full tuning would train instead): refused, naming the fields."""
+    changed = [
+        f"{setting.field}={getattr(args, setting.field)!r}"
+        for setting in YAML_SETTINGS
+        if getattr(args, setting.field) != setting.yaml_default
+    ]
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)} only apply with `finetuning_type: blockllm`; with `finetuning_type: "
+            f"{args.finetuning_type}` they would be ignored; set `finetuning_type: blockllm`, or remove them."
+        )
+
+
 def _adapter_only_defaults(module) -> dict[str, object]:
     defaults = {}
     for class_name in ADAPTER_ONLY_DATACLASSES:
@@ -147,6 +162,7 @@ def build_finetuning_arguments(module):
     def __post_init__(self):
         check_blockllm_values(self)
         if self.finetuning_type != FINETUNING_TYPE:
+            check_blockllm_unused(self)
             return original.__post_init__(self)
 
         check_blockllm_combination(self, adapter_only_defaults)

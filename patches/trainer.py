@@ -70,6 +70,14 @@ class LossFeed:
         return value
 
 
+def nothing_trained(steps: int) -> str:
+    return (
+        f"BlockLLM: the run ended after {steps} optimizer step(s), before BlockLLM's first update: its first step only "
+        "measures every block to make the first selection, so the weights saved are the ones it started from; train "
+        "for at least 2 optimizer steps."
+    )
+
+
 def build_callback(feed: LossFeed, optimizer, output_dir: str, plot: bool, model_order: list[str], logger):
     from transformers import TrainerCallback
 
@@ -113,6 +121,8 @@ def build_callback(feed: LossFeed, optimizer, output_dir: str, plot: bool, model
 
         def on_train_end(self, args, state, control, **kwargs):
             self._record_new(state)
+            if optimizer.selection["step"] <= 1:
+                logger.warning_rank0(nothing_trained(optimizer.selection["step"]))
             if plot and state.is_world_process_zero:
                 events = optimizer.selection_events
                 rows = telemetry.block_order(events, model_order, getattr(optimizer, "block_names", None))
@@ -161,7 +171,24 @@ def attach(trainer, logger) -> None:
     if previous_optimizer is None:
         install_loss_feed(trainer)
         _measure_before_clipping(trainer)
+        _record_checkpoints(trainer)
     attach_engine(trainer, optimizer, logger)
+
+
+def _record_checkpoints(trainer) -> None:
+    """Checksums and block settings beside each checkpoint's optimizer state (checkpoints.py), written right after
+    the Trainer saved it and before ``trainer_state.json``, so that a complete checkpoint always has them."""
+    original_save = trainer._save_optimizer_and_scheduler
+
+    @functools.wraps(original_save)
+    def save_optimizer_and_scheduler(output_dir):
+        original_save(output_dir)
+        if trainer.args.should_save:
+            from .checkpoints import write_checkpoint_record
+
+            write_checkpoint_record(output_dir, trainer.finetuning_args)
+
+    trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
 
 
 def _measure_before_clipping(trainer) -> None:

@@ -71,7 +71,10 @@ def test_command_line_form_and_help_text(tiny_llamafactory_assets, tmp_path):
     [
         ({"blockllm_sparsity": 1.0}, r"`blockllm_sparsity` must be a number in \[0, 1\)"),
         ({"blockllm_sparsity": -0.1}, r"`blockllm_sparsity` must be a number in \[0, 1\)"),
-        ({"blockllm_patience": 2.5}, r"`blockllm_patience` must be a number in \(0, 1\) .* or an integer >= 1"),
+        (
+            {"blockllm_patience": 2.5},
+            r"`blockllm_patience` must be a number in \(0, 1\) .* or an integer from 1 to 1,000,000,000",
+        ),
         ({"blockllm_patience": 1.0}, r"`blockllm_patience` must be .* got 1.0"),
         ({"blockllm_patience": "0.5x"}, r"`blockllm_patience` must be .* got '0.5x'"),
         ({"blockllm_block_size": "heads"}, r"`blockllm_block_size` must be `head` .* got 'heads'"),

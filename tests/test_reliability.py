@@ -5,6 +5,7 @@ Faults are injected from outside the product: a ``sitecustomize.py`` put on ``PY
 kills it while it writes a checkpoint file, or turns one training loss into NaN.
 """
 
+import io
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -268,11 +269,66 @@ def _checkpoints(tmp_path, steps_complete):
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
 
 
-def _resume(tmp_path, explicit):
+def _resume(tmp_path, explicit, finetuning_args=None):
     from blockllm_factory.patches.checkpoints import check_resume_checkpoint
 
     _, _, args = _ddp_args(resume_from_checkpoint=explicit, output_dir=str(tmp_path), overwrite_output_dir=False)
-    check_resume_checkpoint(args)
+    check_resume_checkpoint(args, None, finetuning_args)
+    return args
+
+
+BLOCK_SETTINGS = {
+    "blockllm_sparsity": 0.8,
+    "blockllm_block_size": "head",
+    "blockllm_include_embeddings": False,
+    "blockllm_norms": "select",
+}
+
+
+def _saved_checkpoint(folder: Path, without=(), record=True, **files: bytes) -> Path:
+    """A complete checkpoint of small real files (``files`` replace some), with its blockllm_checkpoint.json."""
+    from blockllm_factory.patches.checkpoints import write_checkpoint_record
+
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text('{"global_step": 2}')
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        if name not in without:
+            torch.save({"saved": torch.arange(4.0)}, folder / name)
+    if record:
+        write_checkpoint_record(str(folder), SimpleNamespace(**BLOCK_SETTINGS))
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def _resume_saved(tmp_path, finetuning_args=None, **checkpoint):
+    explicit = _saved_checkpoint(tmp_path / "checkpoint-2", **checkpoint)
+    _resume(tmp_path, str(explicit), finetuning_args)
+
+
+def _trained_state() -> dict:
+    """The state dict of a BlockLLM that has taken a few steps (moments exist)."""
+    torch.manual_seed(0)
+    model = TinyLM(width=8, depth=1)
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.5)
+    for tokens in make_batches(3, seed=1):
+        lm_loss(model, tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer.state_dict()
+
+
+def _load_nonfinite():
+    state = _trained_state()
+    moments = next(entry for entry in state["state"].values() if "exp_avg" in entry)
+    moments["exp_avg"][0] = float("nan")
+    BlockLLM(_tiny_named_params(), sparsity=0.5).load_state_dict(state)
+
+
+def _load_transposed():
+    weight = torch.nn.Parameter(torch.zeros(4, 6))
+    saved = BlockLLM([("weight", weight)], sparsity=0.5).state_dict()
+    BlockLLM([("weight", torch.nn.Parameter(torch.zeros(6, 4)))], sparsity=0.5).load_state_dict(saved)
 
 
 def _zero_state_dict_from(optimizer_class, **changes):
@@ -282,6 +338,13 @@ def _zero_state_dict_from(optimizer_class, **changes):
     if "blockllm_zero" in state:
         state["blockllm_zero"].update(changes)
     ZeroBlockLLM(_tiny_named_params()).load_state_dict(state)
+
+
+def _flipped_archive() -> bytes:
+    """A torch.save archive that still reads, with other bytes than the one the checksum was taken of."""
+    buffer = io.BytesIO()
+    torch.save({"saved": torch.arange(4.0) + 1}, buffer)
+    return buffer.getvalue()
 
 
 def _load_into_other(mutate):
@@ -372,6 +435,20 @@ def _cases(assets, tmp_path, monkeypatch):
             _resume(tmp_path, str(tmp_path / "checkpoint-4")),
         ),
         "output_dir_only_incomplete": lambda: (_checkpoints(tmp_path, [(4, False)]), _resume(tmp_path, None)),
+        "resume_without_optimizer_state": lambda: _resume_saved(tmp_path, without=("optimizer.pt",), record=False),
+        "resume_empty_file": lambda: _resume_saved(tmp_path, **{"optimizer.pt": b""}),
+        "resume_truncated_file": lambda: _resume_saved(tmp_path, **{"optimizer.pt": b"partial"}),
+        "resume_checksum": lambda: _resume_saved(tmp_path, **{"optimizer.pt": _flipped_archive()}),
+        "resume_changed_setting": lambda: _resume_saved(
+            tmp_path, SimpleNamespace(**{**BLOCK_SETTINGS, "blockllm_block_size": 64})
+        ),
+        "blockllm_patience_too_large": parse(blockllm_patience=2**63),
+        "blockllm_unused": parse(finetuning_type="lora", blockllm_sparsity=0.5),
+        "learning_rate": parse(learning_rate=-1.0),
+        "adam_beta1": parse(adam_beta1=1.0),
+        "state_dict_other_shapes": _load_transposed,
+        "state_dict_missing_key": lambda: _load_into_other(lambda state: state["blockllm"].pop("visits")),
+        "state_dict_nonfinite": _load_nonfinite,
         "zero_outside_deepspeed": lambda: ZeroBlockLLM(_tiny_named_params()).step(),
         "zero_max_grad_norm": lambda: ZeroBlockLLM(_tiny_named_params(), max_grad_norm=-1.0),
         "zero_compact_gradients": lambda: ZeroBlockLLM(_tiny_named_params(), compact_gradients=True),
