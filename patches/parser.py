@@ -33,7 +33,7 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     from llamafactory.extras import logging
 
     logger = logging.get_logger(__name__)
-    # A checkpoint whose save was interrupted, or that cannot be resumed exactly, is never resumed from: checkpoints.py.
+    # A checkpoint whose save was interrupted, or that cannot resume exactly, is never resumed from: checkpoints.py.
     if getattr(finetuning_args, "stage", None) != "rm":  # LLaMA-Factory never resumes reward models (value head)
         from .checkpoints import check_resume_checkpoint
 

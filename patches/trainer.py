@@ -72,9 +72,9 @@ class LossFeed:
 
 def nothing_trained(steps: int) -> str:
     return (
-        f"BlockLLM: the run ended after {steps} optimizer step(s), before BlockLLM's first update: its first step only "
-        "measures every block to make the first selection, so the weights saved are the ones it started from; train "
-        "for at least 2 optimizer steps."
+        f"BlockLLM: the run ended after {steps} optimizer step(s), before BlockLLM's first update: its first step "
+        "only measures every block to make the first selection, so the weights saved are the ones it started from; "
+        "train for at least 2 optimizer steps."
     )
 
 
