@@ -106,11 +106,14 @@ def _damage(path: str) -> str | None:
 
 def _state_files(checkpoint: str, deepspeed: bool) -> tuple[list[str], list[str]]:
     """(files a resume reads that are present, names of required ones that are missing)."""
-    required = [SCHEDULER_FILE] if deepspeed else [OPTIMIZER_FILE, SCHEDULER_FILE]
+    # Under DeepSpeed its engine holds the optimizer states (and a scheduler of its config, when it has one).
+    required = [] if deepspeed else [OPTIMIZER_FILE, SCHEDULER_FILE]
     missing = [name for name in required if not os.path.isfile(os.path.join(checkpoint, name))]
     if deepspeed and not glob.glob(os.path.join(checkpoint, "global_step*")):
         missing.append("global_step*/ (DeepSpeed's optimizer states)")
-    present = [os.path.join(checkpoint, name) for name in required if name not in missing]
+    present = [
+        os.path.join(checkpoint, name) for name in CHECKSUMMED if os.path.isfile(os.path.join(checkpoint, name))
+    ]
     present += sorted(glob.glob(os.path.join(checkpoint, "rng_state*.pth")))
     present += sorted(glob.glob(os.path.join(checkpoint, "*.safetensors")))
     return present, missing

@@ -678,3 +678,42 @@ def test_refused_input_raises_the_documented_error(case, tiny_llamafactory_asset
         trigger()
     actual = f"{type(raised.value).__name__}: {raised.value}"
     assert documented_pattern(documented).fullmatch(actual), f"documented:\n{documented}\nactual:\n{actual}"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (torch.float32, "BlockLLM: trainable weights are torch.float32; no fp32 master copies are needed."),
+        (torch.bfloat16, "BlockLLM: trainable weights stay in half precision (torch.bfloat16); fp32 masters exist"),
+    ],
+)
+def test_the_precision_line_says_what_the_trainable_weights_are(dtype, expected):
+    """Before, `bf16: true` logged "stay in half precision" from the settings alone, also for weights LLaMA-Factory
+    left in fp32 (a checkpoint stored in fp32, fp16 on a CPU). Now the line reads the model as set up."""
+    from blockllm_factory.patches.adapter import build_init_adapter
+
+    lines = []
+    logger = SimpleNamespace(info_rank0=lines.append)
+    model = TinyLM(width=8, depth=1, dtype=dtype)
+    init_adapter = build_init_adapter(lambda config, model, *args: model, logger)
+    finetuning_args = SimpleNamespace(finetuning_type="blockllm", use_badam=False, pure_bf16=False)
+    init_adapter(None, model, SimpleNamespace(compute_dtype=torch.bfloat16), finetuning_args, True)
+    assert lines[-1].startswith(expected), lines
+
+
+@pytest.mark.parametrize("content", ["", '{"global_step": 4, "log_hi'], ids=["empty", "half-written"])
+def test_an_empty_or_half_written_trainer_state_counts_as_incomplete(content, tmp_path):
+    """Before, automatic resume picked such a checkpoint and failed with a JSONDecodeError naming no file."""
+    previous = _saved_checkpoint(tmp_path / "checkpoint-2")
+    broken = _saved_checkpoint(tmp_path / "checkpoint-4")
+    (broken / "trainer_state.json").write_text(content)
+    warnings = []
+    _, _, args = _ddp_args(output_dir=str(tmp_path), overwrite_output_dir=False)
+    from blockllm_factory.patches.checkpoints import check_resume_checkpoint
+
+    check_resume_checkpoint(args, SimpleNamespace(warning_rank0=warnings.append), None)
+    assert args.resume_from_checkpoint == str(previous)
+    assert warnings == [
+        f"{broken} is incomplete (no complete trainer_state.json: its save was interrupted); resuming from "
+        f"{previous} instead."
+    ]
