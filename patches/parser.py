@@ -77,7 +77,7 @@ def check_optimizer_values(training_args) -> None:
 
 def warn_lost_runs(training_args, logger) -> None:
     """Set-ups that run to the end but leave the user without something they would expect: warned at parse time."""
-    if getattr(training_args, "max_steps", -1) == 1:
+    if getattr(training_args, "do_train", True) and getattr(training_args, "max_steps", -1) == 1:
         logger.warning_rank0(
             "`max_steps: 1` with `finetuning_type: blockllm` trains nothing: BlockLLM's first optimizer step only "
             "measures every block's gradient to make its first selection, and updates start with the second step; "
