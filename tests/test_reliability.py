@@ -1,8 +1,10 @@
-"""Reliability of BlockLLM training in one process: exact resume, a process killed mid-save, non-finite steps and
-fp16 loss scaling. (Resume under DDP and DeepSpeed ZeRO-2 is in test_distributed.py.)
+"""Reliability of BlockLLM training in one process: exact resume, processes killed mid-step and mid-save, checkpoints
+that cannot be resumed exactly (refused by name), non-finite steps and fp16 loss scaling. (Resume under DDP and
+DeepSpeed ZeRO-2 is in test_distributed.py.)
 
 Faults are injected from outside the product: a ``sitecustomize.py`` put on ``PYTHONPATH`` for the training process
-kills it while it writes a checkpoint file, or turns one training loss into NaN.
+kills it in a forward pass or while it writes a checkpoint file, records the output folder as a kill at each file of
+a save would leave it, or turns one training loss into NaN.
 """
 
 import io
