@@ -43,6 +43,7 @@ MODEL_FIELDS = ("model_name_or_path", "use_unsloth", "resize_vocab", "train_from
 _TRAINER_API = (
     Surface("transformers", "Trainer.training_step", ("self", "model", "inputs")),
     Surface("transformers", "Trainer._clip_grad_norm", ("self", "model")),
+    Surface("transformers", "Trainer._save_optimizer_and_scheduler", ("self", "output_dir")),
     Surface("transformers", "Trainer.add_callback", ("self", "callback")),
     Surface("transformers", "Trainer.remove_callback", ("self", "callback")),
     Surface("transformers", "TrainerCallback.on_pre_optimizer_step"),

@@ -15,6 +15,20 @@ from blockllm_factory.optim.settings import FINETUNING_TYPE
 from ._version import check_llamafactory_version
 
 
+def describe_precision(model) -> str:
+    """What the trainable weights are, read from the model as LLaMA-Factory set it up (not from the settings: a model
+    stored in fp32, or fp16 on a CPU, stays fp32)."""
+    import torch
+
+    dtypes = sorted({str(param.dtype) for param in model.parameters() if param.requires_grad})
+    if dtypes and all(dtype in (str(torch.bfloat16), str(torch.float16)) for dtype in dtypes):
+        return (
+            f"BlockLLM: trainable weights stay in half precision ({', '.join(dtypes)}); fp32 masters exist for the "
+            "selected coordinates."
+        )
+    return f"BlockLLM: trainable weights are {', '.join(dtypes) or 'none'}; no fp32 master copies are needed."
+
+
 def build_init_adapter(original, logger):
     @functools.wraps(original)
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
@@ -31,18 +45,17 @@ def build_init_adapter(original, logger):
         from .precision import keeps_half_precision_weights
 
         keep_half = is_trainable and keeps_half_precision_weights(model_args) and not finetuning_args.pure_bf16
-        if keep_half:
-            logger.info_rank0(
-                "BlockLLM: trainable weights stay in half precision; fp32 masters exist for the selected coordinates."
-            )
         use_badam = finetuning_args.use_badam
         finetuning_args.finetuning_type = "full"
         finetuning_args.use_badam = use_badam or keep_half  # the flag LLaMA-Factory's precision rule reads
         try:
-            return original(config, model, model_args, finetuning_args, is_trainable)
+            model = original(config, model, model_args, finetuning_args, is_trainable)
         finally:
             finetuning_args.finetuning_type = FINETUNING_TYPE
             finetuning_args.use_badam = use_badam
+        if is_trainable:
+            logger.info_rank0(describe_precision(model))
+        return model
 
     return init_adapter
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from blockllm_factory.optim.settings import FINETUNING_TYPE, BlockLLMArguments, check_arguments
+from blockllm_factory.optim.settings import FINETUNING_TYPE, YAML_SETTINGS, BlockLLMArguments, check_arguments
 
 from ._version import check_llamafactory_version
 
@@ -28,6 +28,21 @@ EXCLUSIVE_FLAGS = (
 )
 # Dataclasses of LLaMA-Factory whose fields only adapter (LoRA/OFT) or freeze tuning read.
 ADAPTER_ONLY_DATACLASSES = ("LoraArguments", "OFTArguments", "FreezeArguments")
+
+
+def check_blockllm_unused(args) -> None:
+    """A ``blockllm_*`` field set with another ``finetuning_type`` would be ignored (LoRA, LLaMA-Factory's default, or
+    full tuning would train instead): refused, naming the fields."""
+    changed = [
+        f"{setting.field}={getattr(args, setting.field)!r}"
+        for setting in YAML_SETTINGS
+        if getattr(args, setting.field) != setting.yaml_default
+    ]
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)} only apply with `finetuning_type: blockllm`; with `finetuning_type: "
+            f"{args.finetuning_type}` they would be ignored; set `finetuning_type: blockllm`, or remove them."
+        )
 
 
 def _adapter_only_defaults(module) -> dict[str, object]:
@@ -113,6 +128,7 @@ def build_finetuning_arguments(module):
     def __post_init__(self):
         check_arguments(self)
         if self.finetuning_type != FINETUNING_TYPE:
+            check_blockllm_unused(self)
             return original.__post_init__(self)
 
         check_blockllm_combination(self, adapter_only_defaults)

@@ -12,7 +12,7 @@ back into the model (the weights would silently stay at their initial values).
 
 import functools
 
-from blockllm_factory.optim.settings import FINETUNING_TYPE
+from blockllm_factory.optim.settings import FINETUNING_TYPE, SETTINGS, check, invalid_value
 
 from ._version import check_llamafactory_version
 from .launch import ray_refusal, requested_finetuning_type
@@ -29,14 +29,16 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     from blockllm_factory.hf.engine import check_optim
 
     check_optim(training_args)
+    check_optimizer_values(training_args)
     from llamafactory.extras import logging
 
     logger = logging.get_logger(__name__)
-    # A checkpoint whose save was interrupted is never resumed from: checkpoints.py.
+    # A checkpoint whose save was interrupted, or that cannot resume exactly, is never resumed from: checkpoints.py.
     if getattr(finetuning_args, "stage", None) != "rm":  # LLaMA-Factory never resumes reward models (value head)
         from .checkpoints import check_resume_checkpoint
 
-        check_resume_checkpoint(training_args, logger)
+        check_resume_checkpoint(training_args, logger, finetuning_args)
+    warn_lost_runs(training_args, logger)
     # Multi-process engines (DDP, DeepSpeed) have their own checks and settings: engine_setup.py.
     from .engine_setup import check_distributed_setup
 
@@ -52,6 +54,41 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     from .model_checks import check_model_setup
 
     check_model_setup(model_args, finetuning_args, training_args, deepspeed_config, logger)
+
+
+def check_optimizer_values(training_args) -> None:
+    """The AdamW settings LLaMA-Factory hands BlockLLM, checked with the optimizer's own rules (settings.py) but
+    naming the training argument, before the model loads rather than when the optimizer is created."""
+    args = training_args
+    # field -> (the optimizer's keyword, the value it would get, what the field allows)
+    values = {
+        "learning_rate": ("lr", args.learning_rate, SETTINGS["lr"].allowed),
+        "adam_beta1": ("betas", (args.adam_beta1, 0.0), "a number in [0, 1)"),
+        "adam_beta2": ("betas", (0.0, args.adam_beta2), "a number in [0, 1)"),
+        "adam_epsilon": ("eps", args.adam_epsilon, SETTINGS["eps"].allowed),
+        "weight_decay": ("weight_decay", args.weight_decay, SETTINGS["weight_decay"].allowed),
+    }
+    for field, (name, value, allowed) in values.items():
+        try:
+            check(name, value)
+        except ValueError:
+            raise invalid_value(field, allowed, getattr(args, field)) from None
+
+
+def warn_lost_runs(training_args, logger) -> None:
+    """Set-ups that run to the end but leave the user without something they would expect: warned at parse time."""
+    if getattr(training_args, "do_train", True) and getattr(training_args, "max_steps", -1) == 1:
+        logger.warning_rank0(
+            "`max_steps: 1` with `finetuning_type: blockllm` trains nothing: BlockLLM's first optimizer step only "
+            "measures every block's gradient to make its first selection, and updates start with the second step; "
+            "set `max_steps` to at least 2."
+        )
+    if getattr(training_args, "save_only_model", False):
+        logger.warning_rank0(
+            "`save_only_model: true` with `finetuning_type: blockllm`: its checkpoints hold no optimizer state (the "
+            "selection, Adam moments, learning-rate schedule), so training cannot resume from them; remove it to keep "
+            "checkpoints resumable."
+        )
 
 
 def build_check_extra_dependencies(original):

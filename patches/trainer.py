@@ -3,7 +3,8 @@
 Each stage's trainer class creates its optimizer in ``create_optimizer``; the wrapper added here tells the optimizer
 factory the run's length and, once the optimizer is a BlockLLM, connects that trainer instance to the wiring both
 fronts share (:mod:`blockllm_factory.hf.wiring`: the loss feed before each optimizer step, clipping by the selection's
-norm, the selection log, and with ``plot_loss: true`` its plot, the engine's callbacks).
+norm, the selection log, and with ``plot_loss: true`` its plot, the engine's callbacks), and records checksums and
+block settings beside each checkpoint's optimizer state (:mod:`.checkpoints`).
 """
 
 import functools
@@ -32,7 +33,26 @@ def attach(trainer, logger) -> None:
             f"`finetuning_type: blockllm` but the trainer's optimizer is {type(trainer.optimizer).__name__}; "
             "the blockllm-factory optimizer patch did not run."
         )
+    first = getattr(trainer, "_blockllm_optimizer", None) is None
     connect(trainer, optimizer, logger, plot=bool(trainer.finetuning_args.plot_loss))
+    if first:
+        _record_checkpoints(trainer)
+
+
+def _record_checkpoints(trainer) -> None:
+    """Checksums and block settings beside each checkpoint's optimizer state (checkpoints.py), written right after
+    the Trainer saved it and before ``trainer_state.json``, so that a complete checkpoint always has them."""
+    original_save = trainer._save_optimizer_and_scheduler
+
+    @functools.wraps(original_save)
+    def save_optimizer_and_scheduler(output_dir):
+        original_save(output_dir)
+        if trainer.args.should_save:
+            from .checkpoints import write_checkpoint_record
+
+            write_checkpoint_record(output_dir, trainer.finetuning_args)
+
+    trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
 
 
 def build_create_optimizer(original, logger):

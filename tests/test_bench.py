@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -766,6 +767,48 @@ def test_an_out_of_memory_run_is_recorded_as_a_result_and_the_suite_goes_on(tmp_
     assert "## Failed runs" not in markdown
     assert main(["bench", str(path), "--out", str(out)]) == 0  # a result: not tried again
     assert "huge/full: skipped, ran out of memory earlier" in capsys.readouterr().out
+
+
+def test_an_interrupted_forced_rerun_keeps_the_earlier_result(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during `bench --force` used to delete the stored run while report.json still listed it as ok: the
+    earlier result is now replaced only once the new one is complete, and one set aside by a harness that was killed
+    outright goes back in place on the next invocation."""
+    from blockllm_factory.cli import main
+
+    cli = tmp_path / "llamafactory-cli"
+    cli.write_text(FAKE_CLI.format(python=sys.executable))
+    cli.chmod(0o755)
+    monkeypatch.setattr(runner, "llamafactory_cli", lambda: str(cli))
+    path = _write_suite(tmp_path / "suite.yaml", _minimal())
+    out = tmp_path / "out"
+    assert main(["bench", str(path), "--out", str(out)]) == 0
+    run_dir = out / "runs" / "full"
+    stored = (run_dir / "result.json").read_text()
+
+    def interrupted(run, directory, cli, keep_models=False):  # starts as execute does, then Ctrl-C
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        (directory / "train.log").write_text("half a run")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "execute", interrupted)
+    assert main(["bench", str(path), "--out", str(out), "--force"]) == 130  # "interrupted"
+    assert (run_dir / "result.json").read_text() == stored and (run_dir / "train.log").read_text() != "half a run"
+    (record,) = json.loads((out / "report.json").read_text())["runs"]
+    assert record["status"] == "ok" and Path(record["log"]).is_file()
+
+    # Killed outright (no handler ran): the earlier run set aside, a rerun's half folder in its place.
+    aside = run_dir.with_name(".full.previous")
+    run_dir.rename(aside)
+    run_dir.mkdir()
+    (run_dir / "train.log").write_text("half a run")
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "llamafactory_cli", lambda: str(cli))
+    capsys.readouterr()
+    assert main(["bench", str(path), "--out", str(out)]) == 0
+    assert "full: skipped" in capsys.readouterr().out
+    assert (run_dir / "result.json").read_text() == stored and not aside.exists()
 
 
 # ---------------------------------------------------------------- goals

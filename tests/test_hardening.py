@@ -151,7 +151,36 @@ def tiny_llava(tmp_path_factory) -> Path:
 
 
 def test_every_documented_warning_is_checked():
-    assert set(bad_inputs("warning")) == {"resize_vocab", "freeze_vision_tower", "freeze_vision_tower_unread"}
+    assert set(bad_inputs("warning")) == {
+        "resize_vocab",
+        "freeze_vision_tower",
+        "freeze_vision_tower_unread",
+        "max_steps_one",
+        "nothing_trained",
+        "save_only_model",
+    }
+
+
+def test_a_run_that_cannot_train_or_resume_warns_before_it_starts(parse_logged):
+    _assert_documented_warning("max_steps_one", parse_logged(max_steps=1))
+    _assert_documented_warning("save_only_model", parse_logged(save_only_model=True))
+    assert not any("max_steps" in text or "save_only_model" in text for text in parse_logged(max_steps=2))
+
+
+@pytest.mark.parametrize(("steps", "warned"), [(0, True), (1, True), (2, False)])
+def test_a_run_that_ended_before_the_first_update_says_nothing_was_trained(steps, warned, tmp_path):
+    """However the run's length was given: the callback reads the optimizer's own step count at the end."""
+    from blockllm_factory.hf.wiring import LossFeed, build_callback
+
+    warnings = []
+    logger = SimpleNamespace(warning_rank0=warnings.append, info_rank0=lambda text: None)
+    optimizer = SimpleNamespace(selection={"step": steps}, selection_events=[], budget=1, eligible_numel=2)
+    callback = build_callback(LossFeed(None, optimizer), optimizer, str(tmp_path), False, [], logger)
+    callback.on_train_end(None, SimpleNamespace(is_world_process_zero=True), None)
+    if warned:
+        _assert_documented_warning("nothing_trained", warnings)
+    else:
+        assert warnings == []
 
 
 def test_resize_vocab_without_embeddings_warns_and_with_them_does_not(parse_logged):

@@ -661,5 +661,64 @@ def test_a_patience_given_as_a_share_of_the_run_becomes_steps():
     # YAML, the command line and the web UI take a share; BlockLLM(...) takes steps only.
     assert check("patience", 0.25, yaml=True) == 0.25 and check("patience", " 0.25", yaml=True) == 0.25
     assert check("patience", "100", yaml=True) == 100 and check("patience", 100, yaml=True) == 100
-    with pytest.raises(ValueError, match=r"^`patience` must be an integer >= 1 \(optimizer steps\), got 0.25\.$"):
+    with pytest.raises(
+        ValueError, match=r"^`patience` must be an integer from 1 to 1,000,000,000 \(optimizer steps\), got 0.25\.$"
+    ):
         BlockLLM(TinyLM().named_parameters(), patience=0.25)
+
+
+# ------------------------------------------------------------------------------------------------ silent losses
+def test_step_before_any_backward_selects_nothing_and_warns_with_the_documented_text():
+    """Before: the first selection was made from an empty norm table and kept for `patience` steps, without a word."""
+    from helpers import bad_inputs
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=5)
+    before = flat_params(model)
+    with pytest.warns(RuntimeWarning) as caught:
+        optimizer.step()
+    assert [str(warning.message) for warning in caught] == [bad_inputs("python-warning")["step_before_backward"]]
+    assert optimizer.selection_events == [] and optimizer.selection["step"] == 0
+    assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
+    # The next step with gradients makes the first selection from every block's norm, as an unbroken loop does.
+    tokens = make_batches(1, seed=2)[0]
+    train_step(model, optimizer, tokens)
+    torch.manual_seed(0)
+    reference_model = TinyLM()
+    reference = BlockLLM(reference_model.named_parameters(), lr=1e-2, sparsity=0.9, patience=5)
+    train_step(reference_model, reference, tokens)
+    assert optimizer.selection_events == reference.selection_events and optimizer.norm_table == reference.norm_table
+
+
+def test_compiled_step_runs_uncompiled_and_equals_the_plain_step_bit_for_bit():
+    """torch.compile(optimizer.step) is supported by running it uncompiled (docs/algorithm.md): no opaque error, and no
+    traced kernels that would round the update differently."""
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model = TinyLM()
+        optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=1)
+        step = torch.compile(optimizer.step) if compiled else optimizer.step
+        for tokens in make_batches(5, seed=0):
+            loss = lm_loss(model, tokens)
+            loss.backward()
+            optimizer.record_loss(loss.item())
+            step()
+            optimizer.zero_grad()
+        return flat_params(model), optimizer.selection_events
+
+    (plain, plain_events), (compiled, compiled_events) = run(False), run(True)
+    assert compiled_events == plain_events and len(plain_events) >= 2
+    assert all(torch.equal(compiled[name], tensor) for name, tensor in plain.items())
+
+
+def test_the_package_exports_the_optimizer_lazily():
+    """`from blockllm_factory import BlockLLM` works, through the package's module ``__getattr__``: the package itself
+    imports the standard library only (tests/test_layout.py), as the site-packages hook imports it everywhere."""
+    import blockllm_factory
+    from blockllm_factory import BlockLLM as Exported
+
+    assert Exported is BlockLLM and "BlockLLM" not in vars(blockllm_factory)
+    with pytest.raises(AttributeError, match="has no attribute 'Optimizer'"):
+        blockllm_factory.Optimizer  # noqa: B018

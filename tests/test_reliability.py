@@ -1,10 +1,13 @@
-"""Reliability of BlockLLM training in one process: exact resume, a process killed mid-save, non-finite steps and
-fp16 loss scaling. (Resume under DDP and DeepSpeed ZeRO-2 is in test_distributed.py.)
+"""Reliability of BlockLLM training in one process: exact resume, processes killed mid-step and mid-save, checkpoints
+that cannot be resumed exactly (refused by name), non-finite steps and fp16 loss scaling. (Resume under DDP and
+DeepSpeed ZeRO-2 is in test_distributed.py.)
 
 Faults are injected from outside the product: a ``sitecustomize.py`` put on ``PYTHONPATH`` for the training process
-kills it while it writes a checkpoint file, or turns one training loss into NaN.
+kills it in a forward pass or while it writes a checkpoint file, records the output folder as a kill at each file of
+a save would leave it, or turns one training loss into NaN.
 """
 
+import io
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,28 +24,93 @@ STEPS = 6
 
 FAULTS = '''
 """Test-only fault injection (tests/test_reliability.py), loaded at interpreter start through PYTHONPATH."""
+import builtins
+import io
 import os
+import re
+import shutil
 import signal
 
+import safetensors.torch
 import torch
 
-_kill_when_saving = os.environ.get("BLOCKLLM_TEST_KILL_WHEN_SAVING")
-if _kill_when_saving:
-    _save = torch.save
+# A file of a checkpoint folder, by the name it will have: write_atomic's temporary ".NAME-XXXXXXXX.SUFFIX" counts as
+# NAME.SUFFIX (blockllm_checkpoint.json is written that way).
+_CHECKPOINT_FILE = re.compile(r"^(?P<folder>.*[/\\\\]checkpoint-[0-9]+)[/\\\\](?P<name>[^/\\\\]+)$")
+_TEMPORARY = re.compile(r"^[.](?P<stem>.+)-[a-z0-9_]{8}(?P<suffix>[.][^.]+)$")
+_kill_when_saving = os.environ.get("BLOCKLLM_TEST_KILL_WHEN_SAVING")  # NAME: the first checkpoint's file NAME
+_snapshots = os.environ.get("BLOCKLLM_TEST_SNAPSHOT_SAVES")  # a folder: each file of the first save, as if killed
+_snapshot_folder = []
+
+
+def _checkpoint_file(path):
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    match = _CHECKPOINT_FILE.match(os.fspath(path))
+    if match is None:
+        return None
+    name = match.group("name")
+    temporary = _TEMPORARY.match(name)
+    return match.group("folder"), (temporary.group("stem") + temporary.group("suffix")) if temporary else name
+
+
+def _snapshot(folder, name, path):
+    """The output folder as a kill right now would leave it: this checkpoint's files so far, the one being
+    written cut short, the other checkpoints (linked)."""
+    if _snapshot_folder and _snapshot_folder[0] != folder:
+        return
+    _snapshot_folder[:1] = [folder]
+    index = len(os.listdir(_snapshots))
+    target = os.path.join(_snapshots, f"{index:02d}-{name}")
+    os.makedirs(target)
+    checkpoint = os.path.join(target, os.path.basename(folder))
+    shutil.copytree(folder, checkpoint)
+    with builtins._blockllm_open(os.path.join(checkpoint, os.path.basename(os.fspath(path))), "wb") as handle:
+        handle.write(b"partial")
+    parent = os.path.dirname(folder)
+    for sibling in os.listdir(parent):
+        if sibling.startswith("checkpoint-") and os.path.join(parent, sibling) != folder:
+            os.symlink(os.path.join(parent, sibling), os.path.join(target, sibling))
+
+
+def _before_write(path):
+    found = _checkpoint_file(path)
+    if found is None:
+        return
+    folder, name = found
+    if _snapshots:
+        _snapshot(folder, name, path)
+    if _kill_when_saving and name == _kill_when_saving:
+        with builtins._blockllm_open(path, "wb") as handle:  # half a file, then the process dies (OOM killer)
+            handle.write(b"partial")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if _kill_when_saving or _snapshots:
+    builtins._blockllm_open = _open = builtins.open
+    _save, _save_file = torch.save, safetensors.torch.save_file
 
     def save(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and str(f).endswith(_kill_when_saving):
-            with open(f, "wb") as handle:  # half a file, then the process dies as under the OOM killer
-                handle.write(b"partial")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
+        _before_write(f)
         return _save(obj, f, *args, **kwargs)
 
-    torch.save = save
+    def save_file(tensors, filename, *args, **kwargs):
+        _before_write(filename)
+        return _save_file(tensors, filename, *args, **kwargs)
 
+    def open_(file, mode="r", *args, **kwargs):
+        if any(flag in mode for flag in "wax"):
+            _before_write(file)
+        return _open(file, mode, *args, **kwargs)
+
+    torch.save, safetensors.torch.save_file = save, save_file
+    builtins.open = io.open = open_
+
+_kill_at_call = int(os.environ.get("BLOCKLLM_TEST_KILL_AT_LOSS_CALL", "0"))  # killed in that forward: mid-step
 _nan_at_call = int(os.environ.get("BLOCKLLM_TEST_NAN_AT_LOSS_CALL", "0"))
-if _nan_at_call:
+if _nan_at_call or _kill_at_call:
     import torch.nn.functional as functional
 
     _cross_entropy = functional.cross_entropy
@@ -50,6 +118,8 @@ if _nan_at_call:
 
     def cross_entropy(*args, **kwargs):
         _calls[0] += 1
+        if _calls[0] == _kill_at_call:
+            os.kill(os.getpid(), signal.SIGKILL)
         loss = _cross_entropy(*args, **kwargs)
         return loss * float("nan") if _calls[0] == _nan_at_call else loss
 
@@ -126,21 +196,112 @@ def test_resumed_run_ends_bit_identical_to_the_unbroken_one(unbroken):
     assert_same_parameter_states(resumed_state, unbroken_state)
 
 
-def test_killed_while_saving_leaves_the_previous_checkpoint_loadable(unbroken):
-    root = unbroken["root"]
-    config = dict(unbroken["config"], output_dir=str(root / "killed"), save_steps=2)
-    killed = train(config, root, "killed", check=False, BLOCKLLM_TEST_KILL_WHEN_SAVING="checkpoint-4/optimizer.pt")
-    assert killed.returncode != 0
-    broken, previous = root / "killed" / "checkpoint-4", root / "killed" / "checkpoint-2"
-    assert (broken / "optimizer.pt").read_bytes() == b"partial"  # the kill hit in the middle of the save
-    assert not (broken / "trainer_state.json").exists()
-    assert (previous / "trainer_state.json").is_file()
+# The files of one checkpoint save, in the order the Trainer writes them (save_model, then the optimizer's files with
+# BlockLLM's record beside them, trainer_state.json last); the fault-injection test checks a kill during each.
+SAVED_FILES = (
+    "model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "blockllm_checkpoint.json",
+    "rng_state.pth",
+    "trainer_state.json",
+)
 
-    # Rerunning the same command resumes by itself, from the last complete checkpoint (not from the broken one).
-    rerun = train(dict(config), root, "killed")
-    assert "checkpoint-4 is incomplete" in rerun.log and "resuming from" in rerun.log
-    assert "Resuming training from checkpoint with epoch 0 and global step 2" in rerun.log
-    assert_same_weights(model_weights(root / "killed"), model_weights(unbroken["output_dir"]))
+
+def test_runs_killed_at_random_points_resume_exactly(unbroken):
+    """Faults at seeded random points, each in its own process, with the same command rerun after each: killed in the
+    middle of an optimizer step, then killed while writing one file of a checkpoint, then run to the end. Every
+    rerun resumes by itself from the last complete checkpoint, and the end is the unbroken run's, bit for bit:
+    weights, selection history and the optimizer's per-parameter states.
+
+    The last run also records, at the start of each file of its first save, the output folder as a kill at that
+    moment would leave it; the resume decision taken at parse time is checked on every one of them (the real resume
+    from such a decision is what the reruns above show)."""
+    import random
+
+    from blockllm_factory.patches.checkpoints import check_resume_checkpoint, is_complete
+
+    rng = random.Random(19)
+    root = unbroken["root"]
+    output = root / "faults_run"
+    config = dict(unbroken["config"], output_dir=str(output), save_steps=2)  # checkpoints 2, 4, 6
+    # Two forward passes (loss calls) per optimizer step: calls 5-8 are steps 3 and 4, after checkpoint-2.
+    killed_in_step = train(
+        config, root, "faults_step", check=False, BLOCKLLM_TEST_KILL_AT_LOSS_CALL=str(rng.randint(5, 8))
+    )
+    assert killed_in_step.returncode != 0 and (output / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (output / "checkpoint-4").exists()
+
+    file = rng.choice(SAVED_FILES)
+    killed_saving = train(config, root, "faults_save", check=False, BLOCKLLM_TEST_KILL_WHEN_SAVING=file)
+    assert killed_saving.returncode != 0, killed_saving.log[-3000:]
+    assert "Resuming training from checkpoint with epoch 0 and global step 2" in killed_saving.log
+    broken = output / "checkpoint-4"
+    partial = [path.name for path in broken.iterdir() if path.read_bytes() == b"partial"]
+    assert len(partial) == 1 and not is_complete(str(broken)), (file, partial)
+
+    snapshots = root / "faults_snapshots"
+    snapshots.mkdir()
+    finished = train(config, root, "faults_end", BLOCKLLM_TEST_SNAPSHOT_SAVES=str(snapshots))
+    assert "checkpoint-4 is incomplete" in finished.log and "resuming from" in finished.log
+    assert "Resuming training from checkpoint with epoch 0 and global step 2" in finished.log
+    assert_same_weights(model_weights(output), model_weights(unbroken["output_dir"]))
+    unbroken_state = optimizer_state(unbroken["output_dir"] / "checkpoint-6")
+    resumed_state = optimizer_state(output / "checkpoint-6")
+    assert resumed_state["blockllm"]["events"] == unbroken_state["blockllm"]["events"]
+    assert_same_parameter_states(resumed_state, unbroken_state)
+    selection_log = "blockllm_selection.jsonl"
+    assert (output / selection_log).read_text() == (unbroken["output_dir"] / selection_log).read_text()
+
+    # A kill at the start of each file of a save: automatic resume falls back to checkpoint-2, with a warning.
+    killed_at = sorted(snapshots.iterdir())
+    assert set(SAVED_FILES) <= {folder.name.split("-", 1)[1] for folder in killed_at}
+    for folder in killed_at:
+        args = SimpleNamespace(
+            resume_from_checkpoint=None,
+            do_train=True,
+            output_dir=str(folder),
+            overwrite_output_dir=False,
+            deepspeed=None,
+        )
+        warnings = []
+        check_resume_checkpoint(args, SimpleNamespace(warning_rank0=warnings.append), None)
+        assert args.resume_from_checkpoint == str(folder / "checkpoint-2"), folder.name
+        assert len(warnings) == 1 and "checkpoint-4 is incomplete" in warnings[0], folder.name
+
+
+def test_checkpoints_carry_checksums_and_a_damaged_one_is_refused_before_the_model_loads(
+    unbroken, tiny_llamafactory_assets
+):
+    """The real training path writes blockllm_checkpoint.json; flipped bytes in optimizer.pt (a file that still
+    reads, and before trained on to weights of 2e6) and NaN saved into the moments are refused at parse time, naming
+    the file."""
+    import json
+    import shutil
+
+    saved = unbroken["output_dir"] / "checkpoint-3"
+    record = json.loads((saved / "blockllm_checkpoint.json").read_text())
+    assert set(record["sha256"]) == {"optimizer.pt", "scheduler.pt"}
+    assert record["settings"]["blockllm_sparsity"] == 0.8
+    copy = unbroken["root"] / "damaged" / "checkpoint-3"
+    shutil.copytree(saved, copy)
+    data = bytearray((copy / "optimizer.pt").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    (copy / "optimizer.pt").write_bytes(bytes(data))
+    parse = {key: value for key, value in unbroken["config"].items() if key.startswith("blockllm_")}
+    with pytest.raises(ValueError, match=r"optimizer.pt does not match the checksum saved with it"):
+        parse_args(tiny_llamafactory_assets, copy.parent / "out", resume_from_checkpoint=str(copy), **parse)
+
+    state = optimizer_state(saved)
+    moments = next(entry for entry in state["state"].values() if "exp_avg" in entry)
+    moments["exp_avg_sq"].fill_(float("nan"))
+    torch.save(state, copy / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"optimizer.pt does not match the checksum saved with it"):
+        parse_args(tiny_llamafactory_assets, copy.parent / "out", resume_from_checkpoint=str(copy), **parse)
+    # A checkpoint saved before checksums existed is still resumed (the optimizer's own checks refuse the NaN state
+    # when it loads: the `state_dict_nonfinite` case).
+    (copy / "blockllm_checkpoint.json").unlink()
+    parse_args(tiny_llamafactory_assets, copy.parent / "out", resume_from_checkpoint=str(copy), **parse)
 
 
 def test_nonfinite_step_is_skipped_with_a_warning_and_training_goes_on(unbroken):
@@ -268,11 +429,66 @@ def _checkpoints(tmp_path, steps_complete):
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
 
 
-def _resume(tmp_path, explicit):
+def _resume(tmp_path, explicit, finetuning_args=None):
     from blockllm_factory.patches.checkpoints import check_resume_checkpoint
 
     _, _, args = _ddp_args(resume_from_checkpoint=explicit, output_dir=str(tmp_path), overwrite_output_dir=False)
-    check_resume_checkpoint(args)
+    check_resume_checkpoint(args, None, finetuning_args)
+    return args
+
+
+BLOCK_SETTINGS = {
+    "blockllm_sparsity": 0.8,
+    "blockllm_block_size": "head",
+    "blockllm_include_embeddings": False,
+    "blockllm_norms": "select",
+}
+
+
+def _saved_checkpoint(folder: Path, without=(), record=True, **files: bytes) -> Path:
+    """A complete checkpoint of small real files (``files`` replace some), with its blockllm_checkpoint.json."""
+    from blockllm_factory.patches.checkpoints import write_checkpoint_record
+
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text('{"global_step": 2}')
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        if name not in without:
+            torch.save({"saved": torch.arange(4.0)}, folder / name)
+    if record:
+        write_checkpoint_record(str(folder), SimpleNamespace(**BLOCK_SETTINGS))
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def _resume_saved(tmp_path, finetuning_args=None, **checkpoint):
+    explicit = _saved_checkpoint(tmp_path / "checkpoint-2", **checkpoint)
+    _resume(tmp_path, str(explicit), finetuning_args)
+
+
+def _trained_state() -> dict:
+    """The state dict of a BlockLLM that has taken a few steps (moments exist)."""
+    torch.manual_seed(0)
+    model = TinyLM(width=8, depth=1)
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.5)
+    for tokens in make_batches(3, seed=1):
+        lm_loss(model, tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer.state_dict()
+
+
+def _load_nonfinite():
+    state = _trained_state()
+    moments = next(entry for entry in state["state"].values() if "exp_avg" in entry)
+    moments["exp_avg"][0] = float("nan")
+    BlockLLM(_tiny_named_params(), sparsity=0.5).load_state_dict(state)
+
+
+def _load_transposed():
+    weight = torch.nn.Parameter(torch.zeros(4, 6))
+    saved = BlockLLM([("weight", weight)], sparsity=0.5).state_dict()
+    BlockLLM([("weight", torch.nn.Parameter(torch.zeros(6, 4)))], sparsity=0.5).load_state_dict(saved)
 
 
 def _zero_state_dict_from(optimizer_class, **changes):
@@ -282,6 +498,13 @@ def _zero_state_dict_from(optimizer_class, **changes):
     if "blockllm_zero" in state:
         state["blockllm_zero"].update(changes)
     ZeroBlockLLM(_tiny_named_params()).load_state_dict(state)
+
+
+def _flipped_archive() -> bytes:
+    """A torch.save archive that still reads, with other bytes than the one the checksum was taken of."""
+    buffer = io.BytesIO()
+    torch.save({"saved": torch.arange(4.0) + 1}, buffer)
+    return buffer.getvalue()
 
 
 def _load_into_other(mutate):
@@ -372,6 +595,20 @@ def _cases(assets, tmp_path, monkeypatch):
             _resume(tmp_path, str(tmp_path / "checkpoint-4")),
         ),
         "output_dir_only_incomplete": lambda: (_checkpoints(tmp_path, [(4, False)]), _resume(tmp_path, None)),
+        "resume_without_optimizer_state": lambda: _resume_saved(tmp_path, without=("optimizer.pt",), record=False),
+        "resume_empty_file": lambda: _resume_saved(tmp_path, **{"optimizer.pt": b""}),
+        "resume_truncated_file": lambda: _resume_saved(tmp_path, **{"optimizer.pt": b"partial"}),
+        "resume_checksum": lambda: _resume_saved(tmp_path, **{"optimizer.pt": _flipped_archive()}),
+        "resume_changed_setting": lambda: _resume_saved(
+            tmp_path, SimpleNamespace(**{**BLOCK_SETTINGS, "blockllm_block_size": 64})
+        ),
+        "blockllm_patience_too_large": parse(blockllm_patience=2**63),
+        "blockllm_unused": parse(finetuning_type="lora", blockllm_sparsity=0.5),
+        "learning_rate": parse(learning_rate=-1.0),
+        "adam_beta1": parse(adam_beta1=1.0),
+        "state_dict_other_shapes": _load_transposed,
+        "state_dict_missing_key": lambda: _load_into_other(lambda state: state["blockllm"].pop("visits")),
+        "state_dict_nonfinite": _load_nonfinite,
         "zero_outside_deepspeed": lambda: ZeroBlockLLM(_tiny_named_params()).step(),
         "zero_max_grad_norm": lambda: ZeroBlockLLM(_tiny_named_params(), max_grad_norm=-1.0),
         "zero_compact_gradients": lambda: ZeroBlockLLM(_tiny_named_params(), compact_gradients=True),
@@ -446,3 +683,42 @@ def test_refused_input_raises_the_documented_error(case, tiny_llamafactory_asset
         trigger()
     actual = f"{type(raised.value).__name__}: {raised.value}"
     assert documented_pattern(documented).fullmatch(actual), f"documented:\n{documented}\nactual:\n{actual}"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (torch.float32, "BlockLLM: trainable weights are torch.float32; no fp32 master copies are needed."),
+        (torch.bfloat16, "BlockLLM: trainable weights stay in half precision (torch.bfloat16); fp32 masters exist"),
+    ],
+)
+def test_the_precision_line_says_what_the_trainable_weights_are(dtype, expected):
+    """Before, `bf16: true` logged "stay in half precision" from the settings alone, also for weights LLaMA-Factory
+    left in fp32 (a checkpoint stored in fp32, fp16 on a CPU). Now the line reads the model as set up."""
+    from blockllm_factory.patches.adapter import build_init_adapter
+
+    lines = []
+    logger = SimpleNamespace(info_rank0=lines.append)
+    model = TinyLM(width=8, depth=1, dtype=dtype)
+    init_adapter = build_init_adapter(lambda config, model, *args: model, logger)
+    finetuning_args = SimpleNamespace(finetuning_type="blockllm", use_badam=False, pure_bf16=False)
+    init_adapter(None, model, SimpleNamespace(compute_dtype=torch.bfloat16), finetuning_args, True)
+    assert lines[-1].startswith(expected), lines
+
+
+@pytest.mark.parametrize("content", ["", '{"global_step": 4, "log_hi'], ids=["empty", "half-written"])
+def test_an_empty_or_half_written_trainer_state_counts_as_incomplete(content, tmp_path):
+    """Before, automatic resume picked such a checkpoint and failed with a JSONDecodeError naming no file."""
+    previous = _saved_checkpoint(tmp_path / "checkpoint-2")
+    broken = _saved_checkpoint(tmp_path / "checkpoint-4")
+    (broken / "trainer_state.json").write_text(content)
+    warnings = []
+    _, _, args = _ddp_args(output_dir=str(tmp_path), overwrite_output_dir=False)
+    from blockllm_factory.patches.checkpoints import check_resume_checkpoint
+
+    check_resume_checkpoint(args, SimpleNamespace(warning_rank0=warnings.append), None)
+    assert args.resume_from_checkpoint == str(previous)
+    assert warnings == [
+        f"{broken} is incomplete (no complete trainer_state.json: its save was interrupted); resuming from "
+        f"{previous} instead."
+    ]

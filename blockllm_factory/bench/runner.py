@@ -181,7 +181,7 @@ def execute(run: Run, run_dir: Path, cli: str, keep_models: bool = False) -> dic
     log = run_dir / "train.log"
     if run.problem:
         return _record(run, "failed", run.problem, {}, 0.0, log)
-    if run_dir.exists():
+    if run_dir.exists():  # run_bench has set an earlier result aside (replacing); a direct call starts clean
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     metrics_path = run_dir / "metrics.json"
@@ -230,6 +230,46 @@ def execute(run: Run, run_dir: Path, cli: str, keep_models: bool = False) -> dic
     if not keep_models:
         _drop_weights(run_dir / "output")
     return _record(run, "ok", None, metrics, wall, log)
+
+
+def _set_aside(run_dir: Path) -> Path:
+    return run_dir.with_name(f".{run_dir.name}.previous")
+
+
+def restore_interrupted(run_dir: Path) -> None:
+    """An earlier result set aside by a rerun that never finished (the harness itself was killed) goes back in
+    place; an unfinished rerun's files (no result.json) are dropped."""
+    previous = _set_aside(run_dir)
+    if not previous.is_dir():
+        return
+    if (run_dir / RESULT_FILE).is_file():  # the rerun finished: the earlier result is no longer wanted
+        shutil.rmtree(previous)
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    os.replace(previous, run_dir)
+
+
+def execute_replacing(run: Run, run_dir: Path, cli: str, keep_models: bool = False) -> dict:
+    """:func:`execute`, then its ``result.json``; a stored result is replaced only once the new one is complete.
+
+    The earlier run's folder is set aside while the new run trains and is put back if it is interrupted (Ctrl-C,
+    an error of the harness), so that ``--force`` never loses a result that report.json still lists."""
+    previous = _set_aside(run_dir)
+    if run_dir.exists():
+        if previous.exists():
+            shutil.rmtree(previous)
+        os.replace(run_dir, previous)
+    try:
+        record = execute(run, run_dir, cli, keep_models=keep_models)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / RESULT_FILE, record)
+    except BaseException:
+        restore_interrupted(run_dir)
+        raise
+    if previous.exists():
+        shutil.rmtree(previous)
+    return record
 
 
 def progress_line(index: int, total: int, record: dict, skipped: bool = False) -> str:
@@ -383,6 +423,7 @@ def run_bench(
 
     records: dict[str, dict] = {}
     for run in suite.runs:  # results of earlier invocations (same arguments) stay in the report
+        restore_interrupted(out / "runs" / run.name)
         stored = _stored(out / "runs" / run.name, run)
         if stored is not None:
             records[run.name] = stored
@@ -395,9 +436,7 @@ def run_bench(
         print(
             f"[bench {index}/{len(selected)}] {run.name}: training ({run_dir / 'train.log'})", file=stream, flush=True
         )
-        record = execute(run, run_dir, cli, keep_models=keep_models)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / RESULT_FILE, record)
+        record = execute_replacing(run, run_dir, cli, keep_models=keep_models)
         records[run.name] = record
         print(progress_line(index, len(selected), record), file=stream, flush=True)
         _write_report(suite, out, records, command)

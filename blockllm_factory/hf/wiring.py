@@ -89,6 +89,14 @@ class LossFeed:
         return value
 
 
+def nothing_trained(steps: int) -> str:
+    return (
+        f"BlockLLM: the run ended after {steps} optimizer step(s), before BlockLLM's first update: its first step "
+        "only measures every block to make the first selection, so the weights saved are the ones it started from; "
+        "train for at least 2 optimizer steps."
+    )
+
+
 def build_callback(feed: LossFeed, optimizer, output_dir: str, plot: bool, model_order: list[str], logger):
     from transformers import TrainerCallback
 
@@ -132,6 +140,8 @@ def build_callback(feed: LossFeed, optimizer, output_dir: str, plot: bool, model
 
         def on_train_end(self, args, state, control, **kwargs):
             self._record_new(state)
+            if optimizer.selection["step"] <= 1:
+                logger.warning_rank0(nothing_trained(optimizer.selection["step"]))
             if plot and state.is_world_process_zero:
                 events = optimizer.selection_events
                 rows = telemetry.block_order(events, model_order, getattr(optimizer, "block_names", None))

@@ -51,6 +51,8 @@ ParamGroups = Iterable[dict[str, Any]]
 
 GRADIENT_CARRIER_NAME = "blockllm.compact_gradients"
 RUN_STATE_KEY = "blockllm"  # the state_dict entry that holds the run state (see BlockLLM.run_state)
+# Run-state entries that checkpoints of earlier versions lack; every other entry of run_state() is required.
+OPTIONAL_RUN_STATE_KEYS = ("steps_without_loss", "shapes")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -397,6 +399,10 @@ class BlockLLM(Optimizer):
             self._norms[name] *= factor
 
     # ------------------------------------------------------------------ step
+    # torch.compile(optimizer.step) runs it uncompiled: each step takes host-side decisions (the loss rule, the next
+    # selection) and changes which parameters require grad and carry hooks; a traced graph would also round the
+    # update differently from the eager kernels that docs and tests compare against.
+    @torch.compiler.disable(reason="BlockLLM.step takes host-side decisions each step")
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
@@ -415,6 +421,9 @@ class BlockLLM(Optimizer):
         norms, mean_loss = unpack_measurements(self.block_names, measurements)
         if not all(math.isfinite(value) for value in norms.values()):
             self._skip_nonfinite([name for name, value in norms.items() if not math.isfinite(value)])
+            return loss
+        if not self._selected and not norms:
+            self._warn_no_gradient()
             return loss
         self._probe_sq_norms = {}
         self._premeasured_sq_norms = {}
@@ -592,6 +601,18 @@ class BlockLLM(Optimizer):
             )
         # Probed blocks are measured again on the next backward.
         self._set_trainable(probed=self._probed)
+
+    def _warn_no_gradient(self) -> None:
+        """step() before any backward: the first selection needs every block's gradient norm, so it waits for a step
+        that has them (an empty norm table would pick blocks blindly and fix them for ``patience`` steps)."""
+        self._set_trainable(probed=self._probed)
+        warnings.warn(
+            "BlockLLM: step() was called before any backward(): no gradient was measured, so no block was selected "
+            "or updated; call loss.backward() before optimizer.step(). The first selection waits for a step with "
+            "gradients.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _no_loss_rule(self) -> bool:
         """Fallback when no loss reaches the optimizer: revisit the selection every ``patience`` steps (warned once),
@@ -811,16 +832,33 @@ class BlockLLM(Optimizer):
             "rng_state": self._generator.get_state(),
             "block_names": list(self.block_names),
             "budget": self.budget,
+            "shapes": {name: list(self._shape(name)) for name in self.eligible_params},
         }
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        param = self._param_by_name[name]
+        return tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition's full shape
 
     def _check_run_state(self, run: dict[str, Any] | None) -> dict[str, Any]:
         if run is None:
             raise ValueError("Invalid state_dict: it has no 'blockllm' entry (not saved by BlockLLM)")
+        missing = [key for key in self.run_state() if key not in run and key not in OPTIONAL_RUN_STATE_KEYS]
+        if missing:
+            raise ValueError(
+                f"Invalid state_dict: its 'blockllm' entry lacks {', '.join(map(repr, missing))} (damaged, or not "
+                "saved by this version of blockllm-factory)"
+            )
         if run["block_names"] != self.block_names or run["budget"] != self.budget:
             raise ValueError(
                 "Invalid state_dict: it was saved for other blocks or another sparsity "
                 f"(saved budget {run['budget']}, this optimizer {self.budget})"
             )
+        for name, shape in run.get("shapes", {}).items():
+            if tuple(shape) != self._shape(name):
+                raise ValueError(
+                    f"Invalid state_dict: it was saved for another model ({name} had shape {tuple(shape)}, here "
+                    f"{self._shape(name)})"
+                )
         return run
 
     def _load_run_state(self, run: dict[str, Any]) -> None:
@@ -902,12 +940,27 @@ def _prepare_load(optimizer: BlockLLM, state_dict: dict[str, Any]) -> dict[str, 
     groups' settings with placeholder parameter ids (torch maps them onto ``param_groups`` as they are)."""
     run = optimizer._check_run_state(state_dict.get(RUN_STATE_KEY))
     settings, states = optimizer._unpack_state_dict(state_dict)
+    _check_finite(optimizer, states)
     optimizer._loading = (states, run)
     groups, first = [], 0
     for group, saved in zip(optimizer.param_groups, settings):
         groups.append({**saved, "params": list(range(first, first + len(group["params"])))})
         first += len(group["params"])
     return {"state": {}, "param_groups": groups}
+
+
+def _check_finite(optimizer: BlockLLM, states: dict[torch.nn.Parameter, dict[str, Any]]) -> None:
+    """Every floating-point tensor of the per-parameter states (moments, masters, scales), whatever their layout, is
+    finite: a damaged file or a diverged run is refused before anything is restored."""
+    names = {id(param): name for name, param in optimizer.param_by_name.items()}
+    for param, state in states.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                where = names.get(id(param), "a parameter group's states")
+                raise ValueError(
+                    f"Invalid state_dict: the optimizer state {key!r} of {where} holds non-finite values (a damaged "
+                    "file, or a run that had diverged when it was saved)"
+                )
 
 
 def _finish_load(optimizer: BlockLLM) -> None:

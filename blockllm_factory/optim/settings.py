@@ -18,6 +18,7 @@ SCORES = ("norm", "norm_per_sqrt_size")
 OPTIM_BITS = (32, 8)
 NORM_POLICIES = ("select", "always", "frozen")
 SHARE_OF_RUN = "a number in (0, 1) (that share of the run's optimizer steps)"
+MAX_PATIENCE = 10**9  # steps; a run never gets there, and Python's deque refuses a window above 2**63 - 1
 BLOCK_SIZE_HEAD = "head"  # `blockllm_block_size: head`, resolved from the model's config by patches/optimizer.py
 
 
@@ -29,8 +30,13 @@ def _at_least(minimum: float) -> Callable[[Any], bool]:
     return lambda value: _is_real(value) and value >= minimum
 
 
-def _integer_at_least(minimum: int) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+def _integer_at_least(minimum: int, maximum: int | None = None) -> Callable[[Any], bool]:
+    return lambda value: (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= minimum
+        and (maximum is None or value <= maximum)
+    )
 
 
 def _is_fraction(value: Any) -> bool:
@@ -140,8 +146,8 @@ _SETTINGS = (
         "patience",
         int,
         100,
-        "an integer >= 1 (optimizer steps)",
-        _integer_at_least(1),
+        f"an integer from 1 to {MAX_PATIENCE:,} (optimizer steps)",
+        _integer_at_least(1, MAX_PATIENCE),
         "Window m of BlockLLM's loss rule: the selected blocks are revisited when the loss is at or above the mean "
         "of the last m optimizer-step losses. An integer >= 1 is a number of optimizer steps; a number in (0, 1) is "
         "that share of the run's optimizer steps (e.g. 0.1 of a 1,000-step run: 100), resolved when the optimizer "
@@ -271,7 +277,7 @@ def steps_from_share(share: float, total_steps: int) -> int:
         raise invalid_value("share", SHARE_OF_RUN, share)
     if not (isinstance(total_steps, int) and not isinstance(total_steps, bool) and total_steps >= 1):
         raise invalid_value("total_steps", "an integer >= 1 (the run's optimizer steps)", total_steps)
-    return max(1, round(share * total_steps))
+    return min(MAX_PATIENCE, max(1, round(share * total_steps)))
 
 
 def _field_type(setting: Setting):
