@@ -45,8 +45,9 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     check_distributed_setup(model_args, finetuning_args, training_args)
     deepspeed_config = None
     if training_args.deepspeed:
+        from blockllm_factory.hf.deepspeed_config import read_deepspeed_config
+
         from ._surfaces import check_deepspeed_surfaces
-        from .deepspeed_config import read_deepspeed_config
 
         check_deepspeed_surfaces()
         deepspeed_config = read_deepspeed_config(training_args)
