@@ -38,6 +38,12 @@ def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
                 f"`blockllm_block_size: {finetuning_args.blockllm_block_size}` cannot be combined with `deepspeed` "
                 "(the ZeRO adapter selects whole tensors); set `blockllm_block_size: 0`, or train without `deepspeed`."
             )
+        if getattr(finetuning_args, "blockllm_master", "fp32") != "fp32":
+            raise ValueError(
+                f"`blockllm_master: {finetuning_args.blockllm_master}` cannot be combined with `deepspeed` "
+                "(DeepSpeed's fp32 partition is the master copy there); set `blockllm_master: fp32`, or train without "
+                "`deepspeed`."
+            )
         deepspeed_config.check_deepspeed_config(deepspeed_config.read_deepspeed_config(training_args))
         deepspeed_config.leave_clipping_to_blockllm(training_args)
         deepspeed_config.connect_deepspeed_comm()

@@ -129,6 +129,7 @@ def build_create_blockllm_optimizer(module):
             score=finetuning_args.blockllm_score,
             block_size=block_size,
             norms=finetuning_args.blockllm_norms,
+            **({} if deepspeed_zero else {"master": finetuning_args.blockllm_master}),
             **({} if deepspeed_zero else {"compact_gradients": compact_gradients(training_args)}),
         )
         blocks = f"{block_size:,} coordinates" if block_size else "whole tensors"
@@ -142,7 +143,8 @@ def build_create_blockllm_optimizer(module):
             f"{finetuning_args.blockllm_score}, blocks of {blocks}, norms {finetuning_args.blockllm_norms}, "
             f"budget {optimizer.budget:,} of "
             f"{optimizer.eligible_numel:,} coordinates per step; "
-            f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments."
+            f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments, "
+            f"{optimizer.master} masters (for half-precision weights)."
         )
         return optimizer
 

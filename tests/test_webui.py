@@ -55,7 +55,7 @@ def test_panel_labels_exist_in_every_language_llamafactory_ships():
     assert {"en", "zh"} <= set(languages)
     names = ("blockllm_tab", "use_blockllm", "blockllm_sparsity", "blockllm_patience", "blockllm_probe",
              "blockllm_probe_blocks", "blockllm_include_embeddings", "blockllm_score",
-             "blockllm_block_size", "blockllm_norms")  # fmt: skip
+             "blockllm_block_size", "blockllm_norms", "blockllm_master")  # fmt: skip
     for name in names:
         for language in languages:
             assert LOCALES[name][language]["label"].strip(), f"{name} has no {language} label"

@@ -50,6 +50,9 @@ NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 ParamGroups = Iterable[dict[str, Any]]
 
 GRADIENT_CARRIER_NAME = "blockllm.compact_gradients"
+# The half-precision stand-in for an fp32 master (master="compensated"); "master" in the name files its bytes with the
+# masters in memory accounting (patches/metrics.py).
+COMPENSATION_KEY = "master_compensation"
 RUN_STATE_KEY = "blockllm"  # the state_dict entry that holds the run state (see BlockLLM.run_state)
 
 
@@ -119,6 +122,11 @@ class BlockLLM(Optimizer):
             selection, whole, inside the budget (the ranked blocks share what they leave; their moments are reset
             with every reselection like the others'). ``"frozen"``: never trained, like the embeddings without
             ``include_embeddings``.
+        master: how half-precision (bf16/fp16) weights keep the precision their updates need, for the selected
+            coordinates only. ``"fp32"``: an fp32 master copy (4 bytes a coordinate), updated and written back
+            rounded. ``"compensated"``: a compensation buffer in the weights' dtype (2 bytes a coordinate): each step
+            updates weight + compensation in fp32, writes the rounded weight and keeps the rounding error as the new
+            compensation (Kahan-style summation, as torch-optimi does). fp32 weights need neither.
 
     Engines: an adapter that owns the gradients (DDP's communication hook, ``distributed.py``) works through the
     public methods :meth:`set_probe_hooks`, :meth:`disable_compact_gradients`, :meth:`probe_only_parameters`,
@@ -154,6 +162,7 @@ class BlockLLM(Optimizer):
         score: str = DEFAULTS["score"],
         block_size: int = DEFAULTS["block_size"],
         norms: str = DEFAULTS["norms"],
+        master: str = DEFAULTS["master"],
     ) -> None:
         # Every argument is checked before any parameter or state is touched (settings.py: one message per setting).
         arguments = {
@@ -171,6 +180,7 @@ class BlockLLM(Optimizer):
             "score": score,
             "block_size": block_size,
             "norms": norms,
+            "master": master,
         }
         for name, value in arguments.items():
             check(name, value)
@@ -193,6 +203,7 @@ class BlockLLM(Optimizer):
         self.score = score
         self.block_size = block_size
         self.norms = norms
+        self.master = master
 
         self._param_by_name: dict[str, torch.nn.Parameter] = {}
         # Parameter name -> index of its group: torch's load_state_dict replaces the group dicts, not their order.
@@ -638,6 +649,7 @@ class BlockLLM(Optimizer):
             state["exp_avg_sq"],
             mask,
             state.get("master"),
+            compensation=state.get(COMPENSATION_KEY),
             compact_grad=compact is not None,
             step=state["step"],
             lr=group["lr"],
@@ -664,7 +676,10 @@ class BlockLLM(Optimizer):
         else:
             state["exp_avg"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
             state["exp_avg_sq"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
-        if param.dtype != torch.float32:
+        if param.dtype != torch.float32 and self.master == "compensated":
+            # The weights are exact as they stand: nothing to compensate yet.
+            state[COMPENSATION_KEY] = torch.zeros(keep, dtype=param.dtype, device=param.device)
+        elif param.dtype != torch.float32:
             flat = param.data.reshape(-1)
             state["master"] = (flat if mask is None else flat[mask]).float()
         self.state[param] = state
