@@ -65,6 +65,27 @@ def zero_moments_(state: dict[str, Any], numel: int, device: torch.device) -> No
         state[f"{key}_qmap"] = functional.create_dynamic_map(signed=signed).to(device)
 
 
+def decode_moments_into(state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    """Decodes the 8-bit moments of ``state`` into fp32 ``exp_avg``/``exp_avg_sq`` (slices of a flat buffer); the
+    codes stay in ``state``."""
+    functional = _functional()
+    for (key, _), out in zip(MOMENTS, (exp_avg, exp_avg_sq)):
+        out.copy_(
+            functional.dequantize_blockwise(
+                state[f"{key}_q"], absmax=state[f"{key}_absmax"], code=state[f"{key}_qmap"], blocksize=BLOCKSIZE
+            )
+        )
+
+
+def encode_moments_from(state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    """Encodes fp32 ``exp_avg``/``exp_avg_sq`` as the new 8-bit moments of ``state`` (with its maps)."""
+    functional = _functional()
+    for (key, _), values in zip(MOMENTS, (exp_avg, exp_avg_sq)):
+        codes, quant_state = functional.quantize_blockwise(values, code=state[f"{key}_qmap"], blocksize=BLOCKSIZE)
+        state[f"{key}_q"] = codes
+        state[f"{key}_absmax"] = quant_state.absmax
+
+
 def dequantize_moments_(state: dict[str, Any]) -> None:
     """Inverse of :func:`quantize_moments_`: fp32 moments back in ``state[key]`` for one update."""
     functional = _functional()
