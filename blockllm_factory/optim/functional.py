@@ -57,14 +57,10 @@ def masked_adamw_(
     *,
     compensation: torch.Tensor | None = None,
     compact_grad: bool = False,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    **hyperparameters: float,
 ) -> None:
-    """Updates ``param`` in place at the coordinates of ``mask`` (all of them when ``mask`` is None).
+    """Updates ``param`` in place at the coordinates of ``mask`` (all of them when ``mask`` is None); the
+    ``hyperparameters`` are :func:`adamw_`'s (``step``, ``lr``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``).
 
     ``exp_avg``/``exp_avg_sq`` (and ``master``, the fp32 copy kept for low-precision weights, or ``compensation``,
     the half-precision correction term kept instead with ``master="compensated"``) are compact: they hold one entry per
@@ -83,18 +79,7 @@ def masked_adamw_(
     else:
         weights = flat_param[mask]
 
-    adamw_(
-        weights,
-        selected_grad,
-        exp_avg,
-        exp_avg_sq,
-        step=step,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-    )
+    adamw_(weights, selected_grad, exp_avg, exp_avg_sq, **hyperparameters)
 
     if weights is flat_param:
         return
