@@ -30,7 +30,7 @@ def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
     if training_args.deepspeed:
         from blockllm_factory.hf.deepspeed_config import prepare_deepspeed
 
-        prepare_deepspeed(training_args, getattr(finetuning_args, "blockllm_block_size", 0))
+        prepare_deepspeed(training_args, finetuning_args)
         return
     if training_args.world_size <= 1:
         return

@@ -61,6 +61,7 @@ def create_blockllm_panel() -> dict[str, Any]:
             blockllm_score = gr.Dropdown(choices=list(SETTINGS["score"].choices), value=default["score"])
             blockllm_block_size = gr.Textbox(value=str(default["block_size"]))
             blockllm_norms = gr.Dropdown(choices=list(SETTINGS["norms"].choices), value=default["norms"])
+            blockllm_master = gr.Dropdown(choices=list(SETTINGS["master"].choices), value=default["master"])
 
     return {
         "blockllm_tab": blockllm_tab,
@@ -73,6 +74,7 @@ def create_blockllm_panel() -> dict[str, Any]:
         "blockllm_score": blockllm_score,
         "blockllm_block_size": blockllm_block_size,
         "blockllm_norms": blockllm_norms,
+        "blockllm_master": blockllm_master,
     }
 
 
@@ -168,6 +170,7 @@ def panel_arguments(get) -> dict[str, Any]:
     # `head` or a number, as typed: the parse-time check (settings.check) turns digits into a number.
     arguments["blockllm_block_size"] = str(get("train.blockllm_block_size")).strip()
     arguments["blockllm_norms"] = get("train.blockllm_norms")
+    arguments["blockllm_master"] = get("train.blockllm_master")
     return arguments
 
 

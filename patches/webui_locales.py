@@ -132,6 +132,25 @@ BLOCKLLM_LOCALES: dict[str, dict[str, dict[str, str]]] = {
             "info": "select（既定: 他のブロックと同様に選択）、always（常に選択）、frozen（凍結）。",
         },
     },
+    "blockllm_master": {
+        "en": {
+            "label": "Masters",
+            "info": "fp32 (default: fp32 copies) or compensated (2-byte compensation, bf16/fp16 weights only).",
+        },
+        "ru": {
+            "label": "Мастер-веса",
+            "info": "fp32 (по умолчанию: копии fp32) или compensated (2-байтная компенсация, веса bf16/fp16).",
+        },
+        "zh": {"label": "主权重", "info": "fp32（默认：fp32 副本）或 compensated（2 字节补偿，仅 bf16/fp16 权重）。"},
+        "ko": {
+            "label": "마스터 가중치",
+            "info": "fp32(기본값: fp32 사본) 또는 compensated(2바이트 보정, bf16/fp16 가중치만).",
+        },
+        "ja": {
+            "label": "マスター重み",
+            "info": "fp32（既定: fp32 コピー）または compensated（2 バイトの補正、bf16/fp16 重みのみ）。",
+        },
+    },
 }
 
 

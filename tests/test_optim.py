@@ -208,13 +208,16 @@ def test_exact_probe_measures_every_block_without_keeping_gradients(compact):
     assert not (with_grad if compact else compacted)
 
 
-def assert_resume_is_bit_identical(build, steps: int, resume_at: int) -> None:
+def assert_resume_is_bit_identical(
+    build, steps: int, resume_at: int, dtype: torch.dtype = torch.float32, convert=None
+) -> None:
     """Trains TinyLM with ``build(model, seed)``'s optimizer, once unbroken and once saved and restored (into a fresh
-    model and an optimizer of another seed) at ``resume_at``: selections and weights must be equal bit for bit."""
+    model and an optimizer of another seed) at ``resume_at``: selections and weights must be equal bit for bit.
+    ``convert`` may rewrite the saved optimizer state before it is loaded (e.g. into an older layout)."""
 
     def run(resume=None):
         torch.manual_seed(0)
-        model = TinyLM()
+        model = TinyLM(dtype=dtype)
         optimizer = build(model, 3)
         for index, tokens in enumerate(make_batches(steps, seed=5)):
             if index == resume:
@@ -222,7 +225,9 @@ def assert_resume_is_bit_identical(build, steps: int, resume_at: int) -> None:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
                 buffer.seek(0)
                 saved = torch.load(buffer, weights_only=True)
-                model = TinyLM()
+                if convert is not None:
+                    saved["optimizer"] = convert(saved["optimizer"])
+                model = TinyLM(dtype=dtype)
                 model.load_state_dict(saved["model"])
                 optimizer = build(model, 99)
                 optimizer.load_state_dict(saved["optimizer"])

@@ -45,7 +45,7 @@ TRAINING_S = 420  # bound for the few training steps to finish, model loading in
 UI_S = 30  # bound for one UI reaction
 TRAIN_STEPS = 6
 PANEL_LABELS = ("Use BlockLLM", "Sparsity", "Patience", "Probe", "Probe blocks", "Include embeddings", "Ranking score",
-                "Block size", "Norms")  # fmt: skip
+                "Block size", "Norms", "Masters")  # fmt: skip
 
 
 def test_panel_labels_exist_in_every_language_llamafactory_ships():
@@ -55,7 +55,7 @@ def test_panel_labels_exist_in_every_language_llamafactory_ships():
     assert {"en", "zh"} <= set(languages)
     names = ("blockllm_tab", "use_blockllm", "blockllm_sparsity", "blockllm_patience", "blockllm_probe",
              "blockllm_probe_blocks", "blockllm_include_embeddings", "blockllm_score",
-             "blockllm_block_size", "blockllm_norms")  # fmt: skip
+             "blockllm_block_size", "blockllm_norms", "blockllm_master")  # fmt: skip
     for name in names:
         for language in languages:
             assert LOCALES[name][language]["label"].strip(), f"{name} has no {language} label"
@@ -272,6 +272,7 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     expect(_field(page, "Ranking score")).to_have_value("norm_per_sqrt_size")
     expect(_textbox(page, "Block size")).to_have_value("head")
     expect(_field(page, "Norms")).to_have_value("select")
+    expect(_field(page, "Masters")).to_have_value("fp32")
     expect(panel.get_by_label("Use BlockLLM")).to_be_checked()
     # What does not apply is hidden or disabled.
     expect(lora_panel).to_be_hidden()

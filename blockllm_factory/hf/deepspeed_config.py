@@ -14,14 +14,23 @@ from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD
 from .engine import LLAMAFACTORY_METHOD
 
 
-def prepare_deepspeed(training_args, block_size, method: str = LLAMAFACTORY_METHOD) -> None:
+def prepare_deepspeed(training_args, settings, method: str = LLAMAFACTORY_METHOD) -> None:
     """Refuses what BlockLLM's ZeRO adapter cannot serve (errors name the argument or key) and sets what it needs:
-    DeepSpeed's clipping off (BlockLLM clips), DeepSpeed's communication on the existing process group."""
+    DeepSpeed's clipping off (BlockLLM clips), DeepSpeed's communication on the existing process group.
+
+    ``settings``: any object with the ``blockllm_*`` fields (``FinetuningArguments``, ``BlockLLMConfig``)."""
+    block_size = getattr(settings, "blockllm_block_size", 0)
     # The default, `head`, falls back to whole tensors there (see hf/optimizer.py); a number is refused.
     if block_size not in (0, BLOCK_SIZE_HEAD):
         raise ValueError(
             f"`blockllm_block_size: {block_size}` cannot be combined with `deepspeed` "
             "(the ZeRO adapter selects whole tensors); set `blockllm_block_size: 0`, or train without `deepspeed`."
+        )
+    master = getattr(settings, "blockllm_master", "fp32")
+    if master != "fp32":
+        raise ValueError(
+            f"`blockllm_master: {master}` cannot be combined with `deepspeed` (DeepSpeed's fp32 partition is the "
+            "master copy there); set `blockllm_master: fp32`, or train without `deepspeed`."
         )
     check_deepspeed_config(read_deepspeed_config(training_args), method)
     leave_clipping_to_blockllm(training_args, method)

@@ -111,6 +111,7 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
         f"{settings.blockllm_score}, blocks of {blocks}, norms {settings.blockllm_norms}, "
         f"budget {optimizer.budget:,} of "
         f"{optimizer.eligible_numel:,} coordinates per step; "
-        f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments."
+        f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments, "
+        f"{optimizer.master} masters (for half-precision weights)."
     )
     return optimizer

@@ -29,7 +29,7 @@ def check_training_arguments(args, config: BlockLLMConfig) -> None:
     check_optim(args, METHOD)
     check_ddp(args, METHOD)
     if args.deepspeed:
-        prepare_deepspeed(args, config.blockllm_block_size, METHOD)
+        prepare_deepspeed(args, config, METHOD)
     elif args.world_size > 1 and args.gradient_checkpointing:
         kwargs = dict(args.gradient_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant", False):

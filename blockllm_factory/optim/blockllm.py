@@ -17,6 +17,7 @@ The cycle of one optimizer step, as the trainer sees it::
     optimizer.zero_grad()
 """
 
+import functools
 import math
 import warnings
 import weakref
@@ -29,9 +30,9 @@ import torch
 from torch.optim import Optimizer
 
 from .distributed import squared_norms_vector, synchronize, unpack_measurements
-from .functional import masked_adamw_
+from .flat import ClassKey, FlatStates, Item, Slot, weight_kind
 from .masks import pack_mask, unpack_mask
-from .quantization import check_available, dequantize_moments_, quantize_moments_, quantized, zero_moments_
+from .quantization import check_available, quantized, zero_moments_
 from .selection import (
     Block,
     cut_mask,
@@ -121,6 +122,11 @@ class BlockLLM(Optimizer):
             selection, whole, inside the budget (the ranked blocks share what they leave; their moments are reset
             with every reselection like the others'). ``"frozen"``: never trained, like the embeddings without
             ``include_embeddings``.
+        master: how half-precision (bf16/fp16) weights keep the precision their updates need, for the selected
+            coordinates only. ``"fp32"``: an fp32 master copy (4 bytes a coordinate), updated and written back
+            rounded. ``"compensated"``: a compensation buffer in the weights' dtype (2 bytes a coordinate): each step
+            updates weight + compensation in fp32, writes the rounded weight and keeps the rounding error as the new
+            compensation (Kahan-style summation, as torch-optimi does). fp32 weights need neither.
 
     Engines: an adapter that owns the gradients (DDP's communication hook, ``distributed.py``) works through the
     public methods :meth:`set_probe_hooks`, :meth:`disable_compact_gradients`, :meth:`probe_only_parameters`,
@@ -156,6 +162,7 @@ class BlockLLM(Optimizer):
         score: str = DEFAULTS["score"],
         block_size: int = DEFAULTS["block_size"],
         norms: str = DEFAULTS["norms"],
+        master: str = DEFAULTS["master"],
     ) -> None:
         # Every argument is checked before any parameter or state is touched (settings.py: one message per setting).
         arguments = {
@@ -173,6 +180,7 @@ class BlockLLM(Optimizer):
             "score": score,
             "block_size": block_size,
             "norms": norms,
+            "master": master,
         }
         for name, value in arguments.items():
             check(name, value)
@@ -195,6 +203,7 @@ class BlockLLM(Optimizer):
         self.score = score
         self.block_size = block_size
         self.norms = norms
+        self.master = master
 
         self._param_by_name: dict[str, torch.nn.Parameter] = {}
         # Parameter name -> index of its group: torch's load_state_dict replaces the group dicts, not their order.
@@ -245,6 +254,9 @@ class BlockLLM(Optimizer):
         # Derived from the selection by _set_trainable: selected blocks per parameter, and coordinates kept.
         self._selected_by_param: dict[str, list[Block]] = {}
         self._param_keep: dict[str, int] = {}
+        # The selection's place in the flat buffers (flat.py) and the buffers, made on first use.
+        self._slots: dict[str, Slot] = {}
+        self._flat: FlatStates | None = None
         if compact_gradients:
             self.gradient_carrier = self._make_gradient_carrier()
             self.add_param_group({"params": [self.gradient_carrier], "param_names": [GRADIENT_CARRIER_NAME]})
@@ -531,9 +543,28 @@ class BlockLLM(Optimizer):
 
     def _apply_updates(self, selected_names: list[str]) -> None:
         """Extension point: the masked AdamW update of ``selected_names`` (from :meth:`_measure`), after the norm
-        table holds this step's measurements and before the loss rule runs."""
+        table holds this step's measurements and before the loss rule runs: one chain of kernels per chunk of the
+        selection (flat.py)."""
+        flat_states = self._flat_states()
+        items = []
         for name in selected_names:
-            self._update_param(name)
+            param = self._param_by_name[name]
+            compact = name in self._compacted
+            if not self.state.get(param):
+                self._init_param_state(name, param.grad)
+            state = self.state[param]
+            state["step"] += 1
+            items.append(
+                Item(
+                    name=name,
+                    param=param,
+                    state=state,
+                    mask=functools.partial(_unpacked_mask, state, param.numel()),
+                    grad=None if compact else param.grad,
+                )
+            )
+        carrier_grad = None if self.gradient_carrier is None else self.gradient_carrier.grad
+        flat_states.update_(items, self.param_groups, carrier_grad)
 
     @staticmethod
     def _block_numel(param: torch.nn.Parameter) -> int:
@@ -640,55 +671,49 @@ class BlockLLM(Optimizer):
         self._losses.append(loss)
         return fired
 
-    def _update_param(self, name: str) -> None:
-        param = self._param_by_name[name]
-        group = self.param_groups[self._group_index[name]]
-        compact = self.compact_gradient(name)
-        if not self.state.get(param):
-            self._init_param_state(name, param.grad)
-        state = self.state[param]
-        state["step"] += 1
-        mask = unpack_mask(state["mask"], param.numel()) if "mask" in state else None
-        beta1, beta2 = group["betas"]
-        if "exp_avg_q" in state:
-            dequantize_moments_(state)
-        masked_adamw_(
-            param.data,
-            param.grad if compact is None else compact,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            mask,
-            state.get("master"),
-            compact_grad=compact is not None,
-            step=state["step"],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
-        if self.optim_bits == 8 and quantized(state["exp_avg"].numel()):
-            quantize_moments_(state)
-
     def _init_param_state(self, name: str, grad: torch.Tensor) -> None:
         """Cuts a newly selected tensor's top-k mask (per selected block) from its first gradient and creates its
-        compact states."""
+        compact states: views of the selection's flat buffers (flat.py), 8-bit moments apart."""
         param = self._param_by_name[name]
         keep = self._param_keep[name]
         state: dict[str, Any] = {"step": 0}
         mask = cut_mask(grad, [(block, self._selected[block.name]) for block in self._selected_by_param[name]])
         if mask is not None:
             state["mask"] = pack_mask(mask)
-        if self.optim_bits == 8 and quantized(keep):
+        if self._slots[name].key.quantized:
             # Straight to 8-bit: fp32 zeros for the whole new selection at once would be the states' peak.
             zero_moments_(state, keep, param.device)
-        else:
-            state["exp_avg"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
-            state["exp_avg_sq"] = torch.zeros(keep, dtype=torch.float32, device=param.device)
-        if param.dtype != torch.float32:
-            flat = param.data.reshape(-1)
-            state["master"] = (flat if mask is None else flat[mask]).float()
+        flat = param.data.reshape(-1)
+        self._flat_states().init_state(name, state, flat if mask is None else flat[mask])
         self.state[param] = state
+
+    def _flat_states(self) -> FlatStates:
+        """The selection's flat buffers, made on first use after a (re)selection or a load; states loaded from a
+        checkpoint (separate tensors, in either layout) are copied into them."""
+        if self._flat is None:
+            device = self._param_by_name[self.eligible_params[0]].device
+            self._flat = FlatStates(self._slots, device)
+            for name in self._slots:
+                param = self._param_by_name[name]
+                state = self.state.get(param)
+                if state:
+                    self._flat.adopt(name, state, functools.partial(self._selected_weights, name))
+        return self._flat
+
+    def _selected_weights(self, name: str) -> torch.Tensor:
+        param = self._param_by_name[name]
+        state = self.state[param]
+        flat = param.data.reshape(-1)
+        return flat[unpack_mask(state["mask"], param.numel())] if "mask" in state else flat
+
+    def _layout_key(self, name: str, keep: int) -> ClassKey:
+        param = self._param_by_name[name]
+        return ClassKey(
+            group=self._group_index[name],
+            dtype=param.dtype,
+            kind=weight_kind(param.dtype, self.master),
+            quantized=self.optim_bits == 8 and quantized(keep),
+        )
 
     # ------------------------------------------------------------------ compact gradients
     def _compact_gradient(self, name: str, param: torch.nn.Parameter) -> None:
@@ -738,6 +763,7 @@ class BlockLLM(Optimizer):
         # The optimizer is reset with the new selection (paper, section 2.2): old moments and masters are dropped.
         for name in self._selected_by_param:
             self.state.pop(self._param_by_name[name], None)
+        self._flat = None
         self._selected = keep
         for name in keep:
             self._visits[name] += 1
@@ -777,15 +803,24 @@ class BlockLLM(Optimizer):
         for name in self._selected:
             block = self._blocks[name]
             self._selected_by_param.setdefault(block.param, []).append(block)
-        self._param_keep = {
+        keeps = {
             name: sum(self._selected[block.name] for block in blocks)
             for name, blocks in self._selected_by_param.items()
         }
+        # Layout of the flat states and of the compact gradients: tensors that share a class (flat.py) are adjacent,
+        # in model order within it.
+        keys = {name: self._layout_key(name, keep) for name, keep in keeps.items()}
+        self._param_keep = {name: keeps[name] for name in sorted(keeps, key=lambda name: keys[name].order())}
         offset = 0
         self._grad_offsets = {}
+        slots = {}
         for name, keep in self._param_keep.items():
             self._grad_offsets[name] = offset
+            slots[name] = Slot(key=keys[name], start=offset, keep=keep)
             offset += keep
+        if slots != self._slots:  # a new selection, or a load: new flat buffers on first use
+            self._slots = slots
+            self._flat = None
         probe_only = self.probe_only_parameters()
         trainable = set(self._selected_by_param) | probe_only
         for name, param in self._param_by_name.items():
@@ -878,6 +913,7 @@ class BlockLLM(Optimizer):
         self._probe_sq_norms = {}
         self._premeasured_sq_norms = {}
         self._release_compact_gradients()
+        self._flat = None  # the loaded states are copied into new flat buffers on first use
         self._set_trainable(probed=list(run["probed"]))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -973,6 +1009,10 @@ def _finish_load(optimizer: BlockLLM) -> None:
 
 def _is_carrier_group(group: dict[str, Any]) -> bool:
     return list(group.get("param_names", ())) == [GRADIENT_CARRIER_NAME]
+
+
+def _unpacked_mask(state: dict[str, Any], numel: int) -> torch.Tensor | None:
+    return unpack_mask(state["mask"], numel) if "mask" in state else None
 
 
 def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None]:

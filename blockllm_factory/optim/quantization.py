@@ -3,9 +3,9 @@
 ``bitsandbytes.optim.AdamW8bit`` keeps each moment as uint8 codes into a shared 256-entry quantile map (signed dynamic
 map for the first moment, unsigned for the second), with one fp32 ``absmax`` per block of 256 values. BlockLLM keeps
 its compact moment vectors (one entry per selected coordinate) the same way: between steps only the codes and absmax
-exist; a step decodes them into fp32, runs the masked AdamW update and encodes them again. The fp32 copy lives for one
-block's update at a time. Like bitsandbytes (``min_8bit_size``), vectors shorter than 4096 entries stay fp32: their
-absmax and maps would cost more than they save.
+exist; a step decodes them into fp32, runs the masked AdamW update and encodes them again, tensor by tensor (flat.py
+says why). The fp32 copy lives for one chunk of the update at a time. Like bitsandbytes (``min_8bit_size``),
+vectors shorter than 4096 entries stay fp32: their absmax and maps would cost more than they save.
 
 Encoding and decoding are bitsandbytes' ``quantize_blockwise``/``dequantize_blockwise``, which run on CPU and CUDA;
 bitsandbytes is imported only when 8-bit states are asked for.
@@ -40,20 +40,6 @@ def quantized(numel: int) -> bool:
     return numel >= MIN_8BIT_SIZE
 
 
-def quantize_moments_(state: dict[str, Any]) -> None:
-    """Replaces the fp32 moments in ``state`` by their 8-bit codes (``<key>_q``), absmax and map (in place)."""
-    functional = _functional()
-    for key, signed in MOMENTS:
-        values = state.pop(key)
-        code = state.get(f"{key}_qmap")
-        if code is None:
-            code = functional.create_dynamic_map(signed=signed).to(values.device)
-        codes, quant_state = functional.quantize_blockwise(values, code=code, blocksize=BLOCKSIZE)
-        state[f"{key}_q"] = codes
-        state[f"{key}_absmax"] = quant_state.absmax
-        state[f"{key}_qmap"] = code
-
-
 def zero_moments_(state: dict[str, Any], numel: int, device: torch.device) -> None:
     """8-bit moments of ``numel`` zeros, made without an fp32 buffer: with absmax 0 every code decodes to 0, which is
     what quantising fp32 zeros would give."""
@@ -65,11 +51,22 @@ def zero_moments_(state: dict[str, Any], numel: int, device: torch.device) -> No
         state[f"{key}_qmap"] = functional.create_dynamic_map(signed=signed).to(device)
 
 
-def dequantize_moments_(state: dict[str, Any]) -> None:
-    """Inverse of :func:`quantize_moments_`: fp32 moments back in ``state[key]`` for one update."""
+def decode_moments_into(state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    """Decodes the 8-bit moments of ``state`` into fp32 ``exp_avg``/``exp_avg_sq`` (slices of a flat buffer); the
+    codes stay in ``state``."""
     functional = _functional()
-    for key, _ in MOMENTS:
-        codes = state.pop(f"{key}_q")
-        state[key] = functional.dequantize_blockwise(
-            codes, absmax=state.pop(f"{key}_absmax"), code=state[f"{key}_qmap"], blocksize=BLOCKSIZE
-        ).to(torch.float32)
+    for (key, _), out in zip(MOMENTS, (exp_avg, exp_avg_sq)):
+        out.copy_(
+            functional.dequantize_blockwise(
+                state[f"{key}_q"], absmax=state[f"{key}_absmax"], code=state[f"{key}_qmap"], blocksize=BLOCKSIZE
+            )
+        )
+
+
+def encode_moments_from(state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    """Encodes fp32 ``exp_avg``/``exp_avg_sq`` as the new 8-bit moments of ``state`` (with its maps)."""
+    functional = _functional()
+    for (key, _), values in zip(MOMENTS, (exp_avg, exp_avg_sq)):
+        codes, quant_state = functional.quantize_blockwise(values, code=state[f"{key}_qmap"], blocksize=BLOCKSIZE)
+        state[f"{key}_q"] = codes
+        state[f"{key}_absmax"] = quant_state.absmax

@@ -17,6 +17,7 @@ PROBES = ("sample", "exact")
 SCORES = ("norm", "norm_per_sqrt_size")
 OPTIM_BITS = (32, 8)
 NORM_POLICIES = ("select", "always", "frozen")
+MASTERS = ("fp32", "compensated")
 SHARE_OF_RUN = "a number in (0, 1) (that share of the run's optimizer steps)"
 MAX_PATIENCE = 10**9  # steps; a run never gets there, and Python's deque refuses a window above 2**63 - 1
 BLOCK_SIZE_HEAD = "head"  # `blockllm_block_size: head`, resolved from the model's config by patches/optimizer.py
@@ -224,6 +225,15 @@ _SETTINGS = (
         "input_layernorm): `select` (the default and the paper: ordinary blocks, ranked and selected like any other), "
         "`always` (in every selection, whole, inside the budget: the other blocks share what they leave) or `frozen` "
         "(never trained, like the embeddings without `blockllm_include_embeddings`).",
+    ),
+    _choice(
+        "master",
+        MASTERS,
+        "fp32",
+        "How BlockLLM keeps the high-precision part of half-precision (bf16/fp16) weights for the selected "
+        "coordinates: `fp32` (the default: an fp32 master copy, 4 bytes a coordinate) or `compensated` (a "
+        "compensation buffer in the weights' own dtype, 2 bytes a coordinate, Kahan-style: the weight plus its "
+        "compensation carries the bits a rounded weight loses). No effect on fp32 weights.",
     ),
 )
 

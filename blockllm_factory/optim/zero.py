@@ -129,6 +129,12 @@ class ZeroBlockLLM(BlockLLM):
             raise invalid_value(
                 "optim_bits", "32 under DeepSpeed ZeRO (8-bit moments are not served there)", kwargs["optim_bits"]
             )
+        if kwargs.get("master", "fp32") != "fp32":
+            raise invalid_value(
+                "master",
+                "fp32 under DeepSpeed ZeRO (DeepSpeed's fp32 partition is the master copy)",
+                kwargs["master"],
+            )
         super().__init__(params, **kwargs)
         self.max_grad_norm = float(max_grad_norm)
         self.set_probe_hooks(False)  # DeepSpeed consumes the gradients; norms come from its partitions
