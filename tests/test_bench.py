@@ -43,6 +43,11 @@ RUN_FIELDS = (
     "final_train_loss",
     "eval_loss",
     "loss_curve",
+    "peak_storage_bytes",
+    "peak_composition",
+    "untracked_bytes",
+    "peak_phase",
+    "peak_step",
 )
 SPARSITY = 0.95
 
@@ -228,6 +233,25 @@ def test_a_method_can_drop_a_base_argument_with_null(tmp_path):
     assert "optim" not in runs["plain"].args
 
 
+def test_a_method_s_env_adds_to_the_suite_s_for_its_runs_only(tmp_path, capsys):
+    from blockllm_factory.cli import main
+
+    suite = {**_minimal(), "env": {"A": 1, "B": "suite"}}
+    suite["methods"]["badam_checkpointed"] = {"finetuning_type": "full", "env": {"B": "own", "C": True}}
+    path = _write_suite(tmp_path / "suite.yaml", suite)
+    runs = {run.name: run for run in load_suite(path).runs}
+    assert runs["full"].env == {"A": "1", "B": "suite"}
+    assert runs["badam_checkpointed"].env == {"A": "1", "B": "own", "C": "true"}
+    assert "env" not in runs["badam_checkpointed"].args
+    assert runs["full"].fingerprint != runs["badam_checkpointed"].fingerprint
+    assert main(["bench", str(path), "--plan"]) == 0
+    planned = [line for line in capsys.readouterr().out.splitlines() if "badam_checkpointed:" in line]
+    assert planned and planned[0].endswith("env B=own, C=true")
+    suite["methods"]["badam_checkpointed"]["env"] = {"B": [1]}
+    with pytest.raises(SuiteError, match="methods.badam_checkpointed.env.B must be a text or number"):
+        load_suite(_write_suite(tmp_path / "suite.yaml", suite))
+
+
 # ---------------------------------------------------------------- measurement callback
 
 
@@ -307,6 +331,16 @@ def test_the_callback_measures_adamw_from_its_live_tensors(tmp_path):
     assert figures["steps"] == 3 and len(figures["step_times_s"]) == 3
     assert [step for step, _ in figures["loss_curve"]] == [1, 2, 3]
     assert figures["eval_curve"] == [[3, 0.5]]
+    # Every live storage: at its peak (an optimizer step: AdamW's moments and temporaries beside the gradients) the
+    # weights, their gradients and both moments are live; the composition adds up to the peak.
+    parts = figures["peak_composition"]
+    assert sum(parts.values()) == figures["peak_storage_bytes"] >= weights + weights + moments
+    assert parts["weights"] == weights and parts["gradients"] <= weights
+    assert parts["optimizer_state"] >= moments and parts["masters"] == 0
+    assert figures["untracked_bytes"] == sum(
+        parts[key] for key in ("activations", "loss_path", "temporaries", "other")
+    )
+    assert figures["peak_phase"] == "optimizer" and figures["peak_step"] in (1, 2, 3)
 
 
 def test_the_callback_counts_optimizer_held_copies_as_master_weights(tmp_path):
@@ -910,6 +944,12 @@ def test_bench_reports_every_run_with_all_fields(bench_runs):
         assert steps == sorted(steps) and steps[-1] == 6
         assert all(math.isfinite(loss) for _, loss in run["loss_curve"])
         assert math.isfinite(run["final_train_loss"]) and math.isfinite(run["eval_loss"])
+        # every live storage: the peak holds at least the tracked categories' peak, and its composition adds up
+        assert run["peak_storage_bytes"] >= run["peak_tracked_bytes"]
+        assert sum(run["peak_composition"].values()) == run["peak_storage_bytes"]
+        assert run["peak_composition"]["weights"] >= run["parameter_bytes"]  # and the buffers (rotary frequencies)
+        assert run["peak_phase"] in ("forward", "loss", "backward", "optimizer", "other") and run["peak_step"] >= 1
+    assert "### Every byte" in (bench_runs.out / "report.md").read_text()
 
 
 def test_bench_figures_are_consistent_with_the_methods(bench_runs):
