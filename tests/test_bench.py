@@ -646,6 +646,13 @@ def test_the_memory_cpu_suite_runs_every_method_at_the_half_billion_shape_in_bf1
     by_method = {run.method: run for run in suite.runs}
     assert by_method["blockllm_8bit"].args == {**by_method["blockllm"].args, "optim": "adamw_bnb_8bit"}
     assert {"peak_tracked_lowest", "peak_tracked_near_floor", "gradient_share_of_full"} <= set(suite.goals)
+    # issue 18: BAdam as shipped (the goals' reference: the first of its kind) and with the frozen-layer checkpointing
+    assert {"storage_peak_lowest_of_full_parameter", "untracked_near_lora"} <= set(suite.goals)
+    badams = [run for run in suite.runs if run.kind == "badam"]
+    assert [run.method for run in badams] == ["badam", "badam_checkpointed"]
+    assert "BLOCKLLM_FACTORY_CHECKPOINT_FROZEN_LAYERS" not in badams[0].env
+    assert badams[1].env["BLOCKLLM_FACTORY_CHECKPOINT_FROZEN_LAYERS"] == "1"
+    assert by_method["blockllm_sparsity_0.97"].args["blockllm_sparsity"] == 0.97
 
 
 @pytest.mark.parametrize("name", ["quality_sft.yaml", "quality_pt.yaml"])
@@ -830,6 +837,25 @@ def test_goals_are_met_only_when_every_comparison_holds_and_missed_when_one_fail
     statuses, _ = _statuses(records + [block])
     assert statuses["optimizer-state bytes below BAdam's and GaLore's"] == "not measured"
     assert statuses["eval loss at or below BAdam's, GaLore's and LoRA's"] == "missed"  # badam already beats it
+
+
+def test_the_every_byte_goals_compare_with_the_shipped_full_parameter_methods_and_lora():
+    names = ("storage_peak_lowest_of_full_parameter", "untracked_near_lora")
+    records = [
+        _record(kind, kind, peak_storage_bytes=2000, untracked_bytes=100) for kind in ("full", "galore", "apollo")
+    ]
+    records += [
+        _record("badam", "badam", peak_storage_bytes=1500, untracked_bytes=400),  # as LLaMA-Factory ships it
+        _record("badam_checkpointed", "badam", peak_storage_bytes=1100, untracked_bytes=100),
+        _record("lora", "lora", peak_storage_bytes=900, untracked_bytes=100),  # not a full-parameter method
+    ]
+    block = _record("blockllm", "blockllm", peak_storage_bytes=1200, untracked_bytes=110)
+    ((_, listed, _),) = report.goals(records + [block], names)
+    assert [goal.status for goal in listed] == ["met", "met"]  # met: BAdam as shipped, not the checkpointed one
+    block["untracked_bytes"] = 111  # above 1.10 x LoRA's
+    block["peak_storage_bytes"] = 1500  # not below BAdam's
+    ((_, listed, _),) = report.goals(records + [block], names)
+    assert [goal.status for goal in listed] == ["missed", "missed"]
 
 
 def test_goals_say_when_the_run_did_not_use_the_stated_sparsity():
