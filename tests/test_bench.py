@@ -637,12 +637,13 @@ def test_the_memory_gpu_suite_plans_every_method_at_both_shapes_and_precisions(c
     assert sum(line.startswith("  ") for line in printed.splitlines()) == len(suite.runs)
 
 
-def test_the_memory_cpu_suite_runs_every_method_at_the_half_billion_shape_in_bf16():
+def test_the_memory_cpu_suite_runs_every_method_at_the_half_billion_shape():
     suite = load_suite(SUITES / "memory_cpu.yaml")
     assert all(run.problem is None for run in suite.runs)
     assert {run.kind for run in suite.runs} == set(KINDS)
     assert {(build.config.parent.name, build.dtype) for build in suite.builds} == {("qwen2.5_0.5b", "bfloat16")}
-    assert all(run.args["bf16"] is True and run.args["use_cpu"] is True for run in suite.runs)
+    # fp32 on CPU (bf16 matmuls crawl without bf16 units), from the model built in bf16
+    assert all(run.args["bf16"] is False and run.args["use_cpu"] is True for run in suite.runs)
     by_method = {run.method: run for run in suite.runs}
     assert by_method["blockllm_8bit"].args == {**by_method["blockllm"].args, "optim": "adamw_bnb_8bit"}
     assert {"peak_tracked_lowest", "peak_tracked_near_floor", "gradient_share_of_full"} <= set(suite.goals)
