@@ -29,6 +29,7 @@ WATCHED: dict[str, str] = {
     "llamafactory.hparams.finetuning_args": "blockllm_factory.patches.arguments",
     "llamafactory.hparams.parser": "blockllm_factory.patches.parser",
     "llamafactory.model.adapter": "blockllm_factory.patches.adapter",
+    "llamafactory.model.model_utils.checkpointing": "blockllm_factory.patches.layer_checkpointing",
     "llamafactory.train.trainer_utils": "blockllm_factory.patches.optimizer",
     "llamafactory.train.pt.trainer": "blockllm_factory.patches.trainer",
     "llamafactory.train.sft.trainer": "blockllm_factory.patches.trainer",

@@ -65,6 +65,7 @@ def _trainer(module: str, class_name: str) -> tuple[Surface, ...]:
 ARGUMENTS = "llamafactory.hparams.finetuning_args"
 PARSER = "llamafactory.hparams.parser"
 ADAPTER = "llamafactory.model.adapter"
+CHECKPOINTING = "llamafactory.model.model_utils.checkpointing"
 TRAINER_UTILS = "llamafactory.train.trainer_utils"
 TUNER = "llamafactory.train.tuner"
 WEBUI_TRAIN = "llamafactory.webui.components.train"
@@ -96,6 +97,21 @@ SURFACES: dict[str, tuple[str, tuple[Surface, ...]]] = {
         (
             Surface(ADAPTER, "init_adapter", ("config", "model", "model_args", "finetuning_args", "is_trainable")),
             Surface(ADAPTER, "logger.info_rank0"),
+        ),
+    ),
+    # Frozen layers on the gradient path are checkpointed: LLaMA-Factory's wrapper is wrapped, and the layer is found
+    # the way it finds it (the bound ``__call__`` of a transformers GradientCheckpointingLayer, maybe in a partial).
+    CHECKPOINTING: (
+        "layer_checkpointing",
+        (
+            Surface(CHECKPOINTING, "get_custom_gradient_checkpointing_func", ("gradient_checkpointing_func",)),
+            Surface(
+                CHECKPOINTING,
+                "_gradient_checkpointing_enable",
+                ("self", "gradient_checkpointing_kwargs", "use_unsloth_gc"),
+            ),
+            Surface(CHECKPOINTING, "prepare_model_for_training", ("model", "model_args")),
+            Surface("transformers.modeling_layers", "GradientCheckpointingLayer.__call__", ("self",)),
         ),
     ),
     TRAINER_UTILS: (

@@ -48,6 +48,10 @@ def build_init_adapter(original, logger):
         use_badam = finetuning_args.use_badam
         finetuning_args.finetuning_type = "full"
         finetuning_args.use_badam = use_badam or keep_half  # the flag LLaMA-Factory's precision rule reads
+        if is_trainable:  # frozen layers on the gradient path are checkpointed (layer_checkpointing.py)
+            from .layer_checkpointing import mark
+
+            mark(model)
         try:
             model = original(config, model, model_args, finetuning_args, is_trainable)
         finally:

@@ -16,6 +16,12 @@ What is measured, and when:
   ``peak_tracked_bytes`` is the peak of their sum at one sample.
 - peak memory: ``torch.cuda.max_memory_allocated`` since the start of training on a GPU; on CPU the process's peak RSS
   (``ru_maxrss``, which includes the Python runtime and the libraries). Both the source and the peak RSS are recorded.
+- every byte: the peak of all live tensor storages on the training device (``peak_storage_bytes``, on CPU and GPU
+  alike: what ``max_memory_allocated`` sees, without the allocator's rounding), its composition (weights, gradients,
+  optimizer state, masters, activations saved for backward, the loss path from the output embedding on, temporaries,
+  other), the bytes outside the four tracked categories at that moment (``untracked_bytes``), and where it happened
+  (``peak_phase``: forward, loss, backward, optimizer or other; ``peak_step``: 1 for the first step). See
+  :mod:`.storages`.
 - trainable parameters: the coordinates the optimizer updates in a step (``optimizer.selection["coordinates"]`` where
   the optimizer reports a selection, as BlockLLM does; otherwise the parameters with ``requires_grad``), the largest
   value seen after an optimizer step.
@@ -29,7 +35,7 @@ What is measured, and when:
 - step times (step begin to step end, device synchronised), tokens per step (``num_input_tokens_seen``), the logged
   training losses and the evaluation losses.
 
-Two switches, read from the environment (a suite sets them under ``env:``):
+Switches, read from the environment (a suite sets them under ``env:``):
 
 - ``BLOCKLLM_FACTORY_BENCH_GRADIENT_SAMPLES=0``: no sample after each gradient accumulation, only around every
   optimizer step. A sample walks every parameter in Python; taken after each of a model's hundreds of gradients it
@@ -39,6 +45,12 @@ Two switches, read from the environment (a suite sets them under ``env:``):
 - ``BLOCKLLM_FACTORY_BENCH_PROFILE=N``: the last ``N`` steps of the run are profiled with ``torch.profiler`` and the
   table of operators by device time (by CPU time without a GPU) is written beside the metrics as ``profile.txt``.
   Profiled steps are left out of the step times.
+- ``BLOCKLLM_FACTORY_BENCH_STORAGES=0``: no storage tracking (``peak_storage_bytes`` and its composition are then
+  null). The tracking sees every operator from Python, which costs time per operator; on a GPU that delays kernel
+  launches, so a suite that times steps there may turn it off.
+- ``BLOCKLLM_FACTORY_BENCH_MEMORY_SNAPSHOT=N`` (CUDA only): step ``N`` (1: the first) is recorded with
+  ``torch.cuda.memory._record_memory_history`` and saved beside the metrics as ``memory_snapshot.pickle``, for
+  https://pytorch.org/memory_viz. Ignored without a GPU (``memory_snapshot`` then says so).
 """
 
 from __future__ import annotations
@@ -60,11 +72,16 @@ from transformers import TrainerCallback
 from blockllm_factory._files import write_json, write_text
 
 from ._version import check_llamafactory_version
+from .storages import SUMMARY_KEYS, StorageTracker
 
 ENV_VAR = "BLOCKLLM_FACTORY_BENCH_OUT"
 GRADIENT_SAMPLES_ENV = "BLOCKLLM_FACTORY_BENCH_GRADIENT_SAMPLES"
 PROFILE_ENV = "BLOCKLLM_FACTORY_BENCH_PROFILE"
 PROFILE_FILE = "profile.txt"
+STORAGES_ENV = "BLOCKLLM_FACTORY_BENCH_STORAGES"
+SNAPSHOT_ENV = "BLOCKLLM_FACTORY_BENCH_MEMORY_SNAPSHOT"
+SNAPSHOT_FILE = "memory_snapshot.pickle"
+_SNAPSHOT_ENTRIES = 1_000_000
 _PROFILE_ROWS = 40
 SCHEMA = 1
 _PATCHED_FLAG = "_blockllm_factory_bench_metrics"
@@ -90,6 +107,8 @@ def apply(module: Any) -> None:
             out_path,
             sample_gradients=os.environ.get(GRADIENT_SAMPLES_ENV, "1") != "0",
             profile_steps=int(os.environ.get(PROFILE_ENV, "0") or 0),
+            track_storages=os.environ.get(STORAGES_ENV, "1") != "0",
+            snapshot_step=int(os.environ.get(SNAPSHOT_ENV, "0") or 0),
         )
         callbacks.append(callback)
         try:
@@ -105,11 +124,17 @@ def apply(module: Any) -> None:
 class _Storages:
     """Bytes of distinct storages: a storage shared by several tensors (tied weights, views) is counted once."""
 
-    def __init__(self, exclude: set[int] | None = None) -> None:
+    def __init__(
+        self, exclude: set[int] | None = None, tracker: StorageTracker | None = None, category: str = ""
+    ) -> None:
         self.seen: set[int] = set(exclude or ())
         self.bytes = 0
+        self.tracker = tracker  # told what each storage is, for the composition at the all-storage peak
+        self.category = category
 
     def add(self, tensor: Any) -> None:
+        if self.tracker is not None:
+            self.tracker.tag(tensor, self.category)
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
         if key == 0 or key in self.seen:  # 0: empty or meta storage (e.g. a ZeRO-3 partitioned parameter)
@@ -158,8 +183,21 @@ def _state_of(optimizer: Any) -> Mapping | None:
 class BenchMetricsCallback(TrainerCallback):
     """Measures one training run for the comparison harness and writes the figures to ``out_path``."""
 
-    def __init__(self, out_path: str, sample_gradients: bool = True, profile_steps: int = 0) -> None:
+    def __init__(
+        self,
+        out_path: str,
+        sample_gradients: bool = True,
+        profile_steps: int = 0,
+        track_storages: bool = True,
+        snapshot_step: int = 0,
+    ) -> None:
         self.out_path = out_path
+        self.track_storages = track_storages
+        self.storages: StorageTracker | None = None
+        self.snapshot_step = max(0, snapshot_step)
+        self.memory_snapshot: str | None = None
+        self._recording = False
+        self._optimizer_depth = 0
         self.sample_gradients = sample_gradients
         self.profile_steps = max(0, profile_steps)
         self._profiler: Any = None
@@ -218,15 +256,26 @@ class BenchMetricsCallback(TrainerCallback):
                 sparsity = getattr(item, "sparsity", None)
                 self.sparsity = float(sparsity) if isinstance(sparsity, (int, float)) else None
 
-        def on_step(opt: Any, *_args: Any, **_kwargs: Any) -> None:
+        def before_step(opt: Any, *_args: Any, **_kwargs: Any) -> None:
             if id(opt) in chain_ids:
+                self._optimizer_depth += 1
+                self._phase("optimizer")
                 self._sample_full()
 
-        self.handles += [register_optimizer_step_pre_hook(on_step), register_optimizer_step_post_hook(on_step)]
+        def after_step(opt: Any, *_args: Any, **_kwargs: Any) -> None:
+            if id(opt) in chain_ids:
+                self._sample_full()
+                self._optimizer_depth = max(0, self._optimizer_depth - 1)
+                if not self._optimizer_depth:
+                    self._phase("other")
+
+        self.handles += [register_optimizer_step_pre_hook(before_step), register_optimizer_step_post_hook(after_step)]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.load_average = [os.getloadavg()[0]]
         self._started = True
+        if self.track_storages:
+            self._start_storages(model)
         self._sample_full()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **_: Any):
@@ -236,6 +285,11 @@ class BenchMetricsCallback(TrainerCallback):
                 self.hooked.add(id(param))
                 self.handles.append(param.register_post_accumulate_grad_hook(self._on_gradient))
         self._synchronize()
+        if self.storages is not None:
+            self.storages.step = int(state.global_step)
+            self._phase("other")
+        if self.snapshot_step and state.global_step + 1 == self.snapshot_step:
+            self._start_snapshot()
         if self.profile_steps and self._profiler is None and state.global_step >= state.max_steps - self.profile_steps:
             self._start_profiler()
         self._tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
@@ -250,6 +304,8 @@ class BenchMetricsCallback(TrainerCallback):
         self.trainable_parameters = max(self.trainable_parameters, self._count_trainable())
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any):
+        if self._recording:
+            self._save_snapshot()
         if self._step_start is None:
             return
         self._synchronize()
@@ -274,6 +330,7 @@ class BenchMetricsCallback(TrainerCallback):
         self._write()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **_: Any):
+        self._stop_storages()
         self._stop_profiler()
         for handle in self.handles:
             handle.remove()
@@ -290,8 +347,59 @@ class BenchMetricsCallback(TrainerCallback):
     def record_failure(self, error: BaseException) -> None:
         """Writes the figures measured until ``error`` ended the run, with the error (nothing before training)."""
         self.error = f"{type(error).__name__}: {str(error)[:500]}"
+        self._stop_storages()
         if self._started:
             self._write()
+
+    # ------------------------------------------------------------------ every storage, and a CUDA snapshot
+    def _start_storages(self, model: Any) -> None:
+        tracker = self.storages = StorageTracker(self.device.type)
+        for buffer in model.buffers():
+            tracker.tag(buffer, "weights")
+
+        def forward_begins(module: Any, *_: Any) -> None:
+            self._phase("forward" if module.training and torch.is_grad_enabled() else "evaluation")
+
+        def forward_ends(*_: Any) -> None:
+            # the loss reduction and the backward pass follow (a loss computed outside the model counts there)
+            self._phase("backward" if tracker.phase in ("forward", "loss") else "other")
+
+        def loss_path_begins(*_: Any) -> None:
+            if tracker.phase == "forward":
+                self._phase("loss")
+
+        self.handles += [model.register_forward_pre_hook(forward_begins), model.register_forward_hook(forward_ends)]
+        get_output = getattr(model, "get_output_embeddings", None)
+        head = get_output() if callable(get_output) else None
+        if isinstance(head, torch.nn.Module):
+            self.handles.append(head.register_forward_pre_hook(loss_path_begins))
+        tracker.start()
+
+    def _stop_storages(self) -> None:
+        if self.storages is not None:
+            self.storages.stop()
+
+    def _phase(self, phase: str) -> None:
+        if self.storages is not None:
+            self.storages.phase = phase
+
+    def _start_snapshot(self) -> None:
+        if self.device is None or self.device.type != "cuda":
+            self.memory_snapshot = "not recorded: needs a CUDA device"
+            return
+        torch.cuda.memory._record_memory_history(max_entries=_SNAPSHOT_ENTRIES)
+        self._recording = True
+
+    def _save_snapshot(self) -> None:
+        """Ends the recorded step: the snapshot is written beside the metrics (untested here: no GPU in CI)."""
+        self._recording = False
+        path = Path(self.out_path).parent / SNAPSHOT_FILE
+        try:
+            if self._world_zero:
+                torch.cuda.memory._dump_snapshot(str(path))
+                self.memory_snapshot = SNAPSHOT_FILE
+        finally:
+            torch.cuda.memory._record_memory_history(enabled=None)
 
     # ------------------------------------------------------------------ profile
     def _start_profiler(self) -> None:
@@ -327,7 +435,7 @@ class BenchMetricsCallback(TrainerCallback):
         self._record(gradients=gradients, **self.last)
 
     def _gradient_bytes(self, extra: Iterable[Any] = ()) -> int:
-        storages = _Storages()
+        storages = _Storages(tracker=self.storages, category="gradients")
         for param in self.params:
             if param.grad is not None:
                 storages.add(param.grad)
@@ -337,10 +445,10 @@ class BenchMetricsCallback(TrainerCallback):
         return storages.bytes
 
     def _sample_full(self) -> None:
-        parameters = _Storages()
+        parameters = _Storages(tracker=self.storages, category="weights")
         for param in self.params:
             parameters.add(param)
-        masters = _Storages(exclude=self.param_ptrs)
+        masters = _Storages(exclude=self.param_ptrs, tracker=self.storages, category="masters")
         held: list[Any] = []  # optimizer-held parameters that are not the model's (fp32 master copies)
         for item in self.chain:
             for group in getattr(item, "param_groups", None) or ():
@@ -348,7 +456,7 @@ class BenchMetricsCallback(TrainerCallback):
                     if hasattr(param, "untyped_storage") and param.untyped_storage().data_ptr() not in self.param_ptrs:
                         held.append(param)
                         masters.add(param)
-        states = _Storages(exclude=self.param_ptrs | masters.seen)
+        states = _Storages(exclude=self.param_ptrs | masters.seen, tracker=self.storages, category="optimizer_state")
         visited: set[int] = set()
         for item in self.chain:
             state = _state_of(item)
@@ -426,6 +534,8 @@ class BenchMetricsCallback(TrainerCallback):
             "peak_memory_source": source,
             "peak_rss_bytes": int(peak_rss),
             "peak_tracked_bytes": self.peaks["tracked"],
+            **self._storage_summary(),
+            "memory_snapshot": self.memory_snapshot,
             "parameter_bytes": self.peaks["parameter"],
             "gradient_bytes": self.peaks["gradient"],
             "optimizer_state_bytes": self.peaks["optimizer_state"],
@@ -457,6 +567,11 @@ class BenchMetricsCallback(TrainerCallback):
             "loss_curve": self.loss_curve,
             "eval_curve": self.eval_curve,
         }
+
+    def _storage_summary(self) -> dict[str, Any]:
+        if self.storages is None:
+            return dict.fromkeys(SUMMARY_KEYS)
+        return self.storages.summary()
 
     def _write(self) -> None:
         if not self._world_zero:

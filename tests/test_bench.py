@@ -44,6 +44,11 @@ RUN_FIELDS = (
     "final_train_loss",
     "eval_loss",
     "loss_curve",
+    "peak_storage_bytes",
+    "peak_composition",
+    "untracked_bytes",
+    "peak_phase",
+    "peak_step",
 )
 SPARSITY = 0.95
 
@@ -229,6 +234,25 @@ def test_a_method_can_drop_a_base_argument_with_null(tmp_path):
     assert "optim" not in runs["plain"].args
 
 
+def test_a_method_s_env_adds_to_the_suite_s_for_its_runs_only(tmp_path, capsys):
+    from blockllm_factory.cli import main
+
+    suite = {**_minimal(), "env": {"A": 1, "B": "suite"}}
+    suite["methods"]["badam_checkpointed"] = {"finetuning_type": "full", "env": {"B": "own", "C": True}}
+    path = _write_suite(tmp_path / "suite.yaml", suite)
+    runs = {run.name: run for run in load_suite(path).runs}
+    assert runs["full"].env == {"A": "1", "B": "suite"}
+    assert runs["badam_checkpointed"].env == {"A": "1", "B": "own", "C": "true"}
+    assert "env" not in runs["badam_checkpointed"].args
+    assert runs["full"].fingerprint != runs["badam_checkpointed"].fingerprint
+    assert main(["bench", str(path), "--plan"]) == 0
+    planned = [line for line in capsys.readouterr().out.splitlines() if "badam_checkpointed:" in line]
+    assert planned and planned[0].endswith("env B=own, C=true")
+    suite["methods"]["badam_checkpointed"]["env"] = {"B": [1]}
+    with pytest.raises(SuiteError, match="methods.badam_checkpointed.env.B must be a text or number"):
+        load_suite(_write_suite(tmp_path / "suite.yaml", suite))
+
+
 # ---------------------------------------------------------------- measurement callback
 
 
@@ -308,6 +332,16 @@ def test_the_callback_measures_adamw_from_its_live_tensors(tmp_path):
     assert figures["steps"] == 3 and len(figures["step_times_s"]) == 3
     assert [step for step, _ in figures["loss_curve"]] == [1, 2, 3]
     assert figures["eval_curve"] == [[3, 0.5]]
+    # Every live storage: at its peak (an optimizer step: AdamW's moments and temporaries beside the gradients) the
+    # weights, their gradients and both moments are live; the composition adds up to the peak.
+    parts = figures["peak_composition"]
+    assert sum(parts.values()) == figures["peak_storage_bytes"] >= weights + weights + moments
+    assert parts["weights"] == weights and parts["gradients"] <= weights
+    assert parts["optimizer_state"] >= moments and parts["masters"] == 0
+    assert figures["untracked_bytes"] == sum(
+        parts[key] for key in ("activations", "loss_path", "temporaries", "other")
+    )
+    assert figures["peak_phase"] == "optimizer" and figures["peak_step"] in (1, 2, 3)
 
 
 def test_the_callback_counts_optimizer_held_copies_as_master_weights(tmp_path):
@@ -604,15 +638,23 @@ def test_the_memory_gpu_suite_plans_every_method_at_both_shapes_and_precisions(c
     assert sum(line.startswith("  ") for line in printed.splitlines()) == len(suite.runs)
 
 
-def test_the_memory_cpu_suite_runs_every_method_at_the_half_billion_shape_in_bf16():
+def test_the_memory_cpu_suite_runs_every_method_at_the_half_billion_shape():
     suite = load_suite(SUITES / "memory_cpu.yaml")
     assert all(run.problem is None for run in suite.runs)
     assert {run.kind for run in suite.runs} == set(KINDS)
     assert {(build.config.parent.name, build.dtype) for build in suite.builds} == {("qwen2.5_0.5b", "bfloat16")}
-    assert all(run.args["bf16"] is True and run.args["use_cpu"] is True for run in suite.runs)
+    # fp32 on CPU (bf16 matmuls crawl without bf16 units), from the model built in bf16
+    assert all(run.args["bf16"] is False and run.args["use_cpu"] is True for run in suite.runs)
     by_method = {run.method: run for run in suite.runs}
     assert by_method["blockllm_8bit"].args == {**by_method["blockllm"].args, "optim": "adamw_bnb_8bit"}
     assert {"peak_tracked_lowest", "peak_tracked_near_floor", "gradient_share_of_full"} <= set(suite.goals)
+    # issue 18: BAdam as shipped (the goals' reference: the first of its kind) and with the frozen-layer checkpointing
+    assert {"storage_peak_lowest_of_full_parameter", "untracked_near_lora"} <= set(suite.goals)
+    badams = [run for run in suite.runs if run.kind == "badam"]
+    assert [run.method for run in badams] == ["badam", "badam_checkpointed"]
+    assert "BLOCKLLM_FACTORY_CHECKPOINT_FROZEN_LAYERS" not in badams[0].env
+    assert badams[1].env["BLOCKLLM_FACTORY_CHECKPOINT_FROZEN_LAYERS"] == "1"
+    assert by_method["blockllm_sparsity_0.97"].args["blockllm_sparsity"] == 0.97
 
 
 @pytest.mark.parametrize("name", ["quality_sft.yaml", "quality_pt.yaml"])
@@ -841,6 +883,25 @@ def test_goals_are_met_only_when_every_comparison_holds_and_missed_when_one_fail
     assert statuses["eval loss at or below BAdam's, GaLore's and LoRA's"] == "missed"  # badam already beats it
 
 
+def test_the_every_byte_goals_compare_with_the_shipped_full_parameter_methods_and_lora():
+    names = ("storage_peak_lowest_of_full_parameter", "untracked_near_lora")
+    records = [
+        _record(kind, kind, peak_storage_bytes=2000, untracked_bytes=100) for kind in ("full", "galore", "apollo")
+    ]
+    records += [
+        _record("badam", "badam", peak_storage_bytes=1500, untracked_bytes=400),  # as LLaMA-Factory ships it
+        _record("badam_checkpointed", "badam", peak_storage_bytes=1100, untracked_bytes=100),
+        _record("lora", "lora", peak_storage_bytes=900, untracked_bytes=100),  # not a full-parameter method
+    ]
+    block = _record("blockllm", "blockllm", peak_storage_bytes=1200, untracked_bytes=110)
+    ((_, listed, _),) = report.goals(records + [block], names)
+    assert [goal.status for goal in listed] == ["met", "met"]  # met: BAdam as shipped, not the checkpointed one
+    block["untracked_bytes"] = 111  # above 1.10 x LoRA's
+    block["peak_storage_bytes"] = 1500  # not below BAdam's
+    ((_, listed, _),) = report.goals(records + [block], names)
+    assert [goal.status for goal in listed] == ["missed", "missed"]
+
+
 def test_goals_say_when_the_run_did_not_use_the_stated_sparsity():
     _, note = _statuses([_record("blockllm", "blockllm", sparsity=0.9)])
     assert "0.9" in note and "0.95" in note
@@ -953,6 +1014,12 @@ def test_bench_reports_every_run_with_all_fields(bench_runs):
         assert steps == sorted(steps) and steps[-1] == 6
         assert all(math.isfinite(loss) for _, loss in run["loss_curve"])
         assert math.isfinite(run["final_train_loss"]) and math.isfinite(run["eval_loss"])
+        # every live storage: the peak holds at least the tracked categories' peak, and its composition adds up
+        assert run["peak_storage_bytes"] >= run["peak_tracked_bytes"]
+        assert sum(run["peak_composition"].values()) == run["peak_storage_bytes"]
+        assert run["peak_composition"]["weights"] >= run["parameter_bytes"]  # and the buffers (rotary frequencies)
+        assert run["peak_phase"] in ("forward", "loss", "backward", "optimizer", "other") and run["peak_step"] >= 1
+    assert "### Every byte" in (bench_runs.out / "report.md").read_text()
 
 
 def test_bench_figures_are_consistent_with_the_methods(bench_runs):

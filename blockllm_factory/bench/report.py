@@ -21,7 +21,11 @@ SHARE_OF_FULL = 0.055  # optimizer-state and gradient bytes, at most this share 
 STEP_TIME_SHARE_OF_FULL = 0.75
 STEP_TIME_SHARE_OF_BADAM = 1.05
 FLOOR_MARGIN = 1.10  # issue 9: peak tracked bytes within 10% of the floor
+UNTRACKED_MARGIN = 1.10  # issue 18: bytes outside the tracked categories within 10% of LoRA's
 BASELINES = ("full", "lora", "galore", "badam")
+# The full-parameter methods; each kind's first method in a suite is the reference, so a suite lists a method as
+# LLaMA-Factory ships it (e.g. BAdam without the frozen-layer checkpointing) before its variants.
+FULL_PARAMETER_KINDS = ("full", "galore", "apollo", "badam")
 OTHERS = "others"  # as a goal's reference: the first method of every other kind in the group
 FLOOR = "floor"  # as a goal's reference: the subject's own floor (floor_bytes)
 # LLaMA-Factory `optim` names that give BlockLLM 8-bit moments (patches/precision.py).
@@ -85,6 +89,18 @@ GOALS: dict[str, GoalSpec] = {
         (FLOOR,),
         FLOOR_MARGIN,
         reference_key="floor_bytes",
+    ),
+    "storage_peak_lowest_of_full_parameter": GoalSpec(
+        "all-storage peak the lowest of the full-parameter methods as LLaMA-Factory ships them",
+        "peak_storage_bytes",
+        FULL_PARAMETER_KINDS,
+        strict=True,
+    ),
+    "untracked_near_lora": GoalSpec(
+        f"bytes outside the tracked categories (at the all-storage peak) within {UNTRACKED_MARGIN - 1:.0%} of LoRA's",
+        "untracked_bytes",
+        ("lora",),
+        UNTRACKED_MARGIN,
     ),
     "eval_loss_at_or_below_lora_badam": GoalSpec(
         "mean eval loss at or below LoRA's and BAdam's", "eval_loss", ("lora", "badam")
@@ -393,6 +409,28 @@ def _table(records: list[dict], reference: dict | None) -> list[str]:
     return lines
 
 
+def _storage_table(records: list[dict]) -> list[str]:
+    """Every byte: the all-storage peak, the tracked and untracked bytes at that moment, its composition, where."""
+    from blockllm_factory.patches.storages import CATEGORIES  # noqa: PLC0415 - the names the callback writes
+
+    lines = [
+        "| run | all-storage peak | tracked at it | untracked | "
+        + " | ".join(key.replace("_", " ") for key in CATEGORIES)
+        + " | where | floor |",
+        "|---|" + "---:|" * (len(CATEGORIES) + 3) + "---|---:|",
+    ]
+    for r in records:
+        parts = r.get("peak_composition") or {}
+        peak, untracked = r.get("peak_storage_bytes"), r.get("untracked_bytes")
+        tracked = peak - untracked if isinstance(peak, int) and isinstance(untracked, int) else None
+        where = f"{r['peak_phase']}, step {r['peak_step']}" if r.get("peak_phase") else "n/a"
+        cells = [r["name"], human_bytes(peak), human_bytes(tracked), human_bytes(untracked)]
+        cells += [human_bytes(parts.get(key)) if parts else "n/a" for key in CATEGORIES]
+        cells += [where, human_bytes(r.get("floor_bytes")) if r.get("floor_bytes") else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _spread(stats: dict | None) -> str:
     if not stats:
         return "n/a"
@@ -477,6 +515,16 @@ def _gaps(summaries: list[dict]) -> list[str]:
     return lines
 
 
+STORAGE_NOTE = (
+    "All-storage peak: the largest sum of every live tensor storage on the training device during training (a "
+    "dispatch mode sees every operator; on a GPU what `max_memory_allocated` sees, without the allocator's "
+    "rounding). Its composition at that moment: weights (and buffers), gradients, optimizer state and masters are the "
+    "tracked categories; activations are storages autograd saved for backward; loss path is what the forward made "
+    "from the output embedding on (logits, loss); temporaries are other storages made in forward, backward or the "
+    "optimizer step; other is the rest (the batch). Where: the phase and step (1: the first) of the peak."
+)
+
+
 def markdown(document: dict) -> str:
     machine = document.get("machine", {})
     runs = document.get("runs", [])
@@ -548,6 +596,8 @@ def markdown(document: dict) -> str:
         methods = grouped_summaries.get(group, [])
         reference = next((s for s in methods if s.get("kind") == "full" and s.get("status") == "ok"), None)
         lines += [f"## Results{suffix}", ""] + _table(records, reference) + [""]
+        if any(r.get("peak_storage_bytes") for r in records):
+            lines += [f"### Every byte{suffix}", "", STORAGE_NOTE, ""] + _storage_table(records) + [""]
         lines += [f"### Per method{suffix}", ""]
         if any(len(s["points"]) > 1 or s["points"][0]["ok_runs"] > 1 for s in methods):
             lines += [

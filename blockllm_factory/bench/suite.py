@@ -28,6 +28,9 @@ Harness keys beside the LLaMA-Factory arguments:
 - ``seeds``: a list of distinct integers; every run is made once per seed, with ``seed`` set to it (the suite then must
   not set ``seed`` itself; ``--seeds`` on the command line replaces both). The report gives mean, standard deviation,
   minimum and maximum over the seeds.
+- ``methods.<name>.env``: ``{NAME: value}`` added to the suite's ``env`` for that method's runs only, e.g.
+  ``BLOCKLLM_FACTORY_CHECKPOINT_FROZEN_LAYERS: 1`` to run BAdam with BlockLLM's frozen-layer checkpointing beside
+  BAdam as LLaMA-Factory ships it (patches/layer_checkpointing.py).
 - ``methods.<name>.sweep``: ``{argument: [value, ...]}``, e.g. ``{learning_rate: [1.0e-3, 3.0e-3, 1.0e-2]}``: the
   method runs once per value (per combination, for several arguments) and per seed; the report names the value with
   the best mean eval loss and keeps every value's runs.
@@ -142,6 +145,7 @@ class Suite:
     domain_text: Path | None = None
     seeds: list[int] | None = None
     goals: list[str] | None = None  # None: the report's default goals
+    env: dict[str, str] = field(default_factory=dict)  # the suite's env (a method's own env adds to it)
 
     @property
     def groups(self) -> list[str | None]:
@@ -191,6 +195,14 @@ def _unknown(keys: list[str], known: set[str] | None, where: str) -> str | None:
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             return f"{where}: unknown LLaMA-Factory argument {key!r}{hint}"
     return None
+
+
+def _environment(value: Any, where: str, source: Path) -> dict[str, str]:
+    env = _mapping(value, where, source)
+    for key, item in env.items():
+        if not isinstance(item, (str, int, float, bool)):
+            raise SuiteError(f"{source}: {where}.{key} must be a text or number, got {type(item).__name__}")
+    return {key: str(item).lower() if isinstance(item, bool) else str(item) for key, item in env.items()}
 
 
 def _mapping(value: Any, where: str, source: Path) -> dict[str, Any]:
@@ -410,11 +422,7 @@ def load_suite(
             raise SuiteError(f"--set {key}: set by the harness (DIR/runs/<run>/output)")
     groups = _named(top.get("groups"), "groups", source, required=False)
     methods = _named(top["methods"], "methods", source, required=True)
-    env = _mapping(top.get("env"), "env", source)
-    for key, value in env.items():
-        if not isinstance(value, (str, int, float, bool)):
-            raise SuiteError(f"{source}: env.{key} must be a text or number, got {type(value).__name__}")
-    env = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in env.items()}
+    env = _environment(top.get("env"), "env", source)
     description = top.get("description") or ""
     if not isinstance(description, str):
         raise SuiteError(f"{source}: description must be text")
@@ -458,6 +466,7 @@ def load_suite(
             if key in args:
                 raise SuiteError(f"{source}: {where}.{key} is set by the harness (DIR/runs/<run>/output); remove it")
     sweeps: dict[str, list[dict[str, Any]]] = {}
+    method_envs: dict[str, dict[str, str]] = {}
     for name, args in methods.items():
         for key in HARNESS_KEYS:
             if key in args:
@@ -470,6 +479,7 @@ def load_suite(
                     + (" (model_config: at the top level or in groups)" if key in BUILD_KEYS else "")
                 )
         sweeps[name] = _sweep(args.pop("sweep", None), f"methods.{name}.sweep", args, source)
+        method_envs[name] = {**env, **_environment(args.pop("env", None), f"methods.{name}.env", source)}
         for key in sweeps[name][0]:
             if key in settings:
                 raise SuiteError(f"--set {key}: methods.{name}.sweep varies it; remove it from --set or the sweep")
@@ -513,7 +523,7 @@ def load_suite(
                             group=group,
                             kind=method_kind(args),
                             args=args,
-                            env=env,
+                            env=method_envs[method],
                             problem=problem,
                             seed=seed,
                             sweep=dict(point),
@@ -528,6 +538,7 @@ def load_suite(
         runs=runs,
         seeds=suite_seeds,
         goals=goals,
+        env=env,
     )
 
 
@@ -555,6 +566,9 @@ def plan(suite: Suite, shapes: bool = True) -> list[str]:
         ]
         if run.seed is not None:
             details.append(f"seed {run.seed}")
+        own_env = {key: value for key, value in run.env.items() if suite.env.get(key) != value}
+        if own_env:
+            details.append("env " + ", ".join(f"{key}={value}" for key, value in own_env.items()))
         if run.problem:
             details.append(f"CANNOT RUN: {run.problem}")
         lines.append(f"  {run.name}: " + ", ".join(details))

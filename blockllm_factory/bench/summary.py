@@ -17,6 +17,8 @@ LOSS_KEYS = ("final_train_loss", "eval_loss")
 MEAN_KEYS = (
     "peak_memory_bytes",
     "peak_tracked_bytes",
+    "peak_storage_bytes",
+    "untracked_bytes",
     "parameter_bytes",
     "gradient_bytes",
     "optimizer_state_bytes",
@@ -73,7 +75,7 @@ def _point(records: list[dict]) -> dict[str, Any]:
     point["trains"] = trains[0]["summary"] if trains else None
     if len({t["summary"] for t in trains}) > 1:
         point["trains"] += " (differs between seeds: see report.json)"
-    for key in ("peak_memory_source", "optimizer", "sparsity", "floor_formula"):
+    for key in ("peak_memory_source", "optimizer", "sparsity", "floor_formula", "peak_composition", "peak_phase"):
         point[key] = next((r.get(key) for r in source if r.get(key) is not None), None)
     return point
 
