@@ -36,6 +36,9 @@ Two switches, read from the environment (a suite sets them under ``env:``):
   delays the kernel launches of the backward pass on a GPU, and more so for methods that train more tensors, so timed
   suites turn it off. The gradient peak is then the one seen at the optimizer step, which is where a method that
   keeps its gradients until the step peaks; the GPU's peak comes from the allocator either way.
+- ``BLOCKLLM_FACTORY_BENCH_EXACT_MATCH=1``: after each evaluation, the share of eval examples whose answer the model
+  gets exactly right under teacher forcing (every label token the argmax given the true prefix, which is what greedy
+  decoding would reproduce), one more forward pass over the eval set; a task metric beside the eval loss for SFT.
 - ``BLOCKLLM_FACTORY_BENCH_PROFILE=N``: the last ``N`` steps of the run are profiled with ``torch.profiler`` and the
   table of operators by device time (by CPU time without a GPU) is written beside the metrics as ``profile.txt``.
   Profiled steps are left out of the step times.
@@ -64,6 +67,8 @@ from ._version import check_llamafactory_version
 ENV_VAR = "BLOCKLLM_FACTORY_BENCH_OUT"
 GRADIENT_SAMPLES_ENV = "BLOCKLLM_FACTORY_BENCH_GRADIENT_SAMPLES"
 PROFILE_ENV = "BLOCKLLM_FACTORY_BENCH_PROFILE"
+EXACT_MATCH_ENV = "BLOCKLLM_FACTORY_BENCH_EXACT_MATCH"
+IGNORE_INDEX = -100  # labels of prompt and padding tokens (LLaMA-Factory's and transformers' value)
 PROFILE_FILE = "profile.txt"
 _PROFILE_ROWS = 40
 SCHEMA = 1
@@ -90,6 +95,7 @@ def apply(module: Any) -> None:
             out_path,
             sample_gradients=os.environ.get(GRADIENT_SAMPLES_ENV, "1") != "0",
             profile_steps=int(os.environ.get(PROFILE_ENV, "0") or 0),
+            exact_match=os.environ.get(EXACT_MATCH_ENV, "0") == "1",
         )
         callbacks.append(callback)
         try:
@@ -147,6 +153,31 @@ def _checksum(tensor: Any) -> tuple[int, int] | None:
     return int(total), int(squares)
 
 
+def exact_match(model: Any, batches: Iterable[Mapping[str, Any]]) -> float | None:
+    """Share of the examples whose every label token is the model's most likely next token given the true prefix.
+
+    Teacher-forced, one forward pass per batch; the same as greedy decoding reproducing the whole answer and its end
+    token (the labels hold both), without generating. Examples without a label token are not counted."""
+    was_training = model.training
+    model.eval()
+    hits = total = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                device = next(model.parameters()).device
+                inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask") if key in batch}
+                gold = batch["labels"].to(device)[:, 1:]
+                predicted = model(**inputs).logits[:, :-1].argmax(dim=-1)
+                scored = gold != IGNORE_INDEX
+                right = ((predicted == gold) | ~scored).all(dim=1)
+                counted = scored.any(dim=1)
+                hits += int((right & counted).sum())
+                total += int(counted.sum())
+    finally:
+        model.train(was_training)
+    return hits / total if total else None
+
+
 def _state_of(optimizer: Any) -> Mapping | None:
     try:
         state = optimizer.state
@@ -158,8 +189,12 @@ def _state_of(optimizer: Any) -> Mapping | None:
 class BenchMetricsCallback(TrainerCallback):
     """Measures one training run for the comparison harness and writes the figures to ``out_path``."""
 
-    def __init__(self, out_path: str, sample_gradients: bool = True, profile_steps: int = 0) -> None:
+    def __init__(
+        self, out_path: str, sample_gradients: bool = True, profile_steps: int = 0, exact_match: bool = False
+    ) -> None:
         self.out_path = out_path
+        self.exact_match = exact_match
+        self.exact_match_curve: list[list[float]] = []
         self.sample_gradients = sample_gradients
         self.profile_steps = max(0, profile_steps)
         self._profiler: Any = None
@@ -268,9 +303,22 @@ class BenchMetricsCallback(TrainerCallback):
         if logs and "loss" in logs:
             self.loss_curve.append([int(state.global_step), float(logs["loss"])])
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **_: Any):
+    def on_evaluate(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        metrics: dict[str, Any] | None = None,
+        model: Any = None,
+        eval_dataloader: Any = None,
+        **_: Any,
+    ):
         if metrics and "eval_loss" in metrics:
             self.eval_curve.append([int(state.global_step), float(metrics["eval_loss"])])
+            if self.exact_match and model is not None and eval_dataloader is not None:
+                score = exact_match(model, eval_dataloader)
+                if score is not None:
+                    self.exact_match_curve.append([int(state.global_step), score])
         self._write()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **_: Any):
@@ -456,6 +504,7 @@ class BenchMetricsCallback(TrainerCallback):
             "tokens_per_s": sum(self.step_tokens) / total_time if total_time > 0 and sum(self.step_tokens) else None,
             "loss_curve": self.loss_curve,
             "eval_curve": self.eval_curve,
+            "exact_match_curve": self.exact_match_curve,
         }
 
     def _write(self) -> None:
