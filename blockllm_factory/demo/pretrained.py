@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockllm_factory.demo import builder
+from . import builder
 
 CACHE_ENV = "BLOCKLLM_FACTORY_CACHE"
 
