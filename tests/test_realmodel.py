@@ -133,6 +133,8 @@ def test_convert_gives_the_model_and_tokenizer_the_gguf_holds(tiny_gguf, tmp_pat
     ids = original_tokenizer(text, return_tensors="pt").input_ids
     assert tokenizer(text, add_special_tokens=False).input_ids == ids[0].tolist()
     assert tokenizer.decode(ids[0]) == text
+    roles = ("bos_token", "eos_token", "pad_token", "unk_token")
+    assert [getattr(tokenizer, role) for role in roles] == [getattr(original_tokenizer, role) for role in roles]
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-4, rtol=1e-4)
 

@@ -120,6 +120,12 @@ def convert(gguf_file: Path, folder: Path, dtype: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=getattr(torch, dtype)
     )
+    # transformers 5.6 reads the GGUF's tokenizer with the begin token as its end token and no padding token (seen on
+    # SmolLM2: eos <|im_start|> where the file says <|im_end|>); the model config holds the file's ids, so they decide.
+    for role in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(model.config, f"{role}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
