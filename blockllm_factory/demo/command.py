@@ -13,11 +13,12 @@ HELP = "build the embedded tiny Llama and its datasets, or summarise a finished 
 
 
 def _build(args: argparse.Namespace) -> int:
-    from blockllm_factory.demo.assets import build
+    """``build`` (the tiny Llama, :mod:`.assets`) or ``real-build`` (SmolLM2, :mod:`.real`); prints where they are."""
+    import importlib
 
-    assets = build(args.directory, force=args.force)
-    print(f"model:    {assets.model_dir}")
-    print(f"datasets: {assets.dataset_dir}")
+    built = importlib.import_module(f"blockllm_factory.demo.{args.builder}").build(args.directory, force=args.force)
+    print(f"model:    {built.model_dir}")
+    print(f"datasets: {built.dataset_dir}")
     return 0
 
 
@@ -44,15 +45,6 @@ def _summary(args: argparse.Namespace) -> int:
     return 0 if all(path.is_file() for path in expected.values()) else 1
 
 
-def _real_build(args: argparse.Namespace) -> int:
-    from blockllm_factory.demo.real import build
-
-    demo = build(args.directory, force=args.force)
-    print(f"model:    {demo.model_dir}")
-    print(f"datasets: {demo.dataset_dir}")
-    return 0
-
-
 def _answers(args: argparse.Namespace) -> int:
     from blockllm_factory.demo.real import show
 
@@ -65,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = actions.add_parser("build", help="build the tiny Llama and the demo datasets (skipped if up to date)")
     build.add_argument("directory", nargs="?", default="runs/demo/assets")
     build.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build is there")
-    build.set_defaults(demo_run=_build)
+    build.set_defaults(demo_run=_build, builder="assets")
     summary = actions.add_parser("summary", help="print where a finished demo run put its results")
     summary.add_argument("output_dir", nargs="?", default="runs/demo/output")
     summary.set_defaults(demo_run=_summary)
@@ -74,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     real.add_argument("directory", nargs="?", default="runs/demo_real")
     real.add_argument("--force", action="store_true", help="rebuild even if an up-to-date build is there")
-    real.set_defaults(demo_run=_real_build)
+    real.set_defaults(demo_run=_build, builder="real")
     answers = actions.add_parser("answers", help="print a model's greedy answers to held-out demo prompts")
     answers.add_argument("model", help="a model folder (a real-build's model, or a fine-tuned output_dir)")
     answers.add_argument("--data", default="runs/demo_real/data", help="the real-build's datasets folder")
