@@ -42,6 +42,9 @@ Switches, read from the environment (a suite sets them under ``env:``):
   delays the kernel launches of the backward pass on a GPU, and more so for methods that train more tensors, so timed
   suites turn it off. The gradient peak is then the one seen at the optimizer step, which is where a method that
   keeps its gradients until the step peaks; the GPU's peak comes from the allocator either way.
+- ``BLOCKLLM_FACTORY_BENCH_EXACT_MATCH=1``: after each evaluation, the share of eval examples whose answer the model
+  gets exactly right under teacher forcing (every label token the argmax given the true prefix, which is what greedy
+  decoding would reproduce), one more forward pass over the eval set; a task metric beside the eval loss for SFT.
 - ``BLOCKLLM_FACTORY_BENCH_PROFILE=N``: the last ``N`` steps of the run are profiled with ``torch.profiler`` and the
   table of operators by device time (by CPU time without a GPU) is written beside the metrics as ``profile.txt``.
   Profiled steps are left out of the step times.
@@ -77,6 +80,8 @@ from .storages import SUMMARY_KEYS, StorageTracker
 ENV_VAR = "BLOCKLLM_FACTORY_BENCH_OUT"
 GRADIENT_SAMPLES_ENV = "BLOCKLLM_FACTORY_BENCH_GRADIENT_SAMPLES"
 PROFILE_ENV = "BLOCKLLM_FACTORY_BENCH_PROFILE"
+EXACT_MATCH_ENV = "BLOCKLLM_FACTORY_BENCH_EXACT_MATCH"
+IGNORE_INDEX = -100  # labels of prompt and padding tokens (LLaMA-Factory's and transformers' value)
 PROFILE_FILE = "profile.txt"
 STORAGES_ENV = "BLOCKLLM_FACTORY_BENCH_STORAGES"
 SNAPSHOT_ENV = "BLOCKLLM_FACTORY_BENCH_MEMORY_SNAPSHOT"
@@ -109,6 +114,7 @@ def apply(module: Any) -> None:
             profile_steps=int(os.environ.get(PROFILE_ENV, "0") or 0),
             track_storages=os.environ.get(STORAGES_ENV, "1") != "0",
             snapshot_step=int(os.environ.get(SNAPSHOT_ENV, "0") or 0),
+            exact_match=os.environ.get(EXACT_MATCH_ENV, "0") == "1",
         )
         callbacks.append(callback)
         try:
@@ -172,6 +178,31 @@ def _checksum(tensor: Any) -> tuple[int, int] | None:
     return int(total), int(squares)
 
 
+def exact_match(model: Any, batches: Iterable[Mapping[str, Any]]) -> float | None:
+    """Share of the examples whose every label token is the model's most likely next token given the true prefix.
+
+    Teacher-forced, one forward pass per batch; the same as greedy decoding reproducing the whole answer and its end
+    token (the labels hold both), without generating. Examples without a label token are not counted."""
+    was_training = model.training
+    model.eval()
+    hits = total = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                device = next(model.parameters()).device
+                inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask") if key in batch}
+                gold = batch["labels"].to(device)[:, 1:]
+                predicted = model(**inputs).logits[:, :-1].argmax(dim=-1)
+                scored = gold != IGNORE_INDEX
+                right = ((predicted == gold) | ~scored).all(dim=1)
+                counted = scored.any(dim=1)
+                hits += int((right & counted).sum())
+                total += int(counted.sum())
+    finally:
+        model.train(was_training)
+    return hits / total if total else None
+
+
 def _state_of(optimizer: Any) -> Mapping | None:
     try:
         state = optimizer.state
@@ -190,8 +221,11 @@ class BenchMetricsCallback(TrainerCallback):
         profile_steps: int = 0,
         track_storages: bool = True,
         snapshot_step: int = 0,
+        exact_match: bool = False,
     ) -> None:
         self.out_path = out_path
+        self.exact_match = exact_match
+        self.exact_match_curve: list[list[float]] = []
         self.track_storages = track_storages
         self.storages: StorageTracker | None = None
         self.snapshot_step = max(0, snapshot_step)
@@ -324,9 +358,22 @@ class BenchMetricsCallback(TrainerCallback):
         if logs and "loss" in logs:
             self.loss_curve.append([int(state.global_step), float(logs["loss"])])
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **_: Any):
+    def on_evaluate(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        metrics: dict[str, Any] | None = None,
+        model: Any = None,
+        eval_dataloader: Any = None,
+        **_: Any,
+    ):
         if metrics and "eval_loss" in metrics:
             self.eval_curve.append([int(state.global_step), float(metrics["eval_loss"])])
+            if self.exact_match and model is not None and eval_dataloader is not None:
+                score = exact_match(model, eval_dataloader)
+                if score is not None:
+                    self.exact_match_curve.append([int(state.global_step), score])
         self._write()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **_: Any):
@@ -566,6 +613,7 @@ class BenchMetricsCallback(TrainerCallback):
             "tokens_per_s": sum(self.step_tokens) / total_time if total_time > 0 and sum(self.step_tokens) else None,
             "loss_curve": self.loss_curve,
             "eval_curve": self.eval_curve,
+            "exact_match_curve": self.exact_match_curve,
         }
 
     def _storage_summary(self) -> dict[str, Any]:

@@ -38,15 +38,25 @@ class ModelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelBuild:
-    """What to build: a config file and the dtype the weights are saved in."""
+    """What to build: a config file (random weights) or a pretrained source (``demo/pretrained.py``), and the dtype
+    the weights are saved in."""
 
-    config: Path  # the config.json file
+    config: Path | None  # the config.json file; None for a pretrained source
     dtype: str
+    source: str | None = None  # a name of pretrained.SOURCES (suite key model_source)
 
     @property
     def name(self) -> str:
-        """Folder name of the build: the config's folder name and the dtype, e.g. ``qwen2.5_0.5b-bfloat16``."""
-        return f"{self.config.parent.name}-{self.dtype}"
+        """Folder name of the build: the config's folder name (or the source's name) and the dtype, e.g.
+        ``qwen2.5_0.5b-bfloat16``, ``smollm2-135m-instruct-bfloat16``."""
+        return f"{self.source or self.config.parent.name}-{self.dtype}"
+
+    def describe(self) -> str:
+        if self.source:
+            from blockllm_factory.demo.pretrained import source
+
+            return f"pretrained {source(self.source).description}"
+        return f"random weights from {self.config}"
 
     def folder(self, root: Path) -> Path:
         return Path(root) / self.name
@@ -166,6 +176,10 @@ def build_model(build: ModelBuild, root: str | os.PathLike, force: bool = False)
     """The folder of ``build`` under ``root``, built unless a build with the same key is there; returns the folder."""
     if build.dtype not in BUILD_DTYPES:
         raise ModelConfigError(f"build_dtype {build.dtype!r} is not one of {', '.join(BUILD_DTYPES)}")
+    if build.source:
+        from blockllm_factory.demo.pretrained import build as build_pretrained
+
+        return build_pretrained(build.source, build.folder(Path(root)), build.dtype, force=force)
     return builder.build_once(
         build.folder(Path(root)).resolve(), build_key(build), lambda staging: _write(build, staging), force=force
     )

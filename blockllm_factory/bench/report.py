@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ STEP_TIME_SHARE_OF_FULL = 0.75
 STEP_TIME_SHARE_OF_BADAM = 1.05
 FLOOR_MARGIN = 1.10  # issue 9: peak tracked bytes within 10% of the floor
 UNTRACKED_MARGIN = 1.10  # issue 18: bytes outside the tracked categories within 10% of LoRA's
+MEMORY_SHARE_OF_FULL = 0.45  # issue 24: memory at most this share of full fine-tuning's, in the same run
+GAP_SHARE_OF_LORA = 1 / 3  # issue 24: gap to full fine-tuning at most this share of LoRA's gap
 BASELINES = ("full", "lora", "galore", "badam")
 # The full-parameter methods; each kind's first method in a suite is the reference, so a suite lists a method as
 # LLaMA-Factory ships it (e.g. BAdam without the frozen-layer checkpointing) before its variants.
@@ -45,6 +48,61 @@ class GoalSpec:
     factor: float = 1.0
     strict: bool = False
     reference_key: str | None = None
+    # A goal that is not `subject <= factor x reference`: check(subject, references) gives its status and detail.
+    check: Callable[[dict, list[tuple[str, dict | None]]], tuple[str, str]] | None = None
+
+
+def _mean_std(record: dict | None, key: str) -> tuple[float, float] | None:
+    """Mean and standard deviation over the seeds (0 for a single run) of a completed record's ``key``."""
+    if not _usable(record, key):
+        return None
+    stats = record.get(f"{key}_stats") or {}
+    return float(record[key]), float(stats.get("std") or 0.0)
+
+
+def _missing(label: str, reference: dict | None, key: str) -> str:
+    return f"{label}: " + ("not in the suite" if reference is None else f"{reference['name']} has no {key}")
+
+
+def _below_beyond_spread(subject: dict, references: list[tuple[str, dict | None]]) -> tuple[str, str]:
+    """The subject's mean eval loss + its std at or below every reference's mean - std: lower by more than the spread
+    of the seeds on both sides."""
+    mine = _mean_std(subject, "eval_loss")
+    if mine is None:
+        return "not measured", f"{subject['name']} has no eval_loss ({subject.get('status')})"
+    upper = mine[0] + mine[1]
+    parts, failed, missing = [f"{subject['name']} {mine[0]:.4f} ± {mine[1]:.4f}"], False, not references
+    for label, reference in references:
+        theirs = _mean_std(reference, "eval_loss")
+        if theirs is None:
+            missing = True
+            parts.append(_missing(label, reference, "eval_loss"))
+            continue
+        lower = theirs[0] - theirs[1]
+        holds = upper <= lower
+        failed |= not holds
+        verdict = f"{upper:.4f} <= {lower:.4f}, holds" if holds else f"{upper:.4f} > {lower:.4f}, does not hold"
+        parts.append(f"{label} {theirs[0]:.4f} ± {theirs[1]:.4f} ({verdict})")
+    return ("missed" if failed else "not measured" if missing else "met"), "; ".join(parts)
+
+
+def _gap_to_full(subject: dict, references: list[tuple[str, dict | None]]) -> tuple[str, str]:
+    """Mean eval loss gap to full fine-tuning at most GAP_SHARE_OF_LORA x LoRA's gap, or within the two std's."""
+    figures = {"subject": _mean_std(subject, "eval_loss")}
+    figures.update({label: _mean_std(reference, "eval_loss") for label, reference in references})
+    absent = [_missing(label, ref, "eval_loss") for label, ref in references if figures[label] is None]
+    if figures["subject"] is None or absent:
+        return "not measured", "; ".join(absent) or f"{subject['name']} has no eval_loss"
+    (mean, std), (full, full_std), (lora, _) = figures["subject"], figures["full"], figures["lora"]
+    gap, lora_gap = mean - full, lora - full
+    within = abs(gap) <= std + full_std
+    holds = gap <= GAP_SHARE_OF_LORA * lora_gap or within
+    detail = (
+        f"{subject['name']} {mean:.4f}, full {full:.4f}: gap {gap:+.4f}; LoRA's gap {lora_gap:+.4f}, "
+        f"{GAP_SHARE_OF_LORA:.3g} of it {GAP_SHARE_OF_LORA * lora_gap:+.4f}; spread of the two {std + full_std:.4f} "
+        f"({'holds' if holds else 'does not hold'})"
+    )
+    return ("met" if holds else "missed"), detail
 
 
 # Every goal a suite may list under `goals:`; the first nine, issue 5's, are graded when it lists none.
@@ -107,6 +165,32 @@ GOALS: dict[str, GoalSpec] = {
     ),
     "train_loss_at_or_below_lora_badam": GoalSpec(
         "mean final train loss at or below LoRA's and BAdam's", "final_train_loss", ("lora", "badam")
+    ),
+    # Issue 24 (a real pretrained model): spreads over the seeds decide, memory from the same run.
+    "eval_loss_below_lora_badam_apollo_beyond_spread": GoalSpec(
+        "mean eval loss below LoRA's, BAdam's and APOLLO's by more than the seeds' spread (mean + std <= mean - std)",
+        "eval_loss",
+        ("lora", "badam", "apollo"),
+        check=_below_beyond_spread,
+    ),
+    "eval_gap_to_full_third_of_lora": GoalSpec(
+        f"gap to full fine-tuning's mean eval loss at most {GAP_SHARE_OF_LORA:.2g} of LoRA's gap, or within the "
+        "seeds' spread of full",
+        "eval_loss",
+        ("full", "lora"),
+        check=_gap_to_full,
+    ),
+    "peak_tracked_share_of_full": GoalSpec(
+        f"peak tracked bytes (live tensors) <= {MEMORY_SHARE_OF_FULL} x full fine-tuning's",
+        "peak_tracked_bytes",
+        ("full",),
+        MEMORY_SHARE_OF_FULL,
+    ),
+    "peak_share_of_full": GoalSpec(
+        f"peak memory <= {MEMORY_SHARE_OF_FULL} x full fine-tuning's (on CPU the process's peak RSS)",
+        "peak_memory_bytes",
+        ("full",),
+        MEMORY_SHARE_OF_FULL,
     ),
 }
 DEFAULT_GOALS = tuple(GOALS)[:9]
@@ -353,7 +437,10 @@ def goals(
                     references += [(kind, first[kind]) for kind in kinds if kind != "blockllm"]
                 else:
                     references.append((reference, first.get(reference)))
-            listed.append(_compare(subject, spec, references))
+            if spec.check is not None:
+                listed.append(Goal(spec.text, *spec.check(subject, references)))
+            else:
+                listed.append(_compare(subject, spec, references))
         result.append((subject, listed, note))
     return result
 
@@ -450,6 +537,9 @@ METHOD_COLUMNS = (
     ("best value", False),
     ("runs ok", True),
     *LOSS_SPREAD_COLUMNS,
+    ("eval exact match (mean ± std [min, max])", True),
+    ("peak memory", True),
+    ("peak tracked", True),
     ("trains (parameters that changed)", False),
 )
 SWEEP_COLUMNS = (
@@ -480,7 +570,17 @@ def _method_table(summaries: list[dict]) -> list[str]:
         ok = sum(p["ok_runs"] for p in s["points"])
         best = values_label(s.get("best")) or ("-" if len(s["points"]) == 1 else "n/a")
         rows.append(
-            [s["name"], s.get("kind") or "", best, f"{ok} of {runs}", *_loss_spreads(s), s.get("trains") or "n/a"]
+            [
+                s["name"],
+                s.get("kind") or "",
+                best,
+                f"{ok} of {runs}",
+                *_loss_spreads(s),
+                _spread(s.get("eval_exact_match_stats")),
+                human_bytes(s.get("peak_memory_bytes")),
+                human_bytes(s.get("peak_tracked_bytes")),
+                s.get("trains") or "n/a",
+            ]
         )
     return _markdown_table(METHOD_COLUMNS, rows)
 

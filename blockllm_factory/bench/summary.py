@@ -14,6 +14,7 @@ from typing import Any
 
 OK_STATUSES = ("ok", "out of memory")  # results; "failed" is not one
 LOSS_KEYS = ("final_train_loss", "eval_loss")
+STAT_KEYS = (*LOSS_KEYS, "eval_exact_match")  # given with their spread over the seeds
 MEAN_KEYS = (
     "peak_memory_bytes",
     "peak_tracked_bytes",
@@ -60,7 +61,7 @@ def _point(records: list[dict]) -> dict[str, Any]:
         "ok_runs": len(done),
         "error": None if status == "ok" else next((r.get("error") for r in records if r.get("status") != "ok"), None),
     }
-    for key in LOSS_KEYS:
+    for key in STAT_KEYS:
         stats = _stats([r[key] for r in done if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])])
         point[f"{key}_stats"] = stats
         point[key] = stats["mean"] if stats else None
