@@ -20,6 +20,7 @@ FIELDS = (
     "blockllm_score",
     "blockllm_block_size",
     "blockllm_norms",
+    "blockllm_master",
 )
 
 
