@@ -33,10 +33,10 @@ def parse(tiny_llamafactory_assets, tmp_path_factory):
 def test_defaults_and_values_reach_finetuning_args(parse):
     finetuning_args = parse()[3]
     assert finetuning_args.finetuning_type == "blockllm"
-    defaults = (0.95, 100, "sample", 2, False, "norm_per_sqrt_size", "head", "select")
+    defaults = (0.95, 100, "sample", 2, False, "norm_per_sqrt_size", "head", "select", "fp32")
     assert tuple(getattr(finetuning_args, field) for field in FIELDS) == defaults
 
-    values = (0.9, 7, "exact", 0, True, "norm", 0, "always")
+    values = (0.9, 7, "exact", 0, True, "norm", 0, "always", "compensated")
     finetuning_args = parse(**dict(zip(FIELDS, values)))[3]
     assert tuple(getattr(finetuning_args, field) for field in FIELDS) == values
 
