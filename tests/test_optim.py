@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from blockllm_factory.optim import BlockLLM
-from blockllm_factory.optim.blockllm import GRADIENT_CARRIER_NAME
+from blockllm_factory.optim.carrier import GRADIENT_CARRIER_NAME
 from blockllm_factory.optim.masks import pack_mask, unpack_mask
 from blockllm_factory.optim.selection import rank_blocks
 
@@ -286,6 +286,69 @@ def test_load_state_dict_runs_torchs_hooks_around_a_complete_restore():
                 if torch.is_tensor(value)
                 else value == resumed.state[twin_param][key]
             )
+
+
+# The run state's entries as version 0.2 (the flat update) writes them: checkpoints of earlier runs hold these keys,
+# and this version reads them (those of version 0.1.0 lack the last two).
+RUN_STATE_ENTRIES = ("selected", "probed", "reselect_after_probe", "visits", "norms", "losses", "step",
+                     "reselections", "skipped_steps", "events", "rng_state", "block_names", "budget",
+                     "steps_without_loss", "shapes")  # fmt: skip
+
+
+def test_the_run_state_keeps_its_checkpoint_entries_in_plain_containers():
+    torch.manual_seed(0)
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, seed=3)
+    for index, tokens in enumerate(make_batches(6, seed=5)):
+        train_step(model, optimizer, tokens, loss_offset=(index % 3) * 0.2)
+    run = optimizer.state_dict()["blockllm"]
+    assert set(run) == set(RUN_STATE_ENTRIES)
+    assert isinstance(run["losses"], list) and isinstance(run["events"][0], dict) and run["step"] == 6
+    assert isinstance(run["rng_state"], torch.Tensor) and run["shapes"]["layers.0.0.weight"] == [64, 32]
+    run["events"].clear()  # a copy: the optimizer's own record is untouched
+    assert optimizer.selection_events
+
+
+def test_a_checkpoint_of_version_0_1_0_resumes_bit_identical():
+    """Version 0.1.0 wrote neither ``steps_without_loss`` nor ``shapes``: such a run state still loads."""
+
+    def as_version_0_1_0(state_dict):
+        run = {key: value for key, value in state_dict["blockllm"].items() if key not in RUN_STATE_ENTRIES[-2:]}
+        return {**state_dict, "blockllm": run}
+
+    assert_resume_is_bit_identical(
+        lambda model, seed: BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, seed=seed),
+        12,
+        5,
+        convert=as_version_0_1_0,
+    )
+
+
+def test_a_run_state_lacking_an_entry_is_refused_naming_it():
+    model = TinyLM()
+    optimizer = BlockLLM(model.named_parameters(), sparsity=0.9)
+    state_dict = optimizer.state_dict()
+    del state_dict["blockllm"]["visits"]
+    with pytest.raises(ValueError, match="lacks 'visits'"):
+        BlockLLM(TinyLM().named_parameters(), sparsity=0.9).load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("engine", ["BlockLLM", "ZeroBlockLLM"])
+def test_state_dict_hooks_see_the_whole_state(engine):
+    """torch's state_dict hooks run around the whole dict, run state included, for the ZeRO engine's own dict too."""
+    from blockllm_factory.optim.zero import ZeroBlockLLM
+
+    model = TinyLM()
+    optimizer = {"BlockLLM": BlockLLM, "ZeroBlockLLM": ZeroBlockLLM}[engine](model.named_parameters(), sparsity=0.9)
+    fired = []
+    optimizer.register_state_dict_pre_hook(lambda opt: fired.append("pre"))
+    optimizer.register_state_dict_post_hook(
+        lambda opt, state: fired.append(("post", {"blockllm", "param_groups"} <= set(state)))
+    )
+    optimizer.register_state_dict_post_hook(lambda opt, state: {**state, "extra": 1})
+    state_dict = optimizer.state_dict()
+    assert fired == ["pre", ("post", True)]
+    assert state_dict["extra"] == 1 and state_dict["blockllm"]["step"] == 0
 
 
 def test_zero_sparsity_matches_adamw_exactly():

@@ -21,7 +21,6 @@ import functools
 import math
 import warnings
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -29,10 +28,12 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .carrier import GradientCarrier, is_carrier_group
 from .distributed import squared_norms_vector, synchronize, unpack_measurements
 from .flat import ClassKey, FlatStates, Item, Slot, weight_kind
 from .masks import pack_mask, unpack_mask
 from .quantization import check_available, quantized, zero_moments_
+from .run_state import RUN_STATE_KEY, RunState
 from .selection import (
     Block,
     cut_mask,
@@ -49,11 +50,6 @@ from .settings import DEFAULTS, check
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 ParamGroups = Iterable[dict[str, Any]]
-
-GRADIENT_CARRIER_NAME = "blockllm.compact_gradients"
-RUN_STATE_KEY = "blockllm"  # the state_dict entry that holds the run state (see BlockLLM.run_state)
-# Run-state entries that checkpoints of earlier versions lack; every other entry of run_state() is required.
-OPTIONAL_RUN_STATE_KEYS = ("steps_without_loss", "shapes")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -245,12 +241,8 @@ class BlockLLM(Optimizer):
         self._sizes = {name: block.numel for name, block in self._blocks.items()}
         self.eligible_numel = sum(self._sizes.values())
         self.budget = max(1, math.floor((1.0 - self.sparsity) * self.eligible_numel))
-        # Compact gradients: one flat buffer, the .grad of a carrier tensor, holds every selected block's masked
-        # gradient at [offset, offset + keep) and, in its last entry, a sentinel that turns NaN when a probed gradient
-        # was not finite (so that a GradScaler sees the overflow even though probed gradients are freed).
-        self.gradient_carrier: torch.nn.Parameter | None = None
-        self._grad_offsets: dict[str, int] = {}  # parameter name -> offset of its compact gradient
-        self._compacted: set[str] = set()  # parameters whose compact gradient holds this step's gradient
+        # Compact gradients live in the carrier (carrier.py), the last parameter group's tensor.
+        self._carrier: GradientCarrier | None = None
         # Derived from the selection by _set_trainable: selected blocks per parameter, and coordinates kept.
         self._selected_by_param: dict[str, list[Block]] = {}
         self._param_keep: dict[str, int] = {}
@@ -258,25 +250,20 @@ class BlockLLM(Optimizer):
         self._slots: dict[str, Slot] = {}
         self._flat: FlatStates | None = None
         if compact_gradients:
-            self.gradient_carrier = self._make_gradient_carrier()
-            self.add_param_group({"params": [self.gradient_carrier], "param_names": [GRADIENT_CARRIER_NAME]})
+            self._carrier = GradientCarrier([self._param_by_name[name] for name in self.eligible_params], self.budget)
+            self.add_param_group(self._carrier.param_group())
 
-        # Run state: everything here is saved by state_dict() and restored by load_state_dict().
-        self._generator = torch.Generator().manual_seed(seed)
-        self._visits = dict.fromkeys(self.block_names, 0)
-        self._norms: dict[str, float] = {}
-        self._losses: deque[float] = deque(maxlen=patience)
+        # Run state (run_state.py): everything there is saved by state_dict() and restored by load_state_dict().
+        self._run = RunState.fresh(
+            self.block_names,
+            self.budget,
+            {name: list(self._shape(name)) for name in self.eligible_params},
+            patience,
+            seed,
+        )
         self._pending_losses: list[float] = []
-        self._selected: dict[str, int] = {}  # block name -> coordinates kept
-        self._probed: list[str] = []  # blocks whose norm the next backward measures (with all blocks of their tensor)
-        self._reselect_after_probe = False
-        self._step_count = 0
-        self._reselections = 0
-        self._skipped_steps = 0
         self._warned_nonfinite = False
-        self._steps_without_loss = 0
         self._warned_no_loss = False
-        self.selection_events: list[dict[str, Any]] = []
         self._loading: tuple[dict[torch.nn.Parameter, dict[str, Any]], dict[str, Any]] | None = None  # see load
 
         # Hooks are attached to probed blocks only, and removed once their norm is taken.
@@ -290,6 +277,8 @@ class BlockLLM(Optimizer):
         self.probe_grad_scale: Callable[[], float] | None = None
         self._kept_for_scaler: str | None = None
 
+        self.register_state_dict_post_hook(_add_run_state, prepend=True)
+
         # The first step measures every block (one gradient at a time) and makes the first selection.
         self._set_trainable(probed=list(self.block_names))
 
@@ -301,16 +290,8 @@ class BlockLLM(Optimizer):
         them. An engine that needs another layout returns it here rather than rewriting ``param_groups`` later."""
         return groups
 
-    def _make_gradient_carrier(self) -> torch.nn.Parameter:
-        """A tensor of ``budget + 1`` entries whose ``.grad`` is the compact gradient buffer; its own data is one
-        expanded scalar (no memory). bf16 when every block is bf16, else fp32: a GradScaler refuses fp16 gradients."""
-        first = self._param_by_name[self.eligible_params[0]]
-        dtypes = {self._param_by_name[name].dtype for name in self.eligible_params}
-        dtype = torch.bfloat16 if dtypes == {torch.bfloat16} else torch.float32
-        data = torch.zeros((), dtype=dtype, device=first.device).expand(self.budget + 1)
-        return torch.nn.Parameter(data, requires_grad=False)
-
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ reading the selection, clipping (public)
+    # Public methods stand in every section below: those of interface.py's BlockLLMEngine and torch's Optimizer.
     def record_loss(self, value: float) -> None:
         """Feeds the training loss of the coming optimizer step; drives the patience rule."""
         value = float(value)
@@ -321,20 +302,28 @@ class BlockLLM(Optimizer):
     def selection(self) -> dict[str, Any]:
         """What is being trained now: block names, coordinates updated per step, budget and reselection count."""
         return {
-            "step": self._step_count,
-            "names": list(self._selected),
-            "coordinates": sum(self._selected.values()),
+            "step": self._run.step,
+            "names": list(self._run.selected),
+            "coordinates": sum(self._run.selected.values()),
             "budget": self.budget,
-            "reselections": self._reselections,
+            "reselections": self._run.reselections,
         }
+
+    @property
+    def gradient_carrier(self) -> torch.nn.Parameter | None:
+        """The tensor whose ``.grad`` holds the selection's compact gradients (carrier.py); None without
+        ``compact_gradients`` at construction."""
+        return None if self._carrier is None else self._carrier.parameter
+
+    @property
+    def selection_events(self) -> list[dict[str, Any]]:
+        """Every (re)selection of the run: its step, block names, coordinates and reason."""
+        return self._run.events
 
     def compact_gradient(self, name: str) -> torch.Tensor | None:
         """The compact gradient of a parameter with selected blocks this step (its masked coordinates, in flattened
         order), if any."""
-        if name not in self._compacted:
-            return None
-        offset = self._grad_offsets[name]
-        return self.gradient_carrier.grad[offset : offset + self._param_keep[name]]
+        return None if self._carrier is None else self._carrier.gradient(name)
 
     def clip_grad_norm_(
         self,
@@ -350,7 +339,7 @@ class BlockLLM(Optimizer):
         ``clip_grad_norm_(model.parameters())`` cannot see them: clip with this method. The norm is that of the
         gradient the update uses (the masked coordinates). Returns the total norm before clipping.
         """
-        grads = [self.compact_gradient(name) for name in self.eligible_params if name in self._compacted]
+        grads = [grad for name in self.eligible_params if (grad := self.compact_gradient(name)) is not None]
         if parameters is not None:
             grads += [param.grad for param in parameters if param.grad is not None]
         if not grads:
@@ -364,7 +353,8 @@ class BlockLLM(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        self._compacted.clear()
+        if self._carrier is not None:
+            self._carrier.forget()
 
     @property
     def blocks(self) -> dict[str, Block]:
@@ -374,20 +364,20 @@ class BlockLLM(Optimizer):
     @property
     def kept_coordinates(self) -> dict[str, int]:
         """Coordinates updated per step in each selected block."""
-        return dict(self._selected)
+        return dict(self._run.selected)
 
     @property
     def norm_table(self) -> dict[str, float]:
         """The last measured gradient norm of every block."""
-        return dict(self._norms)
+        return dict(self._run.norms)
 
     @property
     def visit_counts(self) -> dict[str, int]:
-        return dict(self._visits)
+        return dict(self._run.visits)
 
     @property
     def skipped_steps(self) -> int:
-        return self._skipped_steps
+        return self._run.skipped_steps
 
     @property
     def param_by_name(self) -> Mapping[str, torch.nn.Parameter]:
@@ -402,15 +392,15 @@ class BlockLLM(Optimizer):
     @property
     def probed_blocks(self) -> list[str]:
         """Blocks whose gradient norm the next backward measures (besides the selection), in model order."""
-        return list(self._probed)
+        return list(self._run.probed)
 
     def rescale_norms(self, names: Iterable[str], factor: float) -> None:
         """Multiplies the norm-table entries of ``names`` by ``factor``: for an engine that clips the selected blocks'
         gradients after they were measured, so that the table holds the clipped norms as in one process."""
         for name in names:
-            self._norms[name] *= factor
+            self._run.norms[name] *= factor
 
-    # ------------------------------------------------------------------ step
+    # ------------------------------------------------------------------ step, and what engines feed it (public)
     # torch.compile(optimizer.step) runs it uncompiled: each step takes host-side decisions (the loss rule, the next
     # selection) and changes which parameters require grad and carry hooks; a traced graph would also round the
     # update differently from the eager kernels that docs and tests compare against.
@@ -434,25 +424,25 @@ class BlockLLM(Optimizer):
         if not all(math.isfinite(value) for value in norms.values()):
             self._skip_nonfinite([name for name, value in norms.items() if not math.isfinite(value)])
             return loss
-        if not self._selected and not norms:
+        if not self._run.selected and not norms:
             self._warn_no_gradient()
             return loss
         self._probe_sq_norms = {}
         self._premeasured_sq_norms = {}
-        self._norms.update(norms)
+        self._run.norms.update(norms)
 
         self._apply_updates(selected_names)
         self._release_compact_gradients()
 
         fired = self._loss_rule(mean_loss) if mean_loss is not None else self._no_loss_rule()
-        self._step_count += 1
-        if not self._selected:
+        self._run.step += 1
+        if not self._run.selected:
             self._reselect("initial")
-        elif self._reselect_after_probe:
-            self._reselect_after_probe = False
+        elif self._run.reselect_after_probe:
+            self._run.reselect_after_probe = False
             self._reselect("loss plateau (exact probe)")
         elif fired and self.probe == "exact":
-            self._reselect_after_probe = True  # measure every block on the next backward, then reselect
+            self._run.reselect_after_probe = True  # measure every block on the next backward, then reselect
         elif fired:
             self._reselect("loss plateau" if mean_loss is not None else "no loss recorded: every `patience` steps")
         self._set_trainable(probed=self._next_probe())
@@ -463,7 +453,7 @@ class BlockLLM(Optimizer):
         all of it) and the parameters with selected blocks that have a gradient to update. Engines that shard
         parameters override this (see zero.py); :meth:`step` sums the result over ranks and decides from it."""
         if self.compact_gradients:
-            selected_names = [name for name in self._selected_by_param if name in self._compacted]
+            selected_names = [name for name in self._selected_by_param if self._carrier.holds(name)]
         else:
             selected_names = [name for name in self._selected_by_param if self._param_by_name[name].grad is not None]
         squared_norms = dict(self._probe_sq_norms)
@@ -520,7 +510,7 @@ class BlockLLM(Optimizer):
     def probe_only_parameters(self) -> set[str]:
         """Parameters whose gradient only serves to measure norms this step (probed, none of their blocks selected):
         an engine that measures gradients itself records them with :meth:`record_gradient_norms` and discards them."""
-        return {self._blocks[name].param for name in self._probed} - set(self._selected_by_param)
+        return {self._blocks[name].param for name in self._run.probed} - set(self._selected_by_param)
 
     def measure_gradients(self) -> None:
         """Measures the selected blocks' gradient norms now, for the coming :meth:`step` to use.
@@ -549,7 +539,7 @@ class BlockLLM(Optimizer):
         items = []
         for name in selected_names:
             param = self._param_by_name[name]
-            compact = name in self._compacted
+            compact = self._carrier is not None and self._carrier.holds(name)
             if not self.state.get(param):
                 self._init_param_state(name, param.grad)
             state = self.state[param]
@@ -579,7 +569,7 @@ class BlockLLM(Optimizer):
     def _keeps_gradient_for_scaler(self, name: str) -> bool:
         """On a step with no selection yet (the first), a GradScaler would find no gradient at all and refuse to step
         ("No inf checks were recorded"); one probed block keeps its gradient for it and is measured in step()."""
-        if self.probe_grad_scale is None or self._selected or self.compact_gradients:
+        if self.probe_grad_scale is None or self._run.selected or self.compact_gradients:
             return False
         if self._kept_for_scaler is None:
             self._kept_for_scaler = name
@@ -591,12 +581,12 @@ class BlockLLM(Optimizer):
         parameter group stays (it holds no state) so that checkpoints keep their layout."""
         self.compact_gradients = False
         self._release_compact_gradients()
-        self._set_trainable(probed=self._probed)
+        self._set_trainable(probed=self._run.probed)
 
     def set_probe_hooks(self, enabled: bool) -> None:
         """Turns the probe hooks on or off (an engine that measures probed gradients itself turns them off)."""
         self.probe_hooks = bool(enabled)
-        self._set_trainable(probed=self._probed)
+        self._set_trainable(probed=self._run.probed)
 
     def skip_step(self, reason: str) -> None:
         """Records that the step was skipped outside the optimizer (e.g. a GradScaler or DeepSpeed found inf/NaN).
@@ -612,7 +602,7 @@ class BlockLLM(Optimizer):
 
     def _skip(self, reason: str, detail: str) -> None:
         # Steps are numbered from 1 as in the selection telemetry and the Trainer's logs (global_step after the step).
-        self._skipped_steps += 1
+        self._run.skipped_steps += 1
         self._probe_sq_norms = {}
         self._premeasured_sq_norms = {}
         self._release_compact_gradients()
@@ -624,19 +614,19 @@ class BlockLLM(Optimizer):
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
-                f"BlockLLM: {reason} at optimizer step {self._step_count + 1}{detail}; the step was skipped "
+                f"BlockLLM: {reason} at optimizer step {self._run.step + 1}{detail}; the step was skipped "
                 "(states and selection kept). Further skipped steps are counted in BlockLLM.skipped_steps without a "
                 "warning.",
                 RuntimeWarning,
                 stacklevel=4,
             )
         # Probed blocks are measured again on the next backward.
-        self._set_trainable(probed=self._probed)
+        self._set_trainable(probed=self._run.probed)
 
     def _warn_no_gradient(self) -> None:
         """step() before any backward: the first selection needs every block's gradient norm, so it waits for a step
         that has them (an empty norm table would pick blocks blindly and fix them for ``patience`` steps)."""
-        self._set_trainable(probed=self._probed)
+        self._set_trainable(probed=self._run.probed)
         warnings.warn(
             "BlockLLM: step() was called before any backward(): no gradient was measured, so no block was selected "
             "or updated; call loss.backward() before optimizer.step(). The first selection waits for a step with "
@@ -648,10 +638,10 @@ class BlockLLM(Optimizer):
     def _no_loss_rule(self) -> bool:
         """Fallback when no loss reaches the optimizer: revisit the selection every ``patience`` steps (warned once),
         rather than keeping the first selection forever."""
-        self._steps_without_loss += 1
-        if self._steps_without_loss < self.patience:
+        self._run.steps_without_loss += 1
+        if self._run.steps_without_loss < self.patience:
             return False
-        self._steps_without_loss = 0
+        self._run.steps_without_loss = 0
         if not self._warned_no_loss:
             self._warned_no_loss = True
             warnings.warn(
@@ -666,9 +656,9 @@ class BlockLLM(Optimizer):
 
     def _loss_rule(self, loss: float) -> bool:
         """Paper, section 2.2: revisit the selection when the loss is at or above the mean of the last m losses."""
-        self._steps_without_loss = 0
-        fired = len(self._losses) == self.patience and loss >= sum(self._losses) / self.patience
-        self._losses.append(loss)
+        self._run.steps_without_loss = 0
+        fired = len(self._run.losses) == self.patience and loss >= sum(self._run.losses) / self.patience
+        self._run.losses.append(loss)
         return fired
 
     def _init_param_state(self, name: str, grad: torch.Tensor) -> None:
@@ -677,7 +667,7 @@ class BlockLLM(Optimizer):
         param = self._param_by_name[name]
         keep = self._param_keep[name]
         state: dict[str, Any] = {"step": 0}
-        mask = cut_mask(grad, [(block, self._selected[block.name]) for block in self._selected_by_param[name]])
+        mask = cut_mask(grad, [(block, self._run.selected[block.name]) for block in self._selected_by_param[name]])
         if mask is not None:
             state["mask"] = pack_mask(mask)
         if self._slots[name].key.quantized:
@@ -728,26 +718,12 @@ class BlockLLM(Optimizer):
         values = grad.reshape(-1)
         if "mask" in state:
             values = values[unpack_mask(state["mask"], param.numel())]
-        offset = self._grad_offsets[name]
-        self._carrier_gradient()[offset : offset + values.numel()].add_(values)
-        self._compacted.add(name)
+        self._carrier.add_(name, values)
         param.grad = None
 
-    def _carrier_gradient(self) -> torch.Tensor:
-        carrier = self.gradient_carrier
-        if carrier.grad is None:
-            carrier.grad = torch.zeros(carrier.shape, dtype=carrier.dtype, device=carrier.device)
-        return carrier.grad
-
-    def _flag_nonfinite_probe(self, squared_norm: torch.Tensor) -> None:
-        """Makes the carrier's last entry NaN when a probed gradient was not finite, for a GradScaler to see."""
-        sentinel = self._carrier_gradient()[-1:]
-        sentinel.add_((squared_norm * 0.0).to(sentinel.dtype))
-
     def _release_compact_gradients(self) -> None:
-        if self.gradient_carrier is not None:
-            self.gradient_carrier.grad = None
-        self._compacted.clear()
+        if self._carrier is not None:
+            self._carrier.release()
 
     # ------------------------------------------------------------------ selection
     def _reselect(self, reason: str) -> None:
@@ -755,7 +731,7 @@ class BlockLLM(Optimizer):
         always = set(self.always_selected)
         candidates = [name for name in self.block_names if name not in always]
         if budget > 0 and candidates:
-            ranked = rank_blocks(self._norms, self._visits, candidates, self._sizes, self.score)
+            ranked = rank_blocks(self._run.norms, self._run.visits, candidates, self._sizes, self.score)
             picked = pick_blocks(ranked, self._sizes, budget)
             keep.update(split_budget(picked, self._sizes, budget))
         # Model order within the selection (the pick order is the rank order): states and logs follow the model.
@@ -764,15 +740,15 @@ class BlockLLM(Optimizer):
         for name in self._selected_by_param:
             self.state.pop(self._param_by_name[name], None)
         self._flat = None
-        self._selected = keep
+        self._run.selected = keep
         for name in keep:
-            self._visits[name] += 1
-        self._losses.clear()
+            self._run.visits[name] += 1
+        self._run.losses.clear()
         if self.selection_events:
-            self._reselections += 1
+            self._run.reselections += 1
         self.selection_events.append(
             {
-                "step": self._step_count,
+                "step": self._run.step,
                 "names": list(keep),
                 "coordinates": sum(keep.values()),
                 "reason": reason,
@@ -780,16 +756,16 @@ class BlockLLM(Optimizer):
         )
 
     def _next_probe(self) -> list[str]:
-        unselected = [name for name in self.block_names if name not in self._selected]
-        if self._reselect_after_probe:
+        unselected = [name for name in self.block_names if name not in self._run.selected]
+        if self._run.reselect_after_probe:
             return unselected
         # Blocks of a tensor with selected blocks are measured anyway (its whole gradient is computed): sample others.
-        selected_params = {self._blocks[name].param for name in self._selected}
+        selected_params = {self._blocks[name].param for name in self._run.selected}
         candidates = [name for name in unselected if self._blocks[name].param not in selected_params] or unselected
         if self.probe != "sample" or not candidates or self.probe_blocks == 0:
             return []
         count = min(self.probe_blocks, len(candidates))
-        order = torch.randperm(len(candidates), generator=self._generator)[:count].tolist()
+        order = torch.randperm(len(candidates), generator=self._run.generator)[:count].tolist()
         return [candidates[index] for index in sorted(order)]
 
     def _set_trainable(self, probed: list[str]) -> None:
@@ -798,13 +774,13 @@ class BlockLLM(Optimizer):
             handle.remove()
         self._probe_handles = []
         self._kept_for_scaler = None
-        self._probed = list(probed)
+        self._run.probed = list(probed)
         self._selected_by_param = {}
-        for name in self._selected:
+        for name in self._run.selected:
             block = self._blocks[name]
             self._selected_by_param.setdefault(block.param, []).append(block)
         keeps = {
-            name: sum(self._selected[block.name] for block in blocks)
+            name: sum(self._run.selected[block.name] for block in blocks)
             for name, blocks in self._selected_by_param.items()
         }
         # Layout of the flat states and of the compact gradients: tensors that share a class (flat.py) are adjacent,
@@ -812,12 +788,12 @@ class BlockLLM(Optimizer):
         keys = {name: self._layout_key(name, keep) for name, keep in keeps.items()}
         self._param_keep = {name: keeps[name] for name in sorted(keeps, key=lambda name: keys[name].order())}
         offset = 0
-        self._grad_offsets = {}
         slots = {}
         for name, keep in self._param_keep.items():
-            self._grad_offsets[name] = offset
             slots[name] = Slot(key=keys[name], start=offset, keep=keep)
             offset += keep
+        if self._carrier is not None:
+            self._carrier.arrange({name: (slot.start, slot.keep) for name, slot in slots.items()})
         if slots != self._slots:  # a new selection, or a load: new flat buffers on first use
             self._slots = slots
             self._flat = None
@@ -840,81 +816,47 @@ class BlockLLM(Optimizer):
                     self._param_by_name[name].register_post_accumulate_grad_hook(_probe_hook(self, name))
                 )
 
-    # ------------------------------------------------------------------ checkpointing
+    # ------------------------------------------------------------------ checkpointing (public: state_dict, run_state,
+    # load_state_dict)
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict (its hooks run) plus the run state under ``"blockllm"`` (see :meth:`run_state`).
+        """torch's state dict plus the run state under ``"blockllm"`` (see :meth:`run_state`), added by BlockLLM's
+        own post-hook, which runs before any hook registered with ``register_state_dict_post_hook``: those see the
+        whole state.
 
-        Extension point: a subclass that keeps its per-parameter states elsewhere writes its own dict here, with the
-        run state under the same key, and reads it back in :meth:`_unpack_state_dict`."""
-        state_dict = super().state_dict()
-        state_dict[RUN_STATE_KEY] = self.run_state()
+        Extension point: a subclass that keeps its per-parameter states elsewhere builds its own dict with
+        :meth:`_state_dict_through_hooks` (so that torch's hooks and the run state see it too) and reads it back in
+        :meth:`_unpack_state_dict`."""
+        return super().state_dict()
+
+    def _state_dict_through_hooks(self, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``build()``'s dict with torch's state_dict pre-hooks run before and its post-hooks (BlockLLM's first) after,
+        as ``Optimizer.state_dict`` runs them around its own dict."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = build()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def run_state(self) -> dict[str, Any]:
-        """Everything but the per-block tensors: selection, probes, norm table, losses, counters, generator."""
-        return {
-            "selected": dict(self._selected),
-            "probed": list(self._probed),
-            "reselect_after_probe": self._reselect_after_probe,
-            "visits": dict(self._visits),
-            "norms": dict(self._norms),
-            "losses": list(self._losses),
-            "step": self._step_count,
-            "reselections": self._reselections,
-            "skipped_steps": self._skipped_steps,
-            "steps_without_loss": self._steps_without_loss,
-            "events": [dict(event) for event in self.selection_events],
-            "rng_state": self._generator.get_state(),
-            "block_names": list(self.block_names),
-            "budget": self.budget,
-            "shapes": {name: list(self._shape(name)) for name in self.eligible_params},
-        }
+        """Everything but the per-block tensors: selection, probes, norm table, losses, counters, generator (the
+        fields of :class:`~blockllm_factory.optim.run_state.RunState`)."""
+        return self._run.to_dict()
 
     def _shape(self, name: str) -> tuple[int, ...]:
         param = self._param_by_name[name]
         return tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition's full shape
 
-    def _check_run_state(self, run: dict[str, Any] | None) -> dict[str, Any]:
-        if run is None:
-            raise ValueError("Invalid state_dict: it has no 'blockllm' entry (not saved by BlockLLM)")
-        missing = [key for key in self.run_state() if key not in run and key not in OPTIONAL_RUN_STATE_KEYS]
-        if missing:
-            raise ValueError(
-                f"Invalid state_dict: its 'blockllm' entry lacks {', '.join(map(repr, missing))} (damaged, or not "
-                "saved by this version of blockllm-factory)"
-            )
-        if run["block_names"] != self.block_names or run["budget"] != self.budget:
-            raise ValueError(
-                "Invalid state_dict: it was saved for other blocks or another sparsity "
-                f"(saved budget {run['budget']}, this optimizer {self.budget})"
-            )
-        for name, shape in run.get("shapes", {}).items():
-            if tuple(shape) != self._shape(name):
-                raise ValueError(
-                    f"Invalid state_dict: it was saved for another model ({name} had shape {tuple(shape)}, here "
-                    f"{self._shape(name)})"
-                )
-        return run
-
     def _load_run_state(self, run: dict[str, Any]) -> None:
-        self._selected = dict(run["selected"])
-        self._reselect_after_probe = run["reselect_after_probe"]
-        self._visits = dict(run["visits"])
-        self._norms = dict(run["norms"])
-        self._losses = deque(run["losses"], maxlen=self.patience)
-        self._step_count = run["step"]
-        self._reselections = run["reselections"]
-        self._skipped_steps = run["skipped_steps"]
-        self._steps_without_loss = run.get("steps_without_loss", 0)  # absent from checkpoints of version 0.1.0
-        self.selection_events = [dict(event) for event in run["events"]]
-        # A CPU generator: accelerate moves a state dict to the model's device before loading it (device placement).
-        self._generator.set_state(run["rng_state"].to("cpu"))
+        self._run.load_dict(run)
         self._pending_losses = []
         self._probe_sq_norms = {}
         self._premeasured_sq_norms = {}
         self._release_compact_gradients()
         self._flat = None  # the loaded states are copied into new flat buffers on first use
-        self._set_trainable(probed=list(run["probed"]))
+        self._set_trainable(probed=list(self._run.probed))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores a state saved by :meth:`state_dict`, through torch's ``Optimizer.load_state_dict``.
@@ -940,8 +882,8 @@ class BlockLLM(Optimizer):
         """Extension point: from a dict saved by :meth:`state_dict` (its run state already checked), the settings of
         each group of ``param_groups`` in order (without ``"params"``) and every parameter's state, on its device."""
         # The gradient carrier's group holds no state: a run may resume with compact gradients switched on or off.
-        saved_groups = [group for group in state_dict["param_groups"] if not _is_carrier_group(group)]
-        groups = [group for group in self.param_groups if not _is_carrier_group(group)]
+        saved_groups = [group for group in state_dict["param_groups"] if not is_carrier_group(group)]
+        groups = [group for group in self.param_groups if not is_carrier_group(group)]
         if len(saved_groups) != len(groups):
             raise ValueError("Invalid state_dict: the number of parameter groups differs")
         index_to_param: dict[int, torch.nn.Parameter] = {}
@@ -964,6 +906,11 @@ class BlockLLM(Optimizer):
         return settings, states
 
 
+def _add_run_state(optimizer: BlockLLM, state_dict: dict[str, Any]) -> None:
+    """BlockLLM's first post-hook of torch's state_dict: the run state joins the dict before other hooks see it."""
+    state_dict[RUN_STATE_KEY] = optimizer.run_state()
+
+
 def _group_settings(group: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
     """A group's settings after loading: the saved ones over the current ones; the parameters' names stay."""
     settings = {key: value for key, value in group.items() if key != "params"}
@@ -974,7 +921,7 @@ def _group_settings(group: dict[str, Any], saved: dict[str, Any]) -> dict[str, A
 def _prepare_load(optimizer: BlockLLM, state_dict: dict[str, Any]) -> dict[str, Any]:
     """BlockLLM's pre-hook of torch's load_state_dict: checks the dict, keeps its states aside, and hands torch the
     groups' settings with placeholder parameter ids (torch maps them onto ``param_groups`` as they are)."""
-    run = optimizer._check_run_state(state_dict.get(RUN_STATE_KEY))
+    run = optimizer._run.check_dict(state_dict.get(RUN_STATE_KEY))
     settings, states = optimizer._unpack_state_dict(state_dict)
     _check_finite(optimizer, states)
     optimizer._loading = (states, run)
@@ -1007,10 +954,6 @@ def _finish_load(optimizer: BlockLLM) -> None:
     optimizer._load_run_state(run)
 
 
-def _is_carrier_group(group: dict[str, Any]) -> bool:
-    return list(group.get("param_names", ())) == [GRADIENT_CARRIER_NAME]
-
-
 def _unpacked_mask(state: dict[str, Any], numel: int) -> torch.Tensor | None:
     return unpack_mask(state["mask"], numel) if "mask" in state else None
 
@@ -1029,7 +972,7 @@ def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None
             return
         squared_norm = owner.record_gradient_norms(name, param.grad)
         if owner.compact_gradients:
-            owner._flag_nonfinite_probe(squared_norm)
+            owner._carrier.flag_nonfinite_(squared_norm)
         param.grad = None
 
     return hook

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .blockllm import RUN_STATE_KEY, BlockLLM
+from .blockllm import BlockLLM
 from .distributed import all_reduce_sum_, is_distributed
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
@@ -272,6 +272,10 @@ class ZeroBlockLLM(BlockLLM):
 
     # ------------------------------------------------------------------ checkpointing (one file per rank)
     def state_dict(self) -> dict[str, Any]:
+        """This rank's fragment states and the run state, with torch's state_dict hooks run around them."""
+        return self._state_dict_through_hooks(self._fragment_state_dict)
+
+    def _fragment_state_dict(self) -> dict[str, Any]:
         rank, world = _rank_and_world()
         params = self.param_by_name
         blocks = {name: dict(self.state[params[name]]) for name in self.block_names if self.state.get(params[name])}
@@ -279,7 +283,6 @@ class ZeroBlockLLM(BlockLLM):
         return {
             "state": {},
             "param_groups": [{**group, "params": []}],
-            RUN_STATE_KEY: self.run_state(),
             ZERO_STATE_KEY: {"blocks": blocks, "rank": rank, "world_size": world},
         }
 
