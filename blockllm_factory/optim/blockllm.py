@@ -124,20 +124,12 @@ class BlockLLM(Optimizer):
             updates weight + compensation in fp32, writes the rounded weight and keeps the rounding error as the new
             compensation (Kahan-style summation, as torch-optimi does). fp32 weights need neither.
 
-    Engines: an adapter that owns the gradients (DDP's communication hook, ``distributed.py``) works through the
-    public methods :meth:`set_probe_hooks`, :meth:`disable_compact_gradients`, :meth:`probe_only_parameters`,
-    :meth:`record_gradient_norms`, :meth:`skip_step` and the read-only views :attr:`param_by_name`,
-    :attr:`block_sizes`, :attr:`probed_blocks`, :attr:`kept_coordinates`, :attr:`norm_table`.
-
-    Extension points, overridden by a subclass that runs the same decisions on another memory layout (``ZeroBlockLLM``
-    in ``zero.py``, on DeepSpeed's partitions); everything else, the decisions included, is not meant to be overridden:
-
-    * :meth:`_arrange_groups`: the parameter groups handed to torch's ``Optimizer`` (ZeRO: merged into one).
-    * :meth:`_block_numel`: how many coordinates a parameter has (ZeRO-3: ``ds_numel`` of a partitioned weight).
-    * :meth:`_measure`: this rank's squared gradient norms per block, and which parameters to update.
-    * :meth:`_apply_updates`: the masked AdamW update of the selected parameters.
-    * :meth:`state_dict` and :meth:`_unpack_state_dict`: the per-parameter part of a checkpoint, written and read back
-      (ZeRO: one file per rank). :meth:`load_state_dict` itself is not overridden: it runs torch's, with its hooks.
+    Engines and subclasses: what an engine adapter (DDP's communication hook, ``distributed.py``; the Trainer wiring)
+    may use is listed once, in ``interface.py`` (:class:`~blockllm_factory.optim.interface.BlockLLMEngine`), and so are
+    the extension points a subclass that runs the same decisions on another memory layout may override
+    (``EXTENSION_POINTS``; ``ZeroBlockLLM`` in ``zero.py``, on DeepSpeed's partitions). Each extension point's
+    docstring begins with "Extension point". :meth:`load_state_dict` itself is not overridden: it runs torch's, with
+    its hooks.
     """
 
     def __init__(
