@@ -19,6 +19,9 @@ from typing import Any
 # Written by the trainer wiring into output_dir (blockllm_factory/hf/telemetry.py); read by the demo's summary.
 SELECTION_LOG = "blockllm_selection.jsonl"
 SELECTION_PLOT = "blockllm_selection.png"
+# The environment variable through which the benchmark harness asks a training process (patches/metrics.py) for
+# its measurements: the path of the JSON file to write them to.
+BENCH_OUT_ENV = "BLOCKLLM_FACTORY_BENCH_OUT"
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:

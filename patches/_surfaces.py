@@ -17,6 +17,8 @@ import inspect
 import os
 from dataclasses import dataclass
 
+from blockllm_factory._files import BENCH_OUT_ENV
+
 from ._version import installed_version
 from .arguments import EXCLUSIVE_FLAGS
 
@@ -130,7 +132,7 @@ SURFACES: dict[str, tuple[str, tuple[Surface, ...]]] = {
     # The bench measurement only; inert (and not needed) unless the harness asks for it.
     TUNER: (
         "metrics",
-        (Surface(TUNER, "_training_function", ("config",), only_with_env="BLOCKLLM_FACTORY_BENCH_OUT"),),
+        (Surface(TUNER, "_training_function", ("config",), only_with_env=BENCH_OUT_ENV),),
     ),
     "llamafactory.webui.locales": (
         "webui_locales",

@@ -72,12 +72,11 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from transformers import TrainerCallback
 
-from blockllm_factory._files import write_json, write_text
+from blockllm_factory._files import BENCH_OUT_ENV, write_json, write_text
 
 from ._version import check_llamafactory_version
 from .storages import SUMMARY_KEYS, StorageTracker
 
-ENV_VAR = "BLOCKLLM_FACTORY_BENCH_OUT"
 GRADIENT_SAMPLES_ENV = "BLOCKLLM_FACTORY_BENCH_GRADIENT_SAMPLES"
 PROFILE_ENV = "BLOCKLLM_FACTORY_BENCH_PROFILE"
 EXACT_MATCH_ENV = "BLOCKLLM_FACTORY_BENCH_EXACT_MATCH"
@@ -97,7 +96,7 @@ _BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def apply(module: Any) -> None:
     """Adds :class:`BenchMetricsCallback` to every training run of ``module`` when the harness asked for it."""
-    out_path = os.environ.get(ENV_VAR)
+    out_path = os.environ.get(BENCH_OUT_ENV)
     if not out_path or getattr(module, _PATCHED_FLAG, False):
         return
     check_llamafactory_version()

@@ -266,13 +266,17 @@ class _Module:
         self._training_function = _training_function
 
 
-def test_the_harness_and_the_patch_agree_on_the_variable():
-
-    assert runner.METRICS_ENV == metrics.ENV_VAR
+def test_the_harness_and_the_patch_name_the_variable_in_one_place():
+    """The harness sets it (bench/runner.py), the patch reads it (patches/metrics.py, patches/_surfaces.py)."""
+    root = Path(__file__).resolve().parent.parent
+    sources = [*(root / "blockllm_factory").rglob("*.py"), *(root / "patches").glob("*.py")]
+    quoted = [path.name for path in sources if '"BLOCKLLM_FACTORY_BENCH_OUT"' in path.read_text(encoding="utf-8")]
+    assert quoted == ["_files.py"]
+    assert runner.BENCH_OUT_ENV is metrics.BENCH_OUT_ENV
 
 
 def test_the_metrics_patch_is_inert_without_the_harness(monkeypatch):
-    monkeypatch.delenv(metrics.ENV_VAR, raising=False)
+    monkeypatch.delenv(metrics.BENCH_OUT_ENV, raising=False)
     module = _Module()
     original = module._training_function
     metrics.apply(module)
@@ -280,7 +284,7 @@ def test_the_metrics_patch_is_inert_without_the_harness(monkeypatch):
 
 
 def test_the_metrics_patch_adds_its_callback_when_asked(monkeypatch, tmp_path):
-    monkeypatch.setenv(metrics.ENV_VAR, str(tmp_path / "m.json"))
+    monkeypatch.setenv(metrics.BENCH_OUT_ENV, str(tmp_path / "m.json"))
     module = _Module()
     metrics.apply(module)
     metrics.apply(module)  # a second apply does not wrap twice
@@ -449,7 +453,7 @@ def test_the_callback_reports_which_tensors_changed_with_tied_weights_once(tmp_p
 
 def test_a_run_that_raises_still_writes_its_figures_and_the_error(monkeypatch, tmp_path):
     out = tmp_path / "m.json"
-    monkeypatch.setenv(metrics.ENV_VAR, str(out))
+    monkeypatch.setenv(metrics.BENCH_OUT_ENV, str(out))
     model = torch.nn.Linear(16, 8)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 

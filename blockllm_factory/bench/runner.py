@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from blockllm_factory._files import write_json, write_text
+from blockllm_factory._files import BENCH_OUT_ENV, write_json, write_text
 
 from . import report
 from .report import OK_STATUSES, human_bytes
 from .suite import Run, Suite, SuiteError, load_suite, plan, resolve_paths
 
-METRICS_ENV = "BLOCKLLM_FACTORY_BENCH_OUT"  # read by blockllm_factory.patches.metrics
 RESULT_FILE = "result.json"
 FINAL_LOSS_SHARE = 0.1  # final_train_loss: mean of the logged losses over the last 10% of the steps
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "checkpoint-*")
@@ -196,7 +195,7 @@ def execute(run: Run, run_dir: Path, cli: str, keep_models: bool = False) -> dic
     metrics_path = run_dir / "metrics.json"
     config = run_dir / "train.yaml"
     config.write_text(yaml.safe_dump({**run.args, "output_dir": str(run_dir / "output")}, sort_keys=False))
-    env = {**os.environ, **run.env, METRICS_ENV: str(metrics_path)}
+    env = {**os.environ, **run.env, BENCH_OUT_ENV: str(metrics_path)}
     started = time.monotonic()
     returncode: int | None = None
     with open(log, "wb") as log_stream:
