@@ -7,9 +7,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-# Everything the product and its tests need, resolved through constraints.txt (the working set measured in
-# ../shared/ENVIRONMENT.md). torch/torchaudio/torchvision are pinned: a plain `pip install llamafactory`
-# resolves a broken pair.
+# Everything the product and its tests need, resolved through constraints.txt (the pinned working set: torch 2.11.0
+# with llamafactory 0.9.5; README.md, "Use it in your LLaMA-Factory environment"). torch/torchaudio/torchvision are
+# pinned: a plain `pip install llamafactory` resolves a broken pair.
 DEPS=(setuptools wheel torch torchaudio torchvision llamafactory trl badam galore-torch apollo-torch bitsandbytes
       deepspeed gguf matplotlib pytest ruff playwright)
 
