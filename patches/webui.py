@@ -43,39 +43,49 @@ def apply_top(module) -> None:
 # --- components.train -------------------------------------------------------------------------------------------
 
 
+# The numeric settings the panel shows as sliders: (minimum, maximum, step). A new numeric setting names its range here
+# (widget_spec refuses one that does not); every other kind of widget follows from the settings table.
+SLIDERS = {"sparsity": (0, 0.995, 0.005), "probe_blocks": (0, 64, 1)}
+# Settings the runner reads only when another setting has a value: probe_blocks serves the sampled probe only.
+READ_ONLY_WITH = {"probe_blocks": ("probe", "sample")}
+PANEL_ROW = 6  # elements per row of the accordion ("Use BlockLLM" first)
+
+
+def widget_spec(setting) -> tuple[str, dict[str, Any]]:
+    """The gradio component (its class name) and its arguments for one setting of the table, with LLaMA-Factory's
+    default as its value: a dropdown of its choices, a checkbox for a flag, a text box where the YAML field also takes
+    a named value (``head``) or a share of the run (``0.1``: the parse-time check, settings.check, reads the number
+    typed), else a slider."""
+    default = setting.yaml_default
+    if setting.choices:
+        return "Dropdown", {"choices": list(setting.choices), "value": default}
+    if setting.type is bool:
+        return "Checkbox", {"value": default}
+    if setting.named_values or setting.share_of_run:
+        return "Textbox", {"value": str(default)}
+    if setting.name not in SLIDERS:
+        raise KeyError(f"the web UI panel has no slider range for the setting {setting.name!r}: add it to SLIDERS")
+    minimum, maximum, step = SLIDERS[setting.name]
+    return "Slider", {"minimum": minimum, "maximum": maximum, "value": default, "step": step}
+
+
 def create_blockllm_panel() -> dict[str, Any]:
-    """The accordion and its elements, unlabelled: labels come from LOCALES (see :mod:`.webui_locales`)."""
+    """The accordion and its elements, one per YAML setting (in the table's order), unlabelled: labels come from
+    LOCALES (see :mod:`.webui_locales`)."""
     import gradio as gr
 
-    default = {setting.name: setting.yaml_default for setting in YAML_SETTINGS}  # LLaMA-Factory's defaults
+    panel: dict[str, Any] = {}
     with gr.Accordion(open=False, elem_id="blockllm_panel") as blockllm_tab:
-        with gr.Row():
-            use_blockllm = gr.Checkbox()
-            blockllm_sparsity = gr.Slider(minimum=0, maximum=0.995, value=default["sparsity"], step=0.005)
-            # Steps or a share of the run ("0.1"), as typed: the parse-time check (settings.check) reads the number.
-            blockllm_patience = gr.Textbox(value=str(default["patience"]))
-            blockllm_probe = gr.Dropdown(choices=list(SETTINGS["probe"].choices), value=default["probe"])
-            blockllm_probe_blocks = gr.Slider(minimum=0, maximum=64, value=default["probe_blocks"], step=1)
-            blockllm_include_embeddings = gr.Checkbox(value=default["include_embeddings"])
-        with gr.Row():
-            blockllm_score = gr.Dropdown(choices=list(SETTINGS["score"].choices), value=default["score"])
-            blockllm_block_size = gr.Textbox(value=str(default["block_size"]))
-            blockllm_norms = gr.Dropdown(choices=list(SETTINGS["norms"].choices), value=default["norms"])
-            blockllm_master = gr.Dropdown(choices=list(SETTINGS["master"].choices), value=default["master"])
-
-    return {
-        "blockllm_tab": blockllm_tab,
-        "use_blockllm": use_blockllm,
-        "blockllm_sparsity": blockllm_sparsity,
-        "blockllm_patience": blockllm_patience,
-        "blockllm_probe": blockllm_probe,
-        "blockllm_probe_blocks": blockllm_probe_blocks,
-        "blockllm_include_embeddings": blockllm_include_embeddings,
-        "blockllm_score": blockllm_score,
-        "blockllm_block_size": blockllm_block_size,
-        "blockllm_norms": blockllm_norms,
-        "blockllm_master": blockllm_master,
-    }
+        names = ["use_blockllm", *PANEL_INPUTS]
+        for first in range(0, len(names), PANEL_ROW):
+            with gr.Row():
+                for name in names[first : first + PANEL_ROW]:
+                    if name == "use_blockllm":
+                        panel[name] = gr.Checkbox()
+                        continue
+                    kind, arguments = widget_spec(SETTINGS[name.removeprefix(f"{FINETUNING_TYPE}_")])
+                    panel[name] = getattr(gr, kind)(**arguments)
+    return {"blockllm_tab": blockllm_tab, **panel}
 
 
 def _place_after(block, anchor) -> None:
@@ -156,21 +166,19 @@ def _whole(value):
 
 
 def panel_arguments(get) -> dict[str, Any]:
-    """The ``blockllm_*`` arguments from the panel; ``get(elem_id)`` reads one element's value."""
-    arguments = {
-        "blockllm_sparsity": get("train.blockllm_sparsity"),
-        # Steps or a share of the run, as typed: the parse-time check (settings.check) reads the number.
-        "blockllm_patience": str(get("train.blockllm_patience")).strip(),
-        "blockllm_probe": get("train.blockllm_probe"),
-    }
-    if arguments["blockllm_probe"] == "sample":  # only read by the sampled probe
-        arguments["blockllm_probe_blocks"] = _whole(get("train.blockllm_probe_blocks"))
-    arguments["blockllm_include_embeddings"] = get("train.blockllm_include_embeddings")
-    arguments["blockllm_score"] = get("train.blockllm_score")
-    # `head` or a number, as typed: the parse-time check (settings.check) turns digits into a number.
-    arguments["blockllm_block_size"] = str(get("train.blockllm_block_size")).strip()
-    arguments["blockllm_norms"] = get("train.blockllm_norms")
-    arguments["blockllm_master"] = get("train.blockllm_master")
+    """The ``blockllm_*`` arguments from the panel in the table's order; ``get(elem_id)`` reads one element's value."""
+    arguments: dict[str, Any] = {}
+    for setting in YAML_SETTINGS:
+        condition = READ_ONLY_WITH.get(setting.name)
+        if condition is not None and arguments.get(SETTINGS[condition[0]].field) != condition[1]:
+            continue
+        value = get(f"train.{setting.field}")
+        kind, _ = widget_spec(setting)
+        if kind == "Textbox":  # as typed: the parse-time check (settings.check) reads the number
+            value = str(value).strip()
+        elif kind == "Slider" and setting.type is int:
+            value = _whole(value)
+        arguments[setting.field] = value
     return arguments
 
 

@@ -23,7 +23,7 @@ def test_algorithm_api_example_trains(capsys):
 
 def test_integration_arguments_table_states_every_field_and_its_default():
     """docs/integration.md's table of `blockllm_*` arguments is written by hand: every field of the settings table is
-    in it, with LLaMA-Factory's default."""
+    in it, with LLaMA-Factory's default, and nothing else."""
     from blockllm_factory.optim.settings import YAML_SETTINGS
 
     rows = {
@@ -35,3 +35,4 @@ def test_integration_arguments_table_states_every_field_and_its_default():
         default = setting.yaml_default
         expected = str(default).lower() if isinstance(default, bool) else str(default)
         assert rows.get(setting.field) == expected, (setting.field, rows.get(setting.field), expected)
+    assert set(rows) == {setting.field for setting in YAML_SETTINGS}  # and no row for a field that is not there

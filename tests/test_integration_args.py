@@ -8,20 +8,24 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import parse_args
+from helpers import bad_inputs, parse_args
 from torch import nn
 
-FIELDS = (
-    "blockllm_sparsity",
-    "blockllm_patience",
-    "blockllm_probe",
-    "blockllm_probe_blocks",
-    "blockllm_include_embeddings",
-    "blockllm_score",
-    "blockllm_block_size",
-    "blockllm_norms",
-    "blockllm_master",
-)
+from blockllm_factory.optim.settings import DEFAULTS, SETTINGS, YAML_SETTINGS
+
+FIELDS = tuple(setting.field for setting in YAML_SETTINGS)
+# LLaMA-Factory's default and another allowed value of every YAML setting (a new setting adds its pair here).
+DEFAULTS_AND_VALUES = {
+    "sparsity": (0.95, 0.9),
+    "patience": (100, 7),
+    "probe": ("sample", "exact"),
+    "probe_blocks": (2, 0),
+    "include_embeddings": (False, True),
+    "score": ("norm_per_sqrt_size", "norm"),
+    "block_size": ("head", 0),
+    "norms": ("select", "always"),
+    "master": ("fp32", "compensated"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +37,11 @@ def parse(tiny_llamafactory_assets, tmp_path_factory):
 def test_defaults_and_values_reach_finetuning_args(parse):
     finetuning_args = parse()[3]
     assert finetuning_args.finetuning_type == "blockllm"
-    defaults = (0.95, 100, "sample", 2, False, "norm_per_sqrt_size", "head", "select", "fp32")
+    assert tuple(DEFAULTS_AND_VALUES) == tuple(setting.name for setting in YAML_SETTINGS)
+    defaults = tuple(default for default, _ in DEFAULTS_AND_VALUES.values())
     assert tuple(getattr(finetuning_args, field) for field in FIELDS) == defaults
 
-    values = (0.9, 7, "exact", 0, True, "norm", 0, "always", "compensated")
+    values = tuple(value for _, value in DEFAULTS_AND_VALUES.values())
     finetuning_args = parse(**dict(zip(FIELDS, values)))[3]
     assert tuple(getattr(finetuning_args, field) for field in FIELDS) == values
 
@@ -89,28 +94,34 @@ def test_bad_arguments_are_refused_by_name(parse, overrides, message):
         parse(**overrides)
 
 
-# One bad value per ``blockllm_*`` field: the Python API and the YAML path refuse it with one message (settings.py),
-# naming `sparsity` or `blockllm_sparsity`; a YAML block size also offers `head`, a YAML patience a share of the run,
-# which only YAML accepts.
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("sparsity", 1.5),
-        ("sparsity", True),
-        ("patience", 0),
-        ("patience", 2.5),
-        ("probe", "all"),
-        ("probe_blocks", -1),
-        ("include_embeddings", "yes"),
-        ("score", "size"),
-        ("block_size", -1),
-        ("block_size", 0.5),
-        ("norms", "train"),
-    ],
-)
+# One bad value (at least) per ``blockllm_*`` field: the Python API and the YAML path refuse it with one message
+# (settings.py), naming `sparsity` or `blockllm_sparsity`; a YAML block size also offers `head`, a YAML patience a
+# share of the run, which only YAML accepts.
+BAD_VALUES = [
+    ("sparsity", 1.5),
+    ("sparsity", True),
+    ("patience", 0),
+    ("patience", 2.5),
+    ("probe", "all"),
+    ("probe_blocks", -1),
+    ("include_embeddings", "yes"),
+    ("score", "size"),
+    ("block_size", -1),
+    ("block_size", 0.5),
+    ("norms", "train"),
+    ("master", "fp16"),
+]
+
+
+def test_every_yaml_setting_has_a_bad_value_here_and_a_refusal_in_bad_inputs():
+    assert {name for name, _ in BAD_VALUES} == {setting.name for setting in YAML_SETTINGS}
+    documented = bad_inputs("case")  # docs/bad_inputs.md's cases (test_reliability.py triggers each)
+    assert [setting.field for setting in YAML_SETTINGS if setting.field not in documented] == []
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES)
 def test_python_api_and_yaml_refuse_a_bad_value_with_one_message(parse, name, value):
     from blockllm_factory.optim import BlockLLM
-    from blockllm_factory.optim.settings import SETTINGS
 
     with pytest.raises(ValueError) as from_python:
         BlockLLM(nn.Linear(4, 4).named_parameters(), **{name: value})
@@ -128,7 +139,6 @@ def test_python_api_and_yaml_refuse_a_bad_value_with_one_message(parse, name, va
 def test_every_blockllm_field_comes_from_the_settings():
     import dataclasses
 
-    from blockllm_factory.optim.settings import YAML_SETTINGS
     from blockllm_factory.patches.arguments import BlockLLMArguments
 
     fields = {spec.name: spec for spec in dataclasses.fields(BlockLLMArguments)}
@@ -136,6 +146,41 @@ def test_every_blockllm_field_comes_from_the_settings():
     for setting in YAML_SETTINGS:
         assert fields[setting.field].default == setting.yaml_default
         assert fields[setting.field].metadata["help"] == setting.help
+
+
+def test_blockllm_takes_exactly_the_settings_of_the_table_with_their_defaults():
+    import inspect
+
+    from blockllm_factory.optim import BlockLLM
+
+    parameters = dict(inspect.signature(BlockLLM).parameters)
+    assert parameters.pop("params").default is inspect.Parameter.empty
+    assert {name: parameter.default for name, parameter in parameters.items()} == DEFAULTS
+
+
+def test_the_builder_passes_every_setting_of_the_table(parse, monkeypatch):
+    """hf/optimizer.py hands BlockLLM every setting: the YAML ones by name, the others from the training arguments
+    (``set_from``), ``seed`` included."""
+    from types import SimpleNamespace
+
+    from blockllm_factory.hf import optimizer as builder
+    from blockllm_factory.optim import BlockLLM
+
+    passed = {}
+
+    def recording_class(training_args):
+        def build(params, **settings):
+            passed.update(settings)
+            return BlockLLM(params, **settings)
+
+        return build
+
+    monkeypatch.setattr(builder, "blockllm_optimizer_class", recording_class)
+    _, _, training_args, finetuning_args, *_ = parse(seed=1234, blockllm_norms="always")
+    logger = SimpleNamespace(info_rank0=lambda text: None, warning_rank0=lambda text: None)
+    builder.build_optimizer(nn.Linear(8, 8), training_args, finetuning_args, {"weight"}, logger)
+    assert set(passed) == set(SETTINGS)
+    assert passed["seed"] == 1234 and passed["norms"] == "always" and passed["lr"] == training_args.learning_rate
 
 
 def test_lora_defaults_written_out_explicitly_are_accepted(parse):

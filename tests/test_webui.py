@@ -28,6 +28,9 @@ import pytest
 import yaml
 from helpers import CLI, ROOT, cli_env, parse_args, run_logged, tiny_config
 
+from blockllm_factory.patches.webui import PANEL_INPUTS, panel_arguments, widget_spec
+from blockllm_factory.patches.webui_locales import BLOCKLLM_LOCALES
+
 SCREENSHOT = ROOT / "docs" / "images" / "webui_blockllm.png"
 UPDATE_SCREENSHOT = "BLOCKLLM_FACTORY_UPDATE_SCREENSHOT"  # =1: the run refreshes the doc asset above
 CHROMIUM = Path(os.environ.get("BLOCKLLM_CHROMIUM", "/usr/bin/chromium"))
@@ -44,8 +47,9 @@ SERVER_START_S = 240  # bound for the server to answer; it normally takes 20-40 
 TRAINING_S = 420  # bound for the few training steps to finish, model loading included
 UI_S = 30  # bound for one UI reaction
 TRAIN_STEPS = 6
-PANEL_LABELS = ("Use BlockLLM", "Sparsity", "Patience", "Probe", "Probe blocks", "Include embeddings", "Ranking score",
-                "Block size", "Norms", "Masters")  # fmt: skip
+# The panel's elements, one per YAML setting of the settings table, and their English labels.
+PANEL_NAMES = ("blockllm_tab", "use_blockllm", *PANEL_INPUTS)
+PANEL_LABELS = tuple(BLOCKLLM_LOCALES[name]["en"]["label"] for name in PANEL_NAMES[1:])
 
 
 def test_panel_labels_exist_in_every_language_llamafactory_ships():
@@ -53,15 +57,29 @@ def test_panel_labels_exist_in_every_language_llamafactory_ships():
 
     languages = list(LOCALES["finetuning_type"])  # the languages of LLaMA-Factory's own labels
     assert {"en", "zh"} <= set(languages)
-    names = ("blockllm_tab", "use_blockllm", "blockllm_sparsity", "blockllm_patience", "blockllm_probe",
-             "blockllm_probe_blocks", "blockllm_include_embeddings", "blockllm_score",
-             "blockllm_block_size", "blockllm_norms", "blockllm_master")  # fmt: skip
-    for name in names:
+    for name in PANEL_NAMES:
         for language in languages:
             assert LOCALES[name][language]["label"].strip(), f"{name} has no {language} label"
         # Chinese written as Chinese, not the English text again.
         assert LOCALES[name]["zh"] != LOCALES[name]["en"]
         assert any("\u4e00" <= char <= "\u9fff" for char in json.dumps(LOCALES[name]["zh"], ensure_ascii=False))
+
+
+def test_every_yaml_setting_has_a_panel_element_that_the_runner_reads():
+    """The panel follows the settings table: one element per YAML setting, its kind from the setting, and the runner
+    reads each back (probe_blocks only for the sampled probe)."""
+    from blockllm_factory.optim.settings import YAML_SETTINGS
+
+    kinds = {setting.name: widget_spec(setting)[0] for setting in YAML_SETTINGS}
+    assert kinds["sparsity"] == "Slider" and kinds["probe"] == "Dropdown" and kinds["block_size"] == "Textbox"
+    assert kinds["include_embeddings"] == "Checkbox"
+    values = {f"train.{setting.field}": widget_spec(setting)[1]["value"] for setting in YAML_SETTINGS}
+    values["train.blockllm_probe_blocks"] = 3.0  # a gradio slider hands back a float
+    arguments = panel_arguments(values.__getitem__)
+    assert tuple(arguments) == PANEL_INPUTS
+    assert arguments["blockllm_probe_blocks"] == 3 and arguments["blockllm_block_size"] == "head"
+    values["train.blockllm_probe"] = "exact"
+    assert "blockllm_probe_blocks" not in panel_arguments(values.__getitem__)
 
 
 def test_finetuning_method_dropdown_offers_blockllm():

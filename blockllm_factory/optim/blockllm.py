@@ -46,7 +46,7 @@ from .selection import (
     split_blocks,
     split_budget,
 )
-from .settings import DEFAULTS, check
+from .settings import DEFAULTS, SETTINGS, check
 
 NamedParams = Iterable[tuple[str, torch.nn.Parameter]]
 ParamGroups = Iterable[dict[str, Any]]
@@ -144,7 +144,7 @@ class BlockLLM(Optimizer):
         probe: str = DEFAULTS["probe"],
         probe_blocks: int = DEFAULTS["probe_blocks"],
         include_embeddings: bool = DEFAULTS["include_embeddings"],
-        seed: int = 0,
+        seed: int = DEFAULTS["seed"],
         compact_gradients: bool = DEFAULTS["compact_gradients"],
         optim_bits: int = DEFAULTS["optim_bits"],
         score: str = DEFAULTS["score"],
@@ -152,26 +152,11 @@ class BlockLLM(Optimizer):
         norms: str = DEFAULTS["norms"],
         master: str = DEFAULTS["master"],
     ) -> None:
-        # Every argument is checked before any parameter or state is touched (settings.py: one message per setting).
-        arguments = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "sparsity": sparsity,
-            "patience": patience,
-            "probe": probe,
-            "probe_blocks": probe_blocks,
-            "include_embeddings": include_embeddings,
-            "compact_gradients": compact_gradients,
-            "optim_bits": optim_bits,
-            "score": score,
-            "block_size": block_size,
-            "norms": norms,
-            "master": master,
-        }
-        for name, value in arguments.items():
-            check(name, value)
+        # Every argument is checked before any parameter or state is touched (settings.py: one message per setting;
+        # the keywords are the table's settings, a test compares them).
+        arguments = locals()
+        for name in SETTINGS:
+            check(name, arguments[name])
         if optim_bits == 8:
             check_available()
         defaults = {

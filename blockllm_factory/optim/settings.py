@@ -133,6 +133,15 @@ _SETTINGS = (
         "Decoupled weight decay of the selected coordinates.",
         set_from="weight_decay",
     ),
+    Setting(
+        "seed",
+        int,
+        0,
+        f"an integer from {-(2**63)} to {2**64 - 1}",
+        _integer_at_least(-(2**63), 2**64 - 1),  # what torch.Generator.manual_seed takes
+        "Seed of the optimizer's own random generator (the blocks the sampled probe measures); saved in checkpoints.",
+        set_from="seed",
+    ),
     # BlockLLM's own.
     Setting(
         "sparsity",
