@@ -12,9 +12,11 @@ for those.
 """
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import os
+import re
 from dataclasses import dataclass
 
 from blockllm_factory._files import BENCH_OUT_ENV
@@ -32,6 +34,8 @@ class Surface:
     parameters: tuple[str, ...] | None = None  # leading parameter names of a function or method
     fields: tuple[str, ...] = ()  # dataclass fields of a class
     keys: tuple[str, ...] = ()  # keys of a dict
+    # Attributes the class gives its instances (``self.<name> =`` or ``self.<name>, ... =`` in the class's source).
+    attributes: tuple[str, ...] = ()
     own: bool = False  # defined on the class itself, not inherited (the patch replaces it there)
     only_with_env: str | None = None  # needed only when this environment variable is set
 
@@ -45,6 +49,8 @@ MODEL_FIELDS = ("model_name_or_path", "use_unsloth", "resize_vocab", "train_from
 _TRAINER_API = (
     Surface("transformers", "Trainer.training_step", ("self", "model", "inputs")),
     Surface("transformers", "Trainer._clip_grad_norm", ("self", "model")),
+    Surface("transformers", "Trainer._get_grad_norm", ("self", "model")),
+    Surface("transformers", "Trainer", attributes=("args", "model", "model_wrapped", "optimizer", "accelerator")),
     Surface("transformers", "Trainer._save_optimizer_and_scheduler", ("self", "output_dir")),
     Surface("transformers", "Trainer.add_callback", ("self", "callback")),
     Surface("transformers", "Trainer.remove_callback", ("self", "callback")),
@@ -55,12 +61,18 @@ _TRAINER_API = (
     Surface("accelerate", "Accelerator.backward", ("self", "loss")),
     Surface("accelerate", "Accelerator.sync_gradients"),
     Surface("accelerate", "Accelerator.optimizer_step_was_skipped"),
+    Surface("accelerate", "Accelerator.unscale_gradients", ("self",)),
+    Surface("accelerate", "Accelerator", attributes=("scaler",)),
     Surface("llamafactory.extras.logging", "get_logger", ("name",)),
 )
 
 
 def _trainer(module: str, class_name: str) -> tuple[Surface, ...]:
-    return (Surface(module, f"{class_name}.create_optimizer", ("self",), own=True), *_TRAINER_API)
+    return (
+        Surface(module, f"{class_name}.create_optimizer", ("self",), own=True),
+        Surface(module, class_name, attributes=("finetuning_args",)),
+        *_TRAINER_API,
+    )
 
 
 # Watched module -> (the patch file, what it needs). Keep in step with the patches when they change.
@@ -149,6 +161,7 @@ SURFACES: dict[str, tuple[str, tuple[Surface, ...]]] = {
         "webui",
         (
             Surface(WEBUI_TRAIN, "create_train_tab", ("engine",)),
+            Surface("llamafactory.webui.engine", "Engine", attributes=("manager",)),
             Surface("llamafactory.webui.manager", "Manager.get_base_elems", ("self",)),
             Surface("llamafactory.webui.manager", "Manager.get_elem_by_id", ("self", "elem_id")),
             *(Surface("gradio", name) for name in ("Accordion", "Row", "Checkbox", "Slider", "Dropdown", "update")),
@@ -157,6 +170,7 @@ SURFACES: dict[str, tuple[str, tuple[Surface, ...]]] = {
     WEBUI_RUNNER: (
         "webui",
         (
+            Surface(WEBUI_RUNNER, "Runner", attributes=("manager",)),
             Surface(WEBUI_RUNNER, "Runner._parse_train_args", ("self", "data")),
             Surface(WEBUI_RUNNER, "Runner._initialize", ("self", "data", "do_train", "from_preview")),
             *(
@@ -227,7 +241,25 @@ def problem(surface: Surface, module=None) -> str | None:
         missing = [key for key in surface.keys if not isinstance(value, dict) or key not in value]
         if missing:
             return f"`{surface.name}` keys {', '.join(missing)} (missing)"
+    if surface.attributes:
+        given = _instance_attributes(value)
+        missing = [name for name in surface.attributes if name not in given]
+        if missing:
+            return f"`{surface.name}` instance attributes {', '.join(missing)} (missing)"
     return None
+
+
+@functools.cache
+def _instance_attributes(cls) -> frozenset[str]:
+    """The attributes the methods of ``cls`` and its bases assign on ``self`` (read from their source once)."""
+    names = set()
+    for klass in inspect.getmro(cls) if inspect.isclass(cls) else ():
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # a builtin or a class without a source file
+            continue
+        names.update(re.findall(r"self\.(\w+)\s*(?::[^=\n]*)?(?:,[^=\n]*)?=(?!=)", source))
+    return frozenset(names)
 
 
 def _distribution(module_name: str) -> str:
