@@ -150,6 +150,7 @@ def build_callback(feed: LossFeed, optimizer, output_dir: str, plot: bool, model
                     events,
                     rows,
                     int(optimizer.selection["step"]),
+                    getattr(optimizer, "block_sizes", None),
                 )
                 if path:
                     logger.info_rank0(f"BlockLLM selection plot saved at: {path}")
