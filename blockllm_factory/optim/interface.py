@@ -67,12 +67,9 @@ class BlockLLMEngine(Protocol):
     def probe_only_parameters(self) -> set[str]: ...
     def rescale_norms(self, names: Iterable[str], factor: float) -> None: ...
     def skip_step(self, reason: str) -> None: ...
+    # Options (norm_type, error_if_nonfinite) as torch.nn.utils.clip_grad_norm_'s.
     def clip_grad_norm_(
-        self,
-        max_norm: float,
-        parameters: Iterable[torch.Tensor] | None = None,
-        norm_type: float = 2.0,
-        error_if_nonfinite: bool = False,
+        self, max_norm: float, parameters: Iterable[torch.Tensor] | None = None, **options: Any
     ) -> torch.Tensor: ...
 
     # How an engine that owns the gradients switches BlockLLM's own gradient handling off.
