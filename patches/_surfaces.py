@@ -249,17 +249,24 @@ def problem(surface: Surface, module=None) -> str | None:
     return None
 
 
-@functools.cache
-def _instance_attributes(cls) -> frozenset[str]:
-    """The attributes the methods of ``cls`` and its bases assign on ``self`` (read from their source once)."""
+def _instance_attributes(cls) -> set[str]:
+    """The attributes that ``cls`` and its bases give their instances: every ``self.<name> =`` (or
+    ``self.<name>, ... =``) in the files that define them, each file read once."""
     names = set()
     for klass in inspect.getmro(cls) if inspect.isclass(cls) else ():
         try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):  # a builtin or a class without a source file
+            path = inspect.getsourcefile(klass)
+        except TypeError:  # a builtin class
             continue
-        names.update(re.findall(r"self\.(\w+)\s*(?::[^=\n]*)?(?:,[^=\n]*)?=(?!=)", source))
-    return frozenset(names)
+        if path:
+            names |= _assigned_in_file(path)
+    return names
+
+
+@functools.cache
+def _assigned_in_file(path: str) -> frozenset[str]:
+    with open(path, encoding="utf-8") as file:
+        return frozenset(re.findall(r"self\.(\w+)\s*(?::[^=\n]*)?(?:,[^=\n]*)?=(?!=)", file.read()))
 
 
 def _distribution(module_name: str) -> str:

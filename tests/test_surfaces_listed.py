@@ -110,3 +110,8 @@ def test_the_scan_finds_an_unlisted_reach():
         f"trainer.py:{end + 8}: accelerator.gradient_state (Accelerator)",
         f"trainer.py:{end + 8}: trainer.callback_handler (Trainer)",
     ]
+
+
+def test_an_instance_attribute_a_release_no_longer_sets_is_named():
+    listed = surfaces_module.Surface("accelerate", "Accelerator", attributes=("scaler", "no_such_scaler"))
+    assert surfaces_module.problem(listed) == "`accelerate.Accelerator` instance attributes no_such_scaler (missing)"
