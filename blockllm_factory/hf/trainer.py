@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from .config import BlockLLMConfig
 from .deepspeed_config import prepare_deepspeed
-from .engine import check_ddp, check_optim
+from .engine import check_ddp, check_optim, check_optimizer_values
 from .optimizer import build_optimizer
 from .wiring import connect, find_blockllm, rank0_logger
 
@@ -27,6 +27,7 @@ def check_training_arguments(args, config: BlockLLMConfig) -> None:
     BlockLLM needs under DeepSpeed (its clipping off: BlockLLM clips) and DDP (DDP's search for unused parameters,
     non-reentrant gradient checkpointing)."""
     check_optim(args, METHOD)
+    check_optimizer_values(args)  # the YAML path's messages: `learning_rate` must be ..., not `lr`
     check_ddp(args, METHOD)
     if args.deepspeed:
         prepare_deepspeed(args, config, METHOD)

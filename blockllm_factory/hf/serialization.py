@@ -1,10 +1,11 @@
-"""A process-wide addition to ``torch.serialization``, registered only for multi-process BlockLLM runs on CPU.
+"""A process-wide addition to ``torch.serialization``, registered only for BlockLLM runs under DDP (both fronts).
 
 With more than one process the Trainer loads the optimizer state with ``map_location=args.device``, which on CPU is
 ``cpu:0``; torch only knows the location ``cpu`` and fails with "don't know how to restore data location of
-torch.storage.UntypedStorage (tagged with cpu:0)", so no multi-process CPU run could resume. CPU storages need no move:
-the location is accepted as it is. (GPU runs load onto ``cuda:N`` and never reach this.) Registered from
-:func:`.engine_setup.check_distributed_setup`, once per process.
+torch.storage.UntypedStorage (tagged with cpu:0)", so no multi-process CPU run could resume (with any optimizer: the
+limitation is transformers' and torch's, not BlockLLM's). CPU storages need no move: the location is accepted as it
+is. (GPU runs load onto ``cuda:N`` and never reach this; DeepSpeed loads its own checkpoints.) Registered from
+:func:`.engine.check_ddp`, which both fronts call when their arguments are checked, once per process.
 """
 
 _registered = False
