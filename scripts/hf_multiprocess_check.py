@@ -131,6 +131,7 @@ def main() -> None:
         "seconds": round(time.time() - start, 1),
     }
     output = Path(options.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
     (output / f"rank{record['rank']}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     records = [record]
     if dist.is_initialized():
