@@ -293,7 +293,28 @@ def documented_triggers(assets) -> dict:
         arguments.update(optim="adamw_torch", deepspeed=config, fsdp="")
         check_training_arguments(SimpleNamespace(**arguments), BlockLLMConfig())
 
+    def resume_without_optimizer_state():
+        from transformers import DataCollatorForLanguageModeling
+
+        from blockllm_factory.hf import BlockLLMTrainer
+
+        def run(max_steps, **options):
+            model, tokenizer = _model_and_tokenizer(assets)
+            output_dir = assets.model_dir.parent / "hf_weights_only"
+            return BlockLLMTrainer(
+                model=model,
+                args=_training_args(
+                    output_dir, max_steps=max_steps, save_strategy="steps", save_steps=2, save_only_model=True
+                ),
+                train_dataset=_lm_dataset(assets, tokenizer),
+                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            ).train(**options)
+
+        run(2)  # checkpoint-2: weights and trainer state, no optimizer.pt or scheduler.pt
+        run(4, resume_from_checkpoint=str(assets.model_dir.parent / "hf_weights_only" / "checkpoint-2"))
+
     return {
+        "hf_resume_without_optimizer_state": resume_without_optimizer_state,
         "hf_optim": trainer(optim="sgd"),
         "hf_optimizers": trainer(optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1})),
         "hf_deepspeed_optimizer": deepspeed,

@@ -16,6 +16,7 @@ from .config import BlockLLMConfig
 from .deepspeed_config import prepare_deepspeed
 from .engine import check_ddp, check_optim, check_optimizer_values
 from .optimizer import build_optimizer
+from .serialization import check_state_files
 from .wiring import connect, find_blockllm, rank0_logger
 
 METHOD = "a BlockLLM trainer"  # how refusals name this front (LLaMA-Factory's say `finetuning_type: blockllm`)
@@ -68,6 +69,13 @@ class BlockLLMTrainerMixin:
             )
             connect(self, self.optimizer, logger)
         return self.optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # The Trainer skips a missing optimizer.pt / scheduler.pt without a word; BlockLLM would silently restart.
+        if checkpoint is not None:
+            restart = f"load the model from {checkpoint}, no `resume_from_checkpoint`"
+            check_state_files(checkpoint, self.is_deepspeed_enabled, restart)
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     @property
     def blockllm_optimizer(self):
