@@ -8,8 +8,8 @@ Helpers they call, one concern each:
 
 * parse time: ``launch`` (launchers and loaders refused), ``precision`` (``optim``), ``checkpoints`` (never resume
   an interrupted save), ``engine_setup`` (DDP/FSDP/DeepSpeed arguments; the DeepSpeed config is checked by
-  ``blockllm_factory.hf.deepspeed_config``),
-  ``serialization`` (torch's ``cpu:N`` storage location, for multi-process CPU resume), ``model_checks``;
+  ``blockllm_factory.hf.deepspeed_config``, and ``blockllm_factory.hf.serialization`` lets a multi-process CPU run
+  resume), ``model_checks``;
 * optimizer and trainer: they build on the Trainer wiring both fronts share, in ``blockllm_factory.hf``
   (``optimizer``: the builder; ``wiring``: loss feed, clipping, the engine's callbacks; ``engine``: which engine,
   which optimizer class, which moment precision; ``telemetry``: the selection log and plot); ``precision`` keeps

@@ -23,12 +23,11 @@ import struct
 import zipfile
 
 from blockllm_factory._files import write_json
+from blockllm_factory.hf.serialization import OPTIMIZER_FILE, SCHEDULER_FILE, check_state_files
 from blockllm_factory.optim.settings import SETTINGS
 
 COMPLETION_MARKER = "trainer_state.json"  # the Trainer writes it last when it saves a checkpoint
 RECORD = "blockllm_checkpoint.json"  # checksums and settings, written beside the optimizer state
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
 CHECKSUMMED = (OPTIMIZER_FILE, SCHEDULER_FILE)
 # Settings whose change gives other blocks or another budget: the saved selection and moments cannot load.
 BLOCK_SETTINGS = tuple(SETTINGS[name].field for name in ("sparsity", "block_size", "include_embeddings", "norms"))
@@ -104,19 +103,14 @@ def _damage(path: str) -> str | None:
     return None
 
 
-def _state_files(checkpoint: str, deepspeed: bool) -> tuple[list[str], list[str]]:
-    """(files a resume reads that are present, names of required ones that are missing)."""
-    # Under DeepSpeed its engine holds the optimizer states (and a scheduler of its config, when it has one).
-    required = [] if deepspeed else [OPTIMIZER_FILE, SCHEDULER_FILE]
-    missing = [name for name in required if not os.path.isfile(os.path.join(checkpoint, name))]
-    if deepspeed and not glob.glob(os.path.join(checkpoint, "global_step*")):
-        missing.append("global_step*/ (DeepSpeed's optimizer states)")
+def _state_files(checkpoint: str) -> list[str]:
+    """The files a resume reads that are present (the missing ones: ``hf/serialization.py``)."""
     present = [
         os.path.join(checkpoint, name) for name in CHECKSUMMED if os.path.isfile(os.path.join(checkpoint, name))
     ]
     present += sorted(glob.glob(os.path.join(checkpoint, "rng_state*.pth")))
     present += sorted(glob.glob(os.path.join(checkpoint, "*.safetensors")))
-    return present, missing
+    return present
 
 
 def _older_complete(checkpoint: str) -> str | None:
@@ -128,17 +122,11 @@ def _older_complete(checkpoint: str) -> str | None:
 
 def check_resumable(checkpoint: str, training_args, finetuning_args=None) -> None:
     """Refuses a checkpoint that BlockLLM cannot resume from exactly, naming the file or the field (see above)."""
-    present, missing = _state_files(checkpoint, bool(getattr(training_args, "deepspeed", None)))
     older = _older_complete(checkpoint)
     elsewhere = f"resume from {older}, or " if older else ""
-    if missing:
-        raise ValueError(
-            f"Cannot resume BlockLLM from {checkpoint}: it has no {' and no '.join(missing)} (it was saved with "
-            "`save_only_model: true`, or the file was deleted), so BlockLLM's selection, its Adam moments and the "
-            f"learning-rate schedule would silently start afresh; {elsewhere}start a new run from its weights "
-            f"(`model_name_or_path: {checkpoint}`, another `output_dir`, no `resume_from_checkpoint`)."
-        )
-    for path in present:
+    restart = f"`model_name_or_path: {checkpoint}`, another `output_dir`, no `resume_from_checkpoint`"
+    check_state_files(checkpoint, bool(getattr(training_args, "deepspeed", None)), restart, elsewhere)
+    for path in _state_files(checkpoint):
         problem = _damage(path)
         if problem:
             raise ValueError(

@@ -12,21 +12,22 @@ Plain DDP (``FORCE_TORCHRUN=1 NPROC_PER_NODE=N llamafactory-cli train``):
   ``false`` is refused), and a static graph is refused.
 * Reentrant gradient checkpointing runs the checkpointed forward again inside backward, where DDP's search for unused
   parameters cannot see it; it is switched to the non-reentrant kind (``use_reentrant_gc: false``) with a log line.
-* Resuming on CPU needs torch to accept the storage location ``cpu:0`` (:mod:`.serialization`).
+* Resuming on CPU needs torch to accept the storage location ``cpu:0`` (``blockllm_factory/hf/serialization.py``,
+  registered by ``check_ddp``, shared with the Trainer front).
 
 DeepSpeed: the config is checked and adjusted in ``blockllm_factory/hf/deepspeed_config.py`` (shared with the Trainer
 front); how BlockLLM runs inside ZeRO-1/2/3:
 :mod:`blockllm_factory.optim.zero`.
 """
 
-from .serialization import allow_loading_on_indexed_cpu
-
 
 def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
     """Refuses what BlockLLM cannot serve across processes and sets what it needs; errors name the argument."""
     from blockllm_factory.hf.engine import check_ddp
 
-    check_ddp(training_args)  # FSDP refused; DDP's search for unused parameters (shared with the Trainer front)
+    check_ddp(
+        training_args
+    )  # FSDP refused; DDP: search for unused parameters, CPU resume (shared with the Trainer front)
     if training_args.deepspeed:
         from blockllm_factory.hf.deepspeed_config import prepare_deepspeed
 
@@ -34,7 +35,6 @@ def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
         return
     if training_args.world_size <= 1:
         return
-    allow_loading_on_indexed_cpu()
     if not model_args.disable_gradient_checkpointing and model_args.use_reentrant_gc:
         from llamafactory.extras import logging
 

@@ -12,7 +12,7 @@ back into the model (the weights would silently stay at their initial values).
 
 import functools
 
-from blockllm_factory.optim.settings import FINETUNING_TYPE, SETTINGS, check, invalid_value
+from blockllm_factory.optim.settings import FINETUNING_TYPE
 
 from ._version import check_llamafactory_version
 from .launch import ray_refusal, requested_finetuning_type
@@ -26,7 +26,8 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     from .launch import check_launch
 
     check_launch(model_args, finetuning_args, training_args)
-    from blockllm_factory.hf.engine import check_optim
+    # The optimizer's settings from the training arguments, checked as the Trainer front checks them.
+    from blockllm_factory.hf.engine import check_optim, check_optimizer_values
 
     check_optim(training_args)
     check_optimizer_values(training_args)
@@ -55,25 +56,6 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     from .model_checks import check_model_setup
 
     check_model_setup(model_args, finetuning_args, training_args, deepspeed_config, logger)
-
-
-def check_optimizer_values(training_args) -> None:
-    """The AdamW settings LLaMA-Factory hands BlockLLM, checked with the optimizer's own rules (settings.py) but
-    naming the training argument, before the model loads rather than when the optimizer is created."""
-    args = training_args
-    # field -> (the optimizer's keyword, the value it would get, what the field allows)
-    values = {
-        "learning_rate": ("lr", args.learning_rate, SETTINGS["lr"].allowed),
-        "adam_beta1": ("betas", (args.adam_beta1, 0.0), "a number in [0, 1)"),
-        "adam_beta2": ("betas", (0.0, args.adam_beta2), "a number in [0, 1)"),
-        "adam_epsilon": ("eps", args.adam_epsilon, SETTINGS["eps"].allowed),
-        "weight_decay": ("weight_decay", args.weight_decay, SETTINGS["weight_decay"].allowed),
-    }
-    for field, (name, value, allowed) in values.items():
-        try:
-            check(name, value)
-        except ValueError:
-            raise invalid_value(field, allowed, getattr(args, field)) from None
 
 
 def warn_lost_runs(training_args, logger) -> None:

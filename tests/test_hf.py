@@ -209,6 +209,40 @@ def test_resume_from_the_trainers_checkpoint_is_bit_exact(tiny_llamafactory_asse
     assert all(torch.equal(resumed[name], whole[name]) for name in whole), "the resumed run's weights differ"
 
 
+def test_ddp_arguments_let_the_trainer_load_its_optimizer_state_on_cpu(monkeypatch):
+    """With more than one process the Trainer loads optimizer.pt with ``map_location=args.device``, on CPU ``cpu:0``,
+    which torch refuses ("don't know how to restore data location ... (tagged with cpu:0)"): before, a DDP run of the
+    Trainer front on CPU could not resume. The DDP check both fronts run lets it (found by a two-process hand run,
+    docs/hf.md; the suite runs one process)."""
+    import io
+    from types import SimpleNamespace
+
+    import torch.serialization
+
+    from blockllm_factory.hf import serialization
+    from blockllm_factory.hf.engine import check_ddp
+
+    # Start from torch's own registry, whatever earlier tests registered in this process.
+    monkeypatch.setattr(serialization, "_registered", False)
+    ours = serialization._restore_on_indexed_cpu
+    registry = [entry for entry in torch.serialization._package_registry if entry[2] is not ours]
+    monkeypatch.setattr(torch.serialization, "_package_registry", registry)
+    saved = io.BytesIO()
+    torch.save({"moment": torch.arange(4.0)}, saved)
+
+    def load():
+        return torch.load(io.BytesIO(saved.getvalue()), map_location=torch.device("cpu", 0), weights_only=True)
+
+    with pytest.raises(RuntimeError, match="cpu:0"):
+        load()
+    ddp = SimpleNamespace(
+        fsdp="", deepspeed=None, world_size=2, ddp_find_unused_parameters=None, ddp_static_graph=False
+    )
+    check_ddp(ddp)
+    assert ddp.ddp_find_unused_parameters is True
+    assert torch.equal(load()["moment"], torch.arange(4.0))
+
+
 @pytest.mark.parametrize(
     ("case", "settings"),
     [("blockllm_sparsity", {"blockllm_sparsity": 1.5}), ("blockllm_patience", {"blockllm_patience": 0})],
@@ -220,6 +254,18 @@ def test_a_bad_setting_is_refused_with_the_yaml_message(case, settings):
     with pytest.raises(ValueError) as error:
         BlockLLMConfig(**settings)
     assert documented_pattern(documented).fullmatch(f"ValueError: {error.value}")
+
+
+@pytest.mark.parametrize(("case", "value"), [("learning_rate", -1.0), ("adam_beta1", 1.0)])
+def test_a_bad_training_argument_is_refused_with_the_yaml_message(case, value, tiny_llamafactory_assets, tmp_path):
+    """The AdamW values come from the TrainingArguments: refused when the trainer is created, naming the argument as
+    the YAML path does at parse time (before, only BlockLLM's constructor refused them, at train(), naming `lr`)."""
+    from blockllm_factory.hf import BlockLLMTrainer
+
+    model, _ = _model_and_tokenizer(tiny_llamafactory_assets)
+    with pytest.raises(ValueError) as error:
+        BlockLLMTrainer(model=model, args=_training_args(tmp_path / "out", **{case: value}))
+    assert documented_pattern(bad_inputs("case")[case]).fullmatch(f"ValueError: {error.value}")
 
 
 def documented_triggers(assets) -> dict:
@@ -243,9 +289,32 @@ def documented_triggers(assets) -> dict:
         from blockllm_factory.hf.trainer import check_training_arguments
 
         config = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}
-        check_training_arguments(SimpleNamespace(optim="adamw_torch", deepspeed=config, fsdp=""), BlockLLMConfig())
+        arguments = _training_args(assets.model_dir.parent / "hf").to_dict()  # the values a real run checks first
+        arguments.update(optim="adamw_torch", deepspeed=config, fsdp="")
+        check_training_arguments(SimpleNamespace(**arguments), BlockLLMConfig())
+
+    def resume_without_optimizer_state():
+        from transformers import DataCollatorForLanguageModeling
+
+        from blockllm_factory.hf import BlockLLMTrainer
+
+        def run(max_steps, **options):
+            model, tokenizer = _model_and_tokenizer(assets)
+            output_dir = assets.model_dir.parent / "hf_weights_only"
+            return BlockLLMTrainer(
+                model=model,
+                args=_training_args(
+                    output_dir, max_steps=max_steps, save_strategy="steps", save_steps=2, save_only_model=True
+                ),
+                train_dataset=_lm_dataset(assets, tokenizer),
+                data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            ).train(**options)
+
+        run(2)  # checkpoint-2: weights and trainer state, no optimizer.pt or scheduler.pt
+        run(4, resume_from_checkpoint=str(assets.model_dir.parent / "hf_weights_only" / "checkpoint-2"))
 
     return {
+        "hf_resume_without_optimizer_state": resume_without_optimizer_state,
         "hf_optim": trainer(optim="sgd"),
         "hf_optimizers": trainer(optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1})),
         "hf_deepspeed_optimizer": deepspeed,

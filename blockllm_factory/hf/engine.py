@@ -10,12 +10,16 @@ Shared by both fronts: LLaMA-Factory's (``patches/``) and the transformers Train
 * The ``optim`` training argument picks the precision of the Adam moments, as it does for GaLore: the AdamW names
   give fp32 moments, the bitsandbytes 8-bit names block-wise 8-bit ones (``blockllm_factory/optim/quantization.py``);
   any other value is refused (:func:`check_optim`).
+* The AdamW values the Trainer hands BlockLLM (``learning_rate``, ``adam_beta1``, ...) are checked with the optimizer's
+  own rules but name the training argument (:func:`check_optimizer_values`), before any model or optimizer work.
 
 The optimizer is built with :func:`blockllm_optimizer_class` (:mod:`.optimizer`); the loss feed and the engine's
 callbacks are wired by the same choice (:mod:`.wiring`).
 """
 
 import functools
+
+from blockllm_factory.optim.settings import SETTINGS, check, invalid_value
 
 FP32_OPTIMS = ("adamw_torch", "adamw_torch_fused")
 EIGHT_BIT_OPTIMS = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
@@ -66,6 +70,26 @@ def check_optim(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
             ) from error
 
 
+def check_optimizer_values(training_args) -> None:
+    """The AdamW settings the training arguments hand BlockLLM, checked with the optimizer's own rules
+    (``optim/settings.py``) but naming the training argument, when the arguments are checked rather than when the
+    optimizer is created (in the Trainer, at the start of ``train()``)."""
+    args = training_args
+    # field -> (the optimizer's keyword, the value it would get, what the field allows)
+    values = {
+        "learning_rate": ("lr", args.learning_rate, SETTINGS["lr"].allowed),
+        "adam_beta1": ("betas", (args.adam_beta1, 0.0), "a number in [0, 1)"),
+        "adam_beta2": ("betas", (0.0, args.adam_beta2), "a number in [0, 1)"),
+        "adam_epsilon": ("eps", args.adam_epsilon, SETTINGS["eps"].allowed),
+        "weight_decay": ("weight_decay", args.weight_decay, SETTINGS["weight_decay"].allowed),
+    }
+    for field, (name, value, allowed) in values.items():
+        try:
+            check(name, value)
+        except ValueError:
+            raise invalid_value(field, allowed, getattr(args, field)) from None
+
+
 def optim_bits(training_args) -> int:
     """32 or 8: the precision of BlockLLM's Adam moments for this ``optim``."""
     return 8 if optim_name(training_args) in EIGHT_BIT_OPTIMS else 32
@@ -77,7 +101,8 @@ def compact_gradients(training_args) -> bool:
 
 
 def check_ddp(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
-    """FSDP is refused; under DDP, DDP looks for unused parameters every step (set; an explicit ``false`` refused).
+    """FSDP is refused; under DDP, DDP looks for unused parameters every step (set; an explicit ``false`` refused),
+    and the Trainer's optimizer state loads onto an indexed CPU device (:mod:`.serialization`), for resuming on CPU.
 
     BlockLLM switches ``requires_grad`` during the run. DDP builds its reducer over the parameters that require grad
     when the model is wrapped (the Trainer creates the optimizer first, and BlockLLM's first step probes every eligible
@@ -100,3 +125,6 @@ def check_ddp(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
             "that produce gradients changes with BlockLLM's selection; remove it."
         )
     training_args.ddp_find_unused_parameters = True
+    from .serialization import allow_loading_on_indexed_cpu
+
+    allow_loading_on_indexed_cpu()  # so that a DDP run on CPU can resume (the Trainer loads onto `cpu:0`)

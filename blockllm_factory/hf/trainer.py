@@ -14,8 +14,9 @@ from transformers import Trainer
 
 from .config import BlockLLMConfig
 from .deepspeed_config import prepare_deepspeed
-from .engine import check_ddp, check_optim
+from .engine import check_ddp, check_optim, check_optimizer_values
 from .optimizer import build_optimizer
+from .serialization import check_state_files
 from .wiring import connect, find_blockllm, rank0_logger
 
 METHOD = "a BlockLLM trainer"  # how refusals name this front (LLaMA-Factory's say `finetuning_type: blockllm`)
@@ -27,6 +28,7 @@ def check_training_arguments(args, config: BlockLLMConfig) -> None:
     BlockLLM needs under DeepSpeed (its clipping off: BlockLLM clips) and DDP (DDP's search for unused parameters,
     non-reentrant gradient checkpointing)."""
     check_optim(args, METHOD)
+    check_optimizer_values(args)  # the YAML path's messages: `learning_rate` must be ..., not `lr`
     check_ddp(args, METHOD)
     if args.deepspeed:
         prepare_deepspeed(args, config, METHOD)
@@ -67,6 +69,13 @@ class BlockLLMTrainerMixin:
             )
             connect(self, self.optimizer, logger)
         return self.optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # The Trainer skips a missing optimizer.pt / scheduler.pt without a word; BlockLLM would silently restart.
+        if checkpoint is not None:
+            restart = f"load the model from {checkpoint}, no `resume_from_checkpoint`"
+            check_state_files(checkpoint, self.is_deepspeed_enabled, restart)
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     @property
     def blockllm_optimizer(self):
