@@ -5,6 +5,8 @@ four small datasets (sft, pt, pairwise, kto) registered in a ``dataset_info.json
 temporary folder, deterministically and without any hub. The tokenizer and the dataset folder come from the demo's
 builder (blockllm_factory/demo/builder.py), as the demo's and the harness's assets do.
 
+``demo_assets``: the demo's model and datasets (blockllm_factory/demo/assets.py), built once per test session.
+
 ``llamafactory_train``: runs the real, unmodified ``llamafactory-cli train <yaml>`` in a subprocess on CPU.
 
 Tests marked ``cuda`` (tests/test_cuda.py) need a CUDA device: where torch sees none they are deselected, not skipped,
@@ -151,6 +153,15 @@ def tiny_llamafactory_assets(tmp_path_factory) -> TinyAssets:
     corpus = _write_datasets(root / "data")
     _write_model(root / "model", corpus)
     return TinyAssets(model_dir=root / "model", dataset_dir=root / "data")
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """The demo's own model and datasets (blockllm_factory/demo/assets.py), built once per session: tests/test_demo.py
+    checks the build, tests/test_webui.py trains on it. Read-only for the tests (copy before changing anything)."""
+    from blockllm_factory.demo.assets import build
+
+    return build(tmp_path_factory.mktemp("demo") / "assets")
 
 
 @pytest.fixture

@@ -194,6 +194,13 @@ def test_resumed_run_ends_bit_identical_to_the_unbroken_one(unbroken):
     assert resumed_state["blockllm"]["events"] == events
     assert resumed_state["blockllm"]["norms"] == unbroken_state["blockllm"]["norms"]
     assert_same_parameter_states(resumed_state, unbroken_state)
+    # fp32 moments (tests/test_integration.py resumes 8-bit ones), and the same selection log from the resumed run
+    saved = optimizer_state(unbroken["output_dir"] / "checkpoint-3")["state"].values()
+    moments = [state["exp_avg"] for state in saved if "exp_avg" in state]
+    assert moments and all(moment.dtype == torch.float32 for moment in moments)
+    assert not any("exp_avg_q" in state for state in saved)
+    selection_log = "blockllm_selection.jsonl"
+    assert (root / "resumed" / selection_log).read_text() == (unbroken["output_dir"] / selection_log).read_text()
 
 
 # The files of one checkpoint save, in the order the Trainer writes them (save_model, then the optimizer's files with
