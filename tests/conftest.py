@@ -46,6 +46,20 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("cuda")]
 
 
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker (scripts/test.sh): the summary is the controller's
+        workeroutput["deselected_cuda"] = list(_DESELECTED_CUDA)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist's controller: every worker collected and deselected the same CUDA tests."""
+    for nodeid in getattr(node, "workeroutput", {}).get("deselected_cuda", []):
+        if nodeid not in _DESELECTED_CUDA:
+            _DESELECTED_CUDA.append(nodeid)
+
+
 def pytest_terminal_summary(terminalreporter):
     if _DESELECTED_CUDA:
         terminalreporter.write_line(
