@@ -197,23 +197,31 @@ def save_in_dtype(source: Path, target: Path, dtype: torch.dtype) -> Path:
     return target
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize(("precision", "master"), [("bf16", "compensated"), ("fp16", "fp32")])
 def test_mixed_precision_keeps_half_weights_and_masters_only_for_the_selection(
-    precision, llamafactory_train, tiny_llamafactory_assets, tmp_path
+    precision, master, llamafactory_train, tiny_llamafactory_assets, tmp_path
 ):
     """Measured inside the run from the live tensors (the benchmark harness's callback): weights at 2 bytes each,
-    fp32 masters for at most the budget, gradients within the budget plus one tensor."""
+    masters for at most the budget (fp32: 4 bytes a coordinate; `compensated`: 2, in the weights' dtype), gradients
+    within the budget plus one tensor."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     half_model = save_in_dtype(tiny_llamafactory_assets.model_dir, tmp_path / f"{precision}_model", dtype)
     metrics = tmp_path / f"{precision}_metrics.json"
     result = llamafactory_train(
-        {precision: True, "blockllm_sparsity": 0.5, "max_steps": 3, "model_name_or_path": str(half_model)},
+        {
+            precision: True,
+            "blockllm_sparsity": 0.5,
+            "blockllm_master": master,
+            "max_steps": 3,
+            "model_name_or_path": str(half_model),
+        },
         name=precision,
         BLOCKLLM_FACTORY_BENCH_OUT=str(metrics),
     )
     assert_ok(result)
     assert f"compute dtype: {dtype}" in result.log
     assert "trainable weights stay in half precision" in result.log
+    assert f"{master} masters (for half-precision weights)" in result.log
     assert all(tensor.dtype == dtype for tensor in weights(result.output_dir).values())
     changed = changed_names(weights(half_model), weights(result.output_dir))
     assert changed and changed <= selected_names(selection_log(result.output_dir))
@@ -221,7 +229,7 @@ def test_mixed_precision_keeps_half_weights_and_masters_only_for_the_selection(
     measured = json.loads(metrics.read_text(encoding="utf-8"))
     budget = selection_log(result.output_dir)[0]["budget"]
     assert measured["parameter_bytes"] == 2 * measured["total_parameters"]  # no fp32 copy of the model
-    assert 0 < measured["master_weight_bytes"] <= 4 * budget + 64
+    assert 0 < measured["master_weight_bytes"] <= (2 if master == "compensated" else 4) * budget + 64
     largest = 2 * max(tensor.numel() for tensor in weights(tiny_llamafactory_assets.model_dir).values())
     gradient_element = 2 if precision == "bf16" else 4  # fp16's compact gradients are fp32 (for a GradScaler)
     assert 0 < measured["gradient_bytes"] <= gradient_element * (budget + 1) + largest
