@@ -89,17 +89,6 @@ def source_modules() -> dict[str, Path]:
 MODULES = source_modules()
 
 
-def imported_libraries(path: Path) -> set[str]:
-    """The top-level names of every absolute import in ``path``, at module level or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-            found.add(node.module.split(".")[0])
-    return found
-
-
 def library_imports(path: Path) -> dict[str, bool]:
     """Top-level name of every absolute import in ``path`` -> whether one of its imports runs at import time (not
     inside a function)."""
@@ -120,6 +109,11 @@ def library_imports(path: Path) -> dict[str, bool]:
 
     visit(ast.parse(path.read_text(), str(path)), False)
     return found
+
+
+def imported_libraries(path: Path) -> set[str]:
+    """The top-level names of every absolute import in ``path``, at module level or inside functions."""
+    return set(library_imports(path))
 
 
 def imported_names(path: Path) -> list[tuple[str, str]]:
