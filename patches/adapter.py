@@ -15,17 +15,21 @@ from blockllm_factory.optim.settings import FINETUNING_TYPE
 from ._version import check_llamafactory_version
 
 
-def describe_precision(model) -> str:
+def describe_precision(model, master: str = "fp32") -> str:
     """What the trainable weights are, read from the model as LLaMA-Factory set it up (not from the settings: a model
-    stored in fp32, or fp16 on a CPU, stays fp32)."""
+    stored in fp32, or fp16 on a CPU, stays fp32), and what keeps their high-precision part (``blockllm_master``)."""
     import torch
 
     dtypes = sorted({str(param.dtype) for param in model.parameters() if param.requires_grad})
     if dtypes and all(dtype in (str(torch.bfloat16), str(torch.float16)) for dtype in dtypes):
-        return (
-            f"BlockLLM: trainable weights stay in half precision ({', '.join(dtypes)}); fp32 masters exist for the "
-            "selected coordinates."
+        kept = (
+            "fp32 masters exist"
+            if master == "fp32"
+            else "compensation buffers in the weights' dtype (`blockllm_master: compensated`) exist instead of fp32 "
+            "masters"
         )
+        half = ", ".join(dtypes)
+        return f"BlockLLM: trainable weights stay in half precision ({half}); {kept} for the selected coordinates."
     return f"BlockLLM: trainable weights are {', '.join(dtypes) or 'none'}; no fp32 master copies are needed."
 
 
@@ -58,7 +62,7 @@ def build_init_adapter(original, logger):
             finetuning_args.finetuning_type = FINETUNING_TYPE
             finetuning_args.use_badam = use_badam
         if is_trainable:
-            logger.info_rank0(describe_precision(model))
+            logger.info_rank0(describe_precision(model, getattr(finetuning_args, "blockllm_master", "fp32")))
         return model
 
     return init_adapter

@@ -11,7 +11,7 @@ PY="$VENV/bin/python"
 # with llamafactory 0.9.5; README.md, "Use it in your LLaMA-Factory environment"). torch/torchaudio/torchvision are
 # pinned: a plain `pip install llamafactory` resolves a broken pair.
 DEPS=(setuptools wheel torch torchaudio torchvision llamafactory trl badam galore-torch apollo-torch bitsandbytes
-      deepspeed gguf matplotlib pytest ruff playwright)
+      deepspeed gguf matplotlib pytest pytest-xdist ruff playwright)
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 digest() { sha256sum | cut -c1-16; }

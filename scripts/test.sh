@@ -8,4 +8,8 @@ bash "$ROOT/scripts/ensure_browser.sh"  # Chromium for the web UI test (tests/te
 cd "$ROOT"
 # The checkout is installed editable (bootstrap.sh), so the tests run this tree's blockllm_factory/ and patches/ as
 # every process started through the import hook does; no reinstall after an edit.
-exec "$ROOT/.venv/bin/pytest" -q -rs "$ROOT/tests" "$@"  # -rs: print why a test was skipped
+# Two pytest workers (pytest-xdist): most of the suite's time is llamafactory-cli runs, each one process on one thread
+# (OMP_NUM_THREADS=1), so one worker leaves the second core of a 2-core CI machine idle. --dist loadfile keeps each test
+# file on one worker, so a module's shared runs (module-scoped fixtures) are made once. BLOCKLLM_TEST_WORKERS=0 runs
+# everything in this one process (e.g. to debug with -s or --pdb).
+exec "$ROOT/.venv/bin/pytest" -q -rs -n "${BLOCKLLM_TEST_WORKERS:-2}" --dist loadfile "$ROOT/tests" "$@"  # -rs: skips

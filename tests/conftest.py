@@ -2,7 +2,10 @@
 
 ``tiny_llamafactory_assets``: a tiny Llama (2 layers, hidden 32) with a locally trained byte-level BPE tokenizer and
 four small datasets (sft, pt, pairwise, kto) registered in a ``dataset_info.json``, built once per test session in a
-temporary folder, deterministically and without any hub.
+temporary folder, deterministically and without any hub. The tokenizer and the dataset folder come from the demo's
+builder (blockllm_factory/demo/builder.py), as the demo's and the harness's assets do.
+
+``demo_assets``: the demo's model and datasets (blockllm_factory/demo/assets.py), built once per test session.
 
 ``llamafactory_train``: runs the real, unmodified ``llamafactory-cli train <yaml>`` in a subprocess on CPU.
 
@@ -13,7 +16,6 @@ The plain functions (the CLI's environment, the argument builder, the CLI runs) 
 import them from there.
 """
 
-import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import pytest
 from helpers import run_cli, run_logged, tiny_config
+
+from blockllm_factory.demo.builder import train_tokenizer, write_datasets
 
 SEED = 7
 _DESELECTED_CUDA: list[str] = []
@@ -40,6 +44,20 @@ def pytest_collection_modifyitems(config, items):
         _DESELECTED_CUDA.extend(item.nodeid for item in deselected)
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker (scripts/test.sh): the summary is the controller's
+        workeroutput["deselected_cuda"] = list(_DESELECTED_CUDA)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist's controller: every worker collected and deselected the same CUDA tests."""
+    for nodeid in getattr(node, "workeroutput", {}).get("deselected_cuda", []):
+        if nodeid not in _DESELECTED_CUDA:
+            _DESELECTED_CUDA.append(nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -82,63 +100,48 @@ def _examples(count: int, seed: int) -> list[dict]:
 
 
 def _write_datasets(dataset_dir: Path) -> list[str]:
+    """The four datasets through the demo's writer (demo/builder.py); returns the tokenizer's corpus."""
     examples = _examples(64, SEED)
-    files = {
-        "tiny_sft": [{"instruction": e["instruction"], "input": "", "output": e["output"]} for e in examples],
-        "tiny_pt": [{"text": f"{e['instruction']} = {e['output']}"} for e in examples],
-        "tiny_pairwise": [
-            {"instruction": e["instruction"], "input": "", "chosen": e["output"], "rejected": e["wrong"]}
-            for e in examples
-        ],
-        "tiny_kto": [
-            {
-                "instruction": e["instruction"],
-                "input": "",
-                "output": e["output"] if i % 2 else e["wrong"],
-                "label": bool(i % 2),
-            }
-            for i, e in enumerate(examples)
-        ],
-    }
-    info = {
-        "tiny_sft": {"file_name": "tiny_sft.json"},
-        "tiny_pt": {"file_name": "tiny_pt.json", "columns": {"prompt": "text"}},
-        "tiny_pairwise": {
-            "file_name": "tiny_pairwise.json",
-            "ranking": True,
-            "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"},
+    sft = [{"instruction": e["instruction"], "input": "", "output": e["output"]} for e in examples]
+    prompt = {"prompt": "instruction", "query": "input"}
+    write_datasets(
+        dataset_dir,
+        {
+            "tiny_sft": (sft, {}),
+            "tiny_pt": (
+                [{"text": f"{e['instruction']} = {e['output']}"} for e in examples],
+                {"columns": {"prompt": "text"}},
+            ),
+            "tiny_pairwise": (
+                [
+                    {"instruction": e["instruction"], "input": "", "chosen": e["output"], "rejected": e["wrong"]}
+                    for e in examples
+                ],
+                {"ranking": True, "columns": {**prompt, "chosen": "chosen", "rejected": "rejected"}},
+            ),
+            "tiny_kto": (
+                [
+                    {
+                        "instruction": e["instruction"],
+                        "input": "",
+                        "output": e["output"] if i % 2 else e["wrong"],
+                        "label": bool(i % 2),
+                    }
+                    for i, e in enumerate(examples)
+                ],
+                {"columns": {**prompt, "response": "output", "kto_tag": "label"}},
+            ),
         },
-        "tiny_kto": {
-            "file_name": "tiny_kto.json",
-            "columns": {"prompt": "instruction", "query": "input", "response": "output", "kto_tag": "label"},
-        },
-    }
-    dataset_dir.mkdir(parents=True)
-    for name, records in files.items():
-        (dataset_dir / f"{name}.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
-    (dataset_dir / "dataset_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-    return [f"{r.get('instruction', r.get('text'))} {r.get('output', '')}" for r in files["tiny_sft"]]
+    )
+    return [f"{r['instruction']} {r['output']}" for r in sft]
 
 
 def _write_model(model_dir: Path, corpus: list[str]) -> None:
+    """The demo's tokenizer trainer (demo/builder.py) on ``corpus``, and a randomly initialised 2-layer Llama."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    backend.train_from_iterator(
-        corpus + ["Human: Assistant: System:"],
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=list(specials.values()),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+    tokenizer = train_tokenizer(corpus + ["Human: Assistant: System:"], vocab_size=400, max_length=128)
     tokenizer.save_pretrained(model_dir)
 
     torch.manual_seed(SEED)
@@ -164,6 +167,15 @@ def tiny_llamafactory_assets(tmp_path_factory) -> TinyAssets:
     corpus = _write_datasets(root / "data")
     _write_model(root / "model", corpus)
     return TinyAssets(model_dir=root / "model", dataset_dir=root / "data")
+
+
+@pytest.fixture(scope="session")
+def demo_assets(tmp_path_factory):
+    """The demo's own model and datasets (blockllm_factory/demo/assets.py), built once per session: tests/test_demo.py
+    checks the build, tests/test_webui.py trains on it. Read-only for the tests (copy before changing anything)."""
+    from blockllm_factory.demo.assets import build
+
+    return build(tmp_path_factory.mktemp("demo") / "assets")
 
 
 @pytest.fixture

@@ -487,6 +487,8 @@ def test_the_floor_is_the_formula_of_the_run_s_own_counts():
     assert "(1 - 0.95)" in formula and "800" in formula
     eight_bit, _ = report.floor(record, {"pure_bf16": True, "optim": "adamw_bnb_8bit"})
     assert eight_bit == round(2 * 1000 + (1 - 0.95) * (4 + 2 + 2) * 800)
+    compensated, formula = report.floor(record, {"bf16": True, "blockllm_master": "compensated"})
+    assert compensated == round(2 * 1000 + (1 - 0.95) * (2 + 8 + 2) * 800) and "(2 master" in formula
     fp32, _ = report.floor(record, {})
     assert fp32 == round(4 * 1000 + (1 - 0.95) * (8 + 4) * 800)  # no master copy for fp32 weights
     assert report.floor(dict(record, kind="full"), {"bf16": True}) is None

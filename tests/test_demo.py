@@ -25,9 +25,9 @@ def file_digests(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("demo") / "assets")
+@pytest.fixture
+def assets(demo_assets):
+    return demo_assets  # conftest.py's build, shared with tests/test_webui.py
 
 
 def test_an_up_to_date_build_is_kept(assets):

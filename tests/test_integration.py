@@ -44,16 +44,29 @@ def assert_ok(result) -> None:
     assert result.returncode == 0, result.log[-6000:]
 
 
+@pytest.fixture(scope="module")
+def stage_run(llamafactory_cli, tmp_path_factory):
+    """``stage_run(stage)``: one short run of that stage (sparsity 0.5, 3 steps), made once per module; the export test
+    exports the sft run."""
+    root = tmp_path_factory.mktemp("stages")
+    runs = {}
+
+    def run(stage: str):
+        if stage not in runs:
+            settings = {"stage": stage, "dataset": STAGES[stage], "max_steps": 3, "blockllm_sparsity": 0.5}
+            config = llamafactory_cli.config(root / stage, plot_loss=True, **settings)
+            runs[stage] = llamafactory_cli.run("train", config, root, stage)
+            runs[stage].output_dir = root / stage
+        return runs[stage]
+
+    return run
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_each_stage_trains_only_selected_blocks_and_saves_a_plain_model(
-    stage, llamafactory_train, tiny_llamafactory_assets
-):
+def test_each_stage_trains_only_selected_blocks_and_saves_a_plain_model(stage, stage_run, tiny_llamafactory_assets):
     from transformers import AutoModelForCausalLM
 
-    result = llamafactory_train(
-        {"stage": stage, "dataset": STAGES[stage], "max_steps": 3, "blockllm_sparsity": 0.5, "plot_loss": True},
-        name=stage,
-    )
+    result = stage_run(stage)
     assert_ok(result)
     out = result.output_dir
     assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
@@ -88,30 +101,28 @@ def test_bad_value_is_refused_by_name_before_anything_is_written(llamafactory_tr
     assert not result.output_dir.exists() or not any(result.output_dir.iterdir())
 
 
-EIGHT_BIT = {  # 8-bit moments need vectors of >= 4096 entries: the tiny model's embeddings and head have them
+# One resumed run for the states that are not fp32 (the fp32 resume of a reselecting run is
+# tests/test_reliability.py::test_resumed_run_ends_bit_identical_to_the_unbroken_one, selection log included):
+# 8-bit moments (they need vectors of >= 4096 entries: the tiny model's embeddings and head have them), norms in every
+# selection, and patience as a share of the run (0.34 of the 6 steps: 2 steps).
+RESUMED_STATES = {
     "optim": "adamw_bnb_8bit",
     "blockllm_include_embeddings": True,
     "blockllm_sparsity": 0.3,
-}
-
-
-NORMS_ALWAYS_PATIENCE_SHARE = {  # norms in every selection; patience 0.34 of the 6 steps: 2 steps
     "blockllm_norms": "always",
     "blockllm_patience": 0.34,
 }
 
 
-@pytest.mark.parametrize("states", ["fp32", "8bit", "norms_always_patience_share"])
-def test_resume_from_checkpoint_continues_exactly(states, llamafactory_cli, tmp_path):
+def test_resume_from_checkpoint_continues_exactly_with_8bit_moments_norms_and_a_patience_share(
+    llamafactory_cli, tmp_path
+):
     common = {
         "max_steps": 6,
         "gradient_accumulation_steps": 2,
-        "blockllm_sparsity": 0.5,
-        "blockllm_patience": 1,  # reselects as soon as the loss does not fall: decided from the restored window
         "save_strategy": "steps",
         "save_steps": 3,
-        **(EIGHT_BIT if states == "8bit" else {}),
-        **(NORMS_ALWAYS_PATIENCE_SHARE if states == "norms_always_patience_share" else {}),
+        **RESUMED_STATES,
     }
     unbroken = llamafactory_cli.config(tmp_path / "unbroken", **common)
     assert_ok(llamafactory_cli.run("train", unbroken, tmp_path, "unbroken"))
@@ -119,23 +130,28 @@ def test_resume_from_checkpoint_continues_exactly(states, llamafactory_cli, tmp_
     assert (checkpoint / "optimizer.pt").exists()
     saved_states = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"].values()
     quantized = [state for state in saved_states if "exp_avg_q" in state]
-    assert all(state["exp_avg_q"].dtype == torch.uint8 for state in quantized)
-    assert bool(quantized) == (states == "8bit")
+    assert quantized and all(state["exp_avg_q"].dtype == torch.uint8 for state in quantized)
 
     resumed = llamafactory_cli.config(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint), **common)
     result = llamafactory_cli.run("train", resumed, tmp_path, "resumed")
     assert_ok(result)
     assert "Resuming training from checkpoint" in result.log
-    if states == "norms_always_patience_share":  # the share is resolved against the whole run, not what is left
-        assert "`blockllm_patience: 0.34` of 6 optimizer steps is 2 steps" in result.log
+    # the share is resolved against the whole run, not what is left
+    assert "`blockllm_patience: 0.34` of 6 optimizer steps is 2 steps" in result.log
 
     final, again = weights(tmp_path / "unbroken"), weights(tmp_path / "resumed")
     assert final.keys() == again.keys()
     assert all(torch.equal(final[name], again[name]) for name in final)
     # Same selections, including those made after the checkpoint, from the restored loss window and probe state.
-    assert selection_log(tmp_path / "resumed") == selection_log(tmp_path / "unbroken")
-    if states == "fp32":  # (the restored run state is the same for 8-bit; its states are what that case checks)
-        assert any(record["step"] > 3 for record in selection_log(tmp_path / "unbroken"))
+    records = selection_log(tmp_path / "resumed")
+    assert records == selection_log(tmp_path / "unbroken")
+    # norms: always (the norm policy test below runs `frozen`)
+    assert "norms always, budget" in result.log
+    norm_weights = {name for name in final if "norm" in name}
+    assert len(norm_weights) == 5  # two per layer and the final one
+    assert all(norm_weights <= set(record["names"]) for record in records)
+    changed = changed_names(weights(llamafactory_cli.assets.model_dir), final)
+    assert norm_weights <= changed and changed - norm_weights, "the norms and other weights train"
 
 
 ON_GPU = {"use_cpu": False}  # the runs of the "cuda" cases (tests/test_cuda.py has the other CUDA tests)
@@ -181,23 +197,31 @@ def save_in_dtype(source: Path, target: Path, dtype: torch.dtype) -> Path:
     return target
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize(("precision", "master"), [("bf16", "compensated"), ("fp16", "fp32")])
 def test_mixed_precision_keeps_half_weights_and_masters_only_for_the_selection(
-    precision, llamafactory_train, tiny_llamafactory_assets, tmp_path
+    precision, master, llamafactory_train, tiny_llamafactory_assets, tmp_path
 ):
     """Measured inside the run from the live tensors (the benchmark harness's callback): weights at 2 bytes each,
-    fp32 masters for at most the budget, gradients within the budget plus one tensor."""
+    masters for at most the budget (fp32: 4 bytes a coordinate; `compensated`: 2, in the weights' dtype), gradients
+    within the budget plus one tensor."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     half_model = save_in_dtype(tiny_llamafactory_assets.model_dir, tmp_path / f"{precision}_model", dtype)
     metrics = tmp_path / f"{precision}_metrics.json"
     result = llamafactory_train(
-        {precision: True, "blockllm_sparsity": 0.5, "max_steps": 3, "model_name_or_path": str(half_model)},
+        {
+            precision: True,
+            "blockllm_sparsity": 0.5,
+            "blockllm_master": master,
+            "max_steps": 3,
+            "model_name_or_path": str(half_model),
+        },
         name=precision,
         BLOCKLLM_FACTORY_BENCH_OUT=str(metrics),
     )
     assert_ok(result)
     assert f"compute dtype: {dtype}" in result.log
     assert "trainable weights stay in half precision" in result.log
+    assert f"{master} masters (for half-precision weights)" in result.log
     assert all(tensor.dtype == dtype for tensor in weights(result.output_dir).values())
     changed = changed_names(weights(half_model), weights(result.output_dir))
     assert changed and changed <= selected_names(selection_log(result.output_dir))
@@ -205,14 +229,14 @@ def test_mixed_precision_keeps_half_weights_and_masters_only_for_the_selection(
     measured = json.loads(metrics.read_text(encoding="utf-8"))
     budget = selection_log(result.output_dir)[0]["budget"]
     assert measured["parameter_bytes"] == 2 * measured["total_parameters"]  # no fp32 copy of the model
-    assert 0 < measured["master_weight_bytes"] <= 4 * budget + 64
+    assert 0 < measured["master_weight_bytes"] <= (2 if master == "compensated" else 4) * budget + 64
     largest = 2 * max(tensor.numel() for tensor in weights(tiny_llamafactory_assets.model_dir).values())
     gradient_element = 2 if precision == "bf16" else 4  # fp16's compact gradients are fp32 (for a GradScaler)
     assert 0 < measured["gradient_bytes"] <= gradient_element * (budget + 1) + largest
 
 
-def test_exported_blockllm_model_equals_the_trained_one(llamafactory_train, llamafactory_cli, tmp_path):
-    trained = llamafactory_train({"blockllm_sparsity": 0.5, "max_steps": 2}, name="trained")
+def test_exported_blockllm_model_equals_the_trained_one(stage_run, llamafactory_cli, tmp_path):
+    trained = stage_run("sft")
     assert_ok(trained)
     export = {
         "model_name_or_path": str(trained.output_dir),
@@ -300,23 +324,18 @@ def test_pure_bf16_keeps_bf16_weights_and_trains_the_selection(llamafactory_cli,
     assert changed and changed <= selected_names(selection_log(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("norms", ["always", "frozen"])
-def test_norm_policy_decides_whether_norm_weights_train(norms, llamafactory_train, tiny_llamafactory_assets):
+def test_frozen_norms_never_train(llamafactory_train, tiny_llamafactory_assets):
+    """`blockllm_norms: frozen` (`always` is checked on the resumed run above: norms in every selection, trained)."""
     result = llamafactory_train(
-        {"max_steps": 4, "blockllm_sparsity": 0.9, "blockllm_patience": 1, "blockllm_norms": norms}, name=norms
+        {"max_steps": 4, "blockllm_sparsity": 0.9, "blockllm_patience": 1, "blockllm_norms": "frozen"}, name="frozen"
     )
     assert_ok(result)
-    assert f"norms {norms}, budget" in result.log
+    assert "norms frozen, budget" in result.log
     before = weights(tiny_llamafactory_assets.model_dir)
     norm_weights = {name for name in before if "norm" in name}
     assert len(norm_weights) == 5  # two per layer and the final one
     changed = changed_names(before, weights(result.output_dir))
-    records = selection_log(result.output_dir)
-    if norms == "always":
-        assert all(norm_weights <= set(record["names"]) for record in records)
-        assert norm_weights <= changed
-    else:
-        assert not norm_weights & selected_names(records) and not norm_weights & changed
+    assert not norm_weights & selected_names(selection_log(result.output_dir)) and not norm_weights & changed
     assert changed - norm_weights, "no other weight trained"
 
 

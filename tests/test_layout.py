@@ -11,6 +11,11 @@
 
 Within the harness the demo is the lower: bench builds with the demo's builder, the demo imports neither bench nor
 patches. The report and the plots of bench share ``bench.summary`` and import neither each other.
+
+Outside packages (docs/architecture.md, "The rules"): the base imports the standard library only, and nothing of this
+package when it is imported; the optimizer imports torch and, inside functions, bitsandbytes, nothing else outside the
+standard library; only the patches import LLaMA-Factory; the Trainer front and the patches take public names from
+the optimizer, and the patches use the Trainer front's shared modules only.
 """
 
 import ast
@@ -52,6 +57,18 @@ PREFIXES = {
 # room -> outside packages its modules must never import (the optimizer is pure PyTorch; the Trainer front runs
 # without LLaMA-Factory).
 FORBIDDEN_LIBRARIES = {"optim": {"llamafactory", "transformers", "trl"}, "hf": {"llamafactory"}}
+# room -> the only outside packages (beyond the standard library) it may import, and those of them it may import only
+# inside functions (lazily: importing the room does not import them).
+LIBRARIES = {"base": (set(), set()), "optim": ({"torch", "bitsandbytes"}, {"bitsandbytes"})}
+# Every reach into LLaMA-Factory lives in the patches. One module outside them imports it, and why; the test fails
+# when this list is stale in either direction.
+LLAMAFACTORY_OUTSIDE_PATCHES = {
+    # reads the argument dataclasses `llamafactory-cli train` parses (parser._TRAIN_ARGS, RayArguments), to refuse a
+    # suite's misspelt key before any run starts; it patches nothing
+    "blockllm_factory.bench.suite",
+}
+# The Trainer front's modules the patches build on (docs/architecture.md, "shared with the patches").
+HF_SHARED = {"optimizer", "wiring", "engine", "deepspeed_config", "telemetry"}
 APART = [("blockllm_factory.bench.plots", "blockllm_factory.bench.report")]
 
 
@@ -72,15 +89,41 @@ def source_modules() -> dict[str, Path]:
 MODULES = source_modules()
 
 
+def library_imports(path: Path) -> dict[str, bool]:
+    """Top-level name of every absolute import in ``path`` -> whether one of its imports runs at import time (not
+    inside a function)."""
+    found: dict[str, bool] = {}
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names = [node.module]
+        for imported in names:
+            top = imported.split(".")[0]
+            found[top] = found.get(top, False) or not in_function
+        inside = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(ast.parse(path.read_text(), str(path)), False)
+    return found
+
+
 def imported_libraries(path: Path) -> set[str]:
     """The top-level names of every absolute import in ``path``, at module level or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-            found.add(node.module.split(".")[0])
-    return found
+    return set(library_imports(path))
+
+
+def imported_names(path: Path) -> list[tuple[str, str]]:
+    """``(module, name)`` for every absolute ``from module import name`` in ``path``."""
+    return [
+        (node.module, alias.name)
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module
+        for alias in node.names
+    ]
 
 
 def imported_modules(name: str, path: Path) -> set[str]:
@@ -132,6 +175,70 @@ def test_a_module_imports_only_its_own_room_and_those_below(name):
 def test_the_optimizer_and_the_trainer_front_import_no_llamafactory(name):
     forbidden = imported_libraries(MODULES[name]) & FORBIDDEN_LIBRARIES[room(name)]
     assert not forbidden, f"{MODULES[name].relative_to(ROOT)} ({room(name)}) imports {sorted(forbidden)}"
+
+
+def outside_rule(name: str, imports: dict[str, bool]) -> list[str]:
+    """What ``name`` imports beyond what :data:`LIBRARIES` allows its room (standard library aside)."""
+    allowed, lazily = LIBRARIES[room(name)]
+    found = []
+    for library, at_import in sorted(imports.items()):
+        if library == PACKAGE:
+            if room(name) == "base" and at_import:
+                found.append(f"{library} at import time")
+        elif library in sys.stdlib_module_names:
+            continue
+        elif library not in allowed:
+            found.append(library)
+        elif library in lazily and at_import:
+            found.append(f"{library} at import time")
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(name for name in MODULES if room(name) in LIBRARIES))
+def test_the_base_and_the_optimizer_import_only_what_their_room_allows(name):
+    found = outside_rule(name, library_imports(MODULES[name]))
+    assert not found, f"{MODULES[name].relative_to(ROOT)} ({room(name)}) imports {found}"
+
+
+def test_only_the_patches_import_llamafactory():
+    outside = {
+        name for name, path in MODULES.items() if room(name) != "patches" and "llamafactory" in library_imports(path)
+    }
+    assert outside == LLAMAFACTORY_OUTSIDE_PATCHES
+
+
+def in_optim(module: str) -> bool:
+    return module == f"{PACKAGE}.optim" or module.startswith(f"{PACKAGE}.optim.")
+
+
+@pytest.mark.parametrize("name", sorted(name for name in MODULES if room(name) in ("hf", "patches")))
+def test_the_front_and_the_patches_use_public_optimizer_names_and_the_fronts_shared_modules(name):
+    used = imported_names(MODULES[name])
+    private = [f"{module}.{item}" for module, item in used if in_optim(module) and item.startswith("_")]
+    private += [module for module, _ in used if in_optim(module) and "._" in module]
+    assert not private, f"{MODULES[name].relative_to(ROOT)} uses private names of the optimizer: {private}"
+    if room(name) == "patches":
+        front = {module.split(".")[2] for module in IMPORTS[name] if module.startswith(f"{PACKAGE}.hf.")}
+        assert front <= HF_SHARED, f"{MODULES[name].relative_to(ROOT)} imports the Trainer front's {front - HF_SHARED}"
+        assert f"{PACKAGE}.hf" not in IMPORTS[name]  # the front's package: its trainers, not the shared wiring
+
+
+def test_the_library_rules_catch_imports_at_import_time_and_outside_the_allowed(tmp_path):
+    source = tmp_path / "blockllm.py"
+    source.write_text(
+        "import os\nimport torch\nimport bitsandbytes\nfrom transformers import Trainer\n"
+        "def quantize():\n    import bitsandbytes.functional\n    import numpy\n"
+    )
+    imports = library_imports(source)
+    assert imports == {"os": True, "torch": True, "bitsandbytes": True, "transformers": True, "numpy": False}
+    assert outside_rule("blockllm_factory.optim.blockllm", imports) == [
+        "bitsandbytes at import time",
+        "numpy",
+        "transformers",
+    ]
+    base = tmp_path / "files.py"
+    base.write_text("import json\nfrom blockllm_factory import optim\ndef lazy():\n    import torch\n")
+    assert outside_rule("blockllm_factory._files", library_imports(base)) == [f"{PACKAGE} at import time", "torch"]
 
 
 @pytest.mark.parametrize(("one", "other"), APART)

@@ -194,6 +194,13 @@ def test_resumed_run_ends_bit_identical_to_the_unbroken_one(unbroken):
     assert resumed_state["blockllm"]["events"] == events
     assert resumed_state["blockllm"]["norms"] == unbroken_state["blockllm"]["norms"]
     assert_same_parameter_states(resumed_state, unbroken_state)
+    # fp32 moments (tests/test_integration.py resumes 8-bit ones), and the same selection log from the resumed run
+    saved = optimizer_state(unbroken["output_dir"] / "checkpoint-3")["state"].values()
+    moments = [state["exp_avg"] for state in saved if "exp_avg" in state]
+    assert moments and all(moment.dtype == torch.float32 for moment in moments)
+    assert not any("exp_avg_q" in state for state in saved)
+    selection_log = "blockllm_selection.jsonl"
+    assert (root / "resumed" / selection_log).read_text() == (unbroken["output_dir"] / selection_log).read_text()
 
 
 # The files of one checkpoint save, in the order the Trainer writes them (save_model, then the optimizer's files with
@@ -694,13 +701,19 @@ def test_refused_input_raises_the_documented_error(case, tiny_llamafactory_asset
 
 
 @pytest.mark.parametrize(
-    ("dtype", "expected"),
+    ("dtype", "master", "expected"),
     [
-        (torch.float32, "BlockLLM: trainable weights are torch.float32; no fp32 master copies are needed."),
-        (torch.bfloat16, "BlockLLM: trainable weights stay in half precision (torch.bfloat16); fp32 masters exist"),
+        (torch.float32, "fp32", "BlockLLM: trainable weights are torch.float32; no fp32 master copies are needed."),
+        (torch.bfloat16, "fp32", "BlockLLM: trainable weights stay in half precision (torch.bfloat16); fp32 masters"),
+        (
+            torch.bfloat16,
+            "compensated",
+            "BlockLLM: trainable weights stay in half precision (torch.bfloat16); compensation buffers in the "
+            "weights' dtype (`blockllm_master: compensated`) exist instead of fp32 masters",
+        ),
     ],
 )
-def test_the_precision_line_says_what_the_trainable_weights_are(dtype, expected):
+def test_the_precision_line_says_what_the_trainable_weights_are(dtype, master, expected):
     """Before, `bf16: true` logged "stay in half precision" from the settings alone, also for weights LLaMA-Factory
     left in fp32 (a checkpoint stored in fp32, fp16 on a CPU). Now the line reads the model as set up."""
     from blockllm_factory.patches.adapter import build_init_adapter
@@ -709,7 +722,9 @@ def test_the_precision_line_says_what_the_trainable_weights_are(dtype, expected)
     logger = SimpleNamespace(info_rank0=lines.append)
     model = TinyLM(width=8, depth=1, dtype=dtype)
     init_adapter = build_init_adapter(lambda config, model, *args: model, logger)
-    finetuning_args = SimpleNamespace(finetuning_type="blockllm", use_badam=False, pure_bf16=False)
+    finetuning_args = SimpleNamespace(
+        finetuning_type="blockllm", use_badam=False, pure_bf16=False, blockllm_master=master
+    )
     init_adapter(None, model, SimpleNamespace(compute_dtype=torch.bfloat16), finetuning_args, True)
     assert lines[-1].startswith(expected), lines
 

@@ -124,13 +124,6 @@ def _browser_or_skip():
 
 
 @pytest.fixture(scope="module")
-def demo_assets(tmp_path_factory):
-    from blockllm_factory.demo.assets import build
-
-    return build(tmp_path_factory.mktemp("webui_assets") / "assets")
-
-
-@pytest.fixture(scope="module")
 def webui(tmp_path_factory):
     """``(url, workdir)`` of a ``llamafactory-cli webui`` on loopback; stopped, with its trainers, afterwards."""
     _browser_or_skip()

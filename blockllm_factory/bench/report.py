@@ -248,14 +248,15 @@ def floor(record: dict, args: dict[str, Any]) -> tuple[int, str] | None:
     """BlockLLM's memory floor for a run, and the formula with its figures; None for other kinds or missing figures.
 
     Weights at their bytes per parameter (2 under bf16/fp16/pure_bf16, else 4) x all parameters, plus (1 - sparsity)
-    x (4 B fp32 master in half precision only + 8 B Adam moments, 2 B when 8-bit + a gradient at the weights' bytes)
-    per eligible parameter. A target beside the measured figures, never in place of them."""
+    x (in half precision only a master: 4 B fp32, or 2 B with ``blockllm_master: compensated`` + 8 B Adam moments, 2 B
+    when 8-bit + a gradient at the weights' bytes) per eligible parameter. A target beside the measured figures, never
+    in place of them."""
     total, eligible, sparsity = (record.get(key) for key in ("total_parameters", "eligible_parameters", "sparsity"))
     if record.get("kind") != "blockllm" or not all(isinstance(v, (int, float)) for v in (total, eligible, sparsity)):
         return None
     half = any(_true(args.get(key)) for key in ("bf16", "fp16", "pure_bf16"))
     weight = 2 if half else 4
-    master = 4 if half else 0
+    master = (2 if args.get("blockllm_master") == "compensated" else 4) if half else 0
     moments = 2 if str(args.get("optim", "")) in EIGHT_BIT_OPTIMS else 8
     per_selected = master + moments + weight
     value = weight * total + (1.0 - float(sparsity)) * per_selected * eligible
