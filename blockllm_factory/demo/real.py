@@ -103,7 +103,7 @@ def build_data(destination: str | os.PathLike, force: bool = False) -> Path:
 
 
 def build(destination: str | os.PathLike, force: bool = False) -> RealDemo:
-    """``destination/model`` (SmolLM2-135M-Instruct in :data:`DTYPE`, from the pinned wheel) and ``destination/data``."""
+    """``destination/model`` (SmolLM2-135M-Instruct in :data:`DTYPE`, from the pinned wheel), ``destination/data``."""
     from blockllm_factory.demo.pretrained import build as build_model
 
     root = Path(destination).resolve()
