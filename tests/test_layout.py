@@ -68,7 +68,7 @@ LLAMAFACTORY_OUTSIDE_PATCHES = {
     "blockllm_factory.bench.suite",
 }
 # The Trainer front's modules the patches build on (docs/architecture.md, "shared with the patches").
-HF_SHARED = {"optimizer", "wiring", "engine", "deepspeed_config", "telemetry"}
+HF_SHARED = {"optimizer", "wiring", "engine", "deepspeed_config", "telemetry", "serialization"}
 APART = [("blockllm_factory.bench.plots", "blockllm_factory.bench.report")]
 
 
