@@ -10,12 +10,12 @@ model.
 
 import functools
 
-from blockllm_factory.optim.settings import FINETUNING_TYPE
+from blockllm_factory.optim.settings import DEFAULTS, FINETUNING_TYPE
 
 from ._version import check_llamafactory_version
 
 
-def describe_precision(model, master: str = "fp32") -> str:
+def describe_precision(model, master: str = DEFAULTS["master"]) -> str:
     """What the trainable weights are, read from the model as LLaMA-Factory set it up (not from the settings: a model
     stored in fp32, or fp16 on a CPU, stays fp32), and what keeps their high-precision part (``blockllm_master``)."""
     import torch
@@ -62,7 +62,8 @@ def build_init_adapter(original, logger):
             finetuning_args.finetuning_type = FINETUNING_TYPE
             finetuning_args.use_badam = use_badam
         if is_trainable:
-            logger.info_rank0(describe_precision(model, getattr(finetuning_args, "blockllm_master", "fp32")))
+            master = getattr(finetuning_args, "blockllm_master", DEFAULTS["master"])
+            logger.info_rank0(describe_precision(model, master))
         return model
 
     return init_adapter

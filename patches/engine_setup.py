@@ -25,9 +25,8 @@ def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
     """Refuses what BlockLLM cannot serve across processes and sets what it needs; errors name the argument."""
     from blockllm_factory.hf.engine import check_ddp
 
-    check_ddp(
-        training_args
-    )  # FSDP refused; DDP: search for unused parameters, CPU resume (shared with the Trainer front)
+    # FSDP refused; DDP: its search for unused parameters, resume on CPU (shared with the Trainer front).
+    check_ddp(training_args)
     if training_args.deepspeed:
         from blockllm_factory.hf.deepspeed_config import prepare_deepspeed
 
