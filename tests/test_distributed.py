@@ -365,6 +365,37 @@ def test_ddp_setup_looks_for_unused_parameters_and_uses_non_reentrant_checkpoint
     assert model_args.use_reentrant_gc is False
 
 
+def test_the_engine_is_decided_once_from_the_arguments_and_every_part_reads_it(tmp_path):
+    from transformers import TrainingArguments
+
+    from blockllm_factory.hf.engine import DDP, DEEPSPEED, SINGLE, Engine, engine_of
+    from blockllm_factory.patches.engine_setup import run_engine
+    from blockllm_factory.patches.precision import keeps_half_precision_weights
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}), encoding="utf-8")
+    assert engine_of(_training_args(world_size=1)) == Engine(SINGLE, 1, 0)
+    assert engine_of(_training_args()) == Engine(DDP, 2, 0)
+    assert engine_of(_training_args(deepspeed=str(config))) == Engine(DEEPSPEED, 2, 3)
+    # Kept for the arguments object it was decided from: a later change of the arguments does not move it.
+    arguments = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True)
+    decided = engine_of(arguments)
+    assert decided.kind == SINGLE and engine_of(arguments) is decided
+    # Who owns what, per engine: the table of docs/distributed.md.
+    single, ddp, zero3 = Engine(SINGLE), Engine(DDP, 2), Engine(DEEPSPEED, 2, 3)
+    assert [engine.compact_gradients for engine in (single, ddp, zero3)] == [True, False, False]
+    assert [engine.probe_measurement for engine in (single, ddp, zero3)] == ["hooks", "ddp_comm_hook", "partitions"]
+    assert [engine.own_masters for engine in (single, ddp, zero3)] == [True, True, False]
+    assert [engine.clips_in_optimizer for engine in (single, ddp, zero3)] == [False, False, True]
+    assert [engine.loss_in_backward for engine in (single, ddp, zero3)] == [False, False, True]
+    # The parse-time check keeps the run's decision; the weights' precision at model loading reads it.
+    for training_args, bf16, fp16 in ((_training_args(world_size=1), True, True), (_training_args(), True, False)):
+        check_distributed_setup(_Args(disable_gradient_checkpointing=True), _Args(), training_args)
+        assert run_engine() == engine_of(training_args)
+        assert keeps_half_precision_weights(_Args(compute_dtype=torch.bfloat16)) is bf16
+        assert keeps_half_precision_weights(_Args(compute_dtype=torch.float16)) is fp16
+
+
 # ---------------------------------------------------------------------------------------------------- ZeRO optimizer
 def _decay_groups(model: nn.Module) -> list[dict]:
     named = list(model.named_parameters())
