@@ -23,9 +23,13 @@ from helpers import CLI, reselecting_config, run_logged
 from test_optim import TinyLM, lm_loss
 from torch import nn
 
+from blockllm_factory._files import BENCH_OUT_ENV
+from blockllm_factory.bench import report
+from blockllm_factory.bench.runner import read_ranks
 from blockllm_factory.optim import BlockLLM
 from blockllm_factory.optim.distributed import register_ddp_probe_hook
 from blockllm_factory.optim.zero import ZeroBlockLLM
+from blockllm_factory.patches.collectives import CollectiveCounter
 from blockllm_factory.patches.engine_setup import check_distributed_setup
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"
@@ -124,17 +128,29 @@ def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_siz
         optimizer = BlockLLM(
             model.named_parameters(), lr=1e-2, sparsity=0.8, patience=1, probe=probe, seed=3, block_size=block_size
         )
+        # BlockLLM froze the embeddings and head it never trains; DDP's reducer holds the rest.
+        reduced = [param.numel() for param in model.parameters() if param.requires_grad]
         wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         register_ddp_probe_hook(wrapped, optimizer)
-        for tokens in _batches(rank, world, DDP_STEPS):
-            loss = lm_loss(wrapped, tokens)
-            loss.backward()
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            optimizer.record_loss(float(mean_loss) / world)
-            optimizer.step()
-            optimizer.zero_grad()
-        torch.save(_record(model, optimizer), os.path.join(out_dir, f"rank{rank}.pt"))
+        # The bench's collective counter (patches/collectives.py) sees what this rank sends, DDP's reducer included.
+        counter = CollectiveCounter()
+        counter.start()
+        try:
+            for step, tokens in enumerate(_batches(rank, world, DDP_STEPS)):
+                counter.begin_step(step)
+                loss = lm_loss(wrapped, tokens)
+                loss.backward()
+                mean_loss = loss.detach().clone()
+                dist.all_reduce(mean_loss)
+                optimizer.record_loss(float(mean_loss) / world)
+                optimizer.step()
+                optimizer.zero_grad()
+                counter.end_step()
+        finally:
+            counter.stop()
+        record = _record(model, optimizer)
+        record.update(sent=counter.summary(), reduced=reduced, blocks=len(optimizer.block_names))
+        torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
     # Saved and torn down: leave without the interpreter's exit, where a C++ destructor of torch/gloo sometimes aborts
@@ -198,6 +214,14 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, pro
     for name, weight in alone["weights"].items():
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
         torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=0, atol=1e-5)
+    # Bytes each rank sent per step, counted as the c10d operators went by: DDP's buckets (every parameter of its
+    # reducer, fp32, whatever BlockLLM selected), DDP's map of the parameters each rank used (int32 per parameter),
+    # BlockLLM's measurement vector (float64, two per block, the loss sum and count) and the test's loss (one fp32).
+    reduced = ranks[0]["reduced"]
+    expected = 4 * sum(reduced) + 4 * len(reduced) + 8 * (2 * ranks[0]["blocks"] + 2) + 4
+    for rank in ranks:
+        assert rank["sent"]["collective_bytes_per_step"] == [expected] * DDP_STEPS
+        assert rank["sent"]["collective_calls_by_op"].keys() == {"allreduce_"}
 
 
 # ---------------------------------------------------------------------------------------------------- llamafactory-cli
@@ -265,10 +289,50 @@ def distributed_runs(tiny_llamafactory_assets, tmp_path_factory):
     runs = {}
     for engine_name, extra in ENGINES.items():
         config = _config(tiny_llamafactory_assets, root / engine_name, **extra)
-        result = run_cli(config, root / f"{engine_name}.yaml", **{RANK_DUMP_ENV: str(root / f"{engine_name}_dump")})
+        # The bench's measurement rides along (it only observes): every rank writes its own figures.
+        measured = {RANK_DUMP_ENV: str(root / f"{engine_name}_dump"), BENCH_OUT_ENV: str(_metrics(root, engine_name))}
+        result = run_cli(config, root / f"{engine_name}.yaml", **measured)
         runs[engine_name] = {"config": config, "log": result.log, "dumps": load_dumps(root / f"{engine_name}_dump")}
     runs["root"] = root
     return runs
+
+
+def _metrics(root: Path, engine_name: str) -> Path:
+    return root / f"{engine_name}_metrics" / "metrics.json"
+
+
+@pytest.mark.parametrize("engine_name", ["ddp", "zero3"])
+def test_each_rank_reports_its_all_storage_peak_and_the_bytes_it_sent_per_step(distributed_runs, engine_name):
+    """The bench's per-rank measurement on a real two-process run: each rank's all-storage peak and its composition,
+    and the bytes it handed to collectives at every optimizer step (patches/collectives.py), for the report."""
+    ranks = read_ranks(_metrics(distributed_runs["root"], engine_name))
+    assert [rank["rank"] for rank in ranks] == [0, 1]
+    eligible = ranks[0]["eligible_parameters"]
+    for rank in ranks:
+        assert rank["engine"]["kind"] == ("ddp" if engine_name == "ddp" else "deepspeed")
+        assert rank["engine"]["world_size"] == 2
+        assert sum(rank["peak_composition"].values()) == rank["peak_storage_bytes"] > 0
+        sent = rank["collective_bytes_per_step"]
+        assert len(sent) == STEPS
+        if engine_name == "ddp":
+            # DDP all-reduces a bucket for every weight of its reducer (every eligible one, fp32) at each optimizer
+            # step (gradient accumulation 2: once per step, DDP skips the first micro-step's), whatever BlockLLM
+            # selected; beside it only small vectors (the map of used parameters, BlockLLM's measurements, the loss).
+            assert all(4 * eligible <= step <= 4 * eligible + 16 * 1024 for step in sent)
+        else:
+            # ZeRO-3 reduce-scatters every eligible gradient (this rank's input: the whole gradient, fp32) and
+            # all-gathers the weights' shards for forward and backward, every micro-step.
+            assert rank["engine"]["zero_stage"] == 3
+            assert all(step >= 2 * 4 * eligible for step in sent)
+            assert {"_reduce_scatter_base_", "_allgather_base_"} & rank["collective_bytes_by_op"].keys()
+    # DDP broadcasts its buffers from rank 0 at each forward: rank 0 sends those few bytes more.
+    assert all(
+        0 <= a - b <= 1024
+        for a, b in zip(ranks[0]["collective_bytes_per_step"], ranks[1]["collective_bytes_per_step"])
+    )
+    record = {"name": engine_name, "engine": ranks[0]["engine"], "ranks": ranks}
+    rows = report._rank_table([record])[2:]
+    assert len(rows) == 2 and all(row.startswith(f"| {engine_name} |") for row in rows)
 
 
 @pytest.mark.parametrize("engine_name", list(ENGINES))
