@@ -456,8 +456,9 @@ def test_the_engine_is_decided_once_from_the_arguments_and_every_part_reads_it(t
     assert [engine.own_masters for engine in (single, ddp, zero3)] == [True, True, False]
     assert [engine.clips_in_optimizer for engine in (single, ddp, zero3)] == [False, False, True]
     assert [engine.loss_in_backward for engine in (single, ddp, zero3)] == [False, False, True]
-    # The parse-time check keeps the run's decision; the weights' precision at model loading reads it.
-    for training_args, bf16, fp16 in ((_training_args(world_size=1), True, True), (_training_args(), True, False)):
+    # The parse-time check keeps the run's decision; the weights' precision at model loading reads it (one process
+    # last: the decision this test leaves behind in its process is the default one).
+    for training_args, bf16, fp16 in ((_training_args(), True, False), (_training_args(world_size=1), True, True)):
         check_distributed_setup(_Args(disable_gradient_checkpointing=True), _Args(), training_args)
         assert run_engine() == engine_of(training_args)
         assert keeps_half_precision_weights(_Args(compute_dtype=torch.bfloat16)) is bf16
