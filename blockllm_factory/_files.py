@@ -24,6 +24,13 @@ SELECTION_PLOT = "blockllm_selection.png"
 BENCH_OUT_ENV = "BLOCKLLM_FACTORY_BENCH_OUT"
 
 
+def rank_path(out_path: str | Path, rank: int) -> Path:
+    """Where rank ``rank`` of a multi-process bench run writes its figures: ``metrics.rank<N>.json`` beside the
+    ``metrics.json`` that ``BLOCKLLM_FACTORY_BENCH_OUT`` names."""
+    path = Path(out_path)
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     """Calls ``write(temporary_path)`` for a file beside ``path``, then renames it over ``path``."""
     path = Path(path)

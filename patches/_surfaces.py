@@ -144,7 +144,10 @@ SURFACES: dict[str, tuple[str, tuple[Surface, ...]]] = {
     # The bench measurement only; inert (and not needed) unless the harness asks for it.
     TUNER: (
         "metrics",
-        (Surface(TUNER, "_training_function", ("config",), only_with_env=BENCH_OUT_ENV),),
+        (
+            Surface(TUNER, "_training_function", ("config",), only_with_env=BENCH_OUT_ENV),
+            Surface(TUNER, "get_train_args", only_with_env=BENCH_OUT_ENV),
+        ),
     ),
     "llamafactory.webui.locales": (
         "webui_locales",

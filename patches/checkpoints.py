@@ -23,6 +23,7 @@ import struct
 import zipfile
 
 from blockllm_factory._files import write_json
+from blockllm_factory.hf.engine import engine_of
 from blockllm_factory.hf.serialization import OPTIMIZER_FILE, SCHEDULER_FILE, check_state_files
 from blockllm_factory.optim.settings import SETTINGS
 
@@ -125,7 +126,7 @@ def check_resumable(checkpoint: str, training_args, finetuning_args=None) -> Non
     older = _older_complete(checkpoint)
     elsewhere = f"resume from {older}, or " if older else ""
     restart = f"`model_name_or_path: {checkpoint}`, another `output_dir`, no `resume_from_checkpoint`"
-    check_state_files(checkpoint, bool(getattr(training_args, "deepspeed", None)), restart, elsewhere)
+    check_state_files(checkpoint, engine_of(training_args).deepspeed, restart, elsewhere)
     for path in _state_files(checkpoint):
         problem = _damage(path)
         if problem:

@@ -18,21 +18,38 @@ Plain DDP (``FORCE_TORCHRUN=1 NPROC_PER_NODE=N llamafactory-cli train``):
 DeepSpeed: the config is checked and adjusted in ``blockllm_factory/hf/deepspeed_config.py`` (shared with the Trainer
 front); how BlockLLM runs inside ZeRO-1/2/3:
 :mod:`blockllm_factory.optim.zero`.
+
+The engine itself is decided once, by :func:`blockllm_factory.hf.engine.engine_of` from the training arguments; this
+check keeps that decision as the run's (:func:`run_engine`) for the parts of LLaMA-Factory's front that are not handed
+the training arguments (the weights' precision when the model is loaded, ``precision.py``).
 """
+
+# The engine of the run whose arguments this process parsed last (LLaMA-Factory parses once per training process).
+_RUN_ENGINE = None
+
+
+def run_engine():
+    """The :class:`blockllm_factory.hf.engine.Engine` decided when this process's training arguments were checked;
+    one process when none were (a model loaded outside a training run is not trained by an engine)."""
+    from blockllm_factory.hf.engine import SINGLE, Engine
+
+    return _RUN_ENGINE if _RUN_ENGINE is not None else Engine(SINGLE)
 
 
 def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
     """Refuses what BlockLLM cannot serve across processes and sets what it needs; errors name the argument."""
-    from blockllm_factory.hf.engine import check_ddp
+    global _RUN_ENGINE
+    from blockllm_factory.hf.engine import DDP, check_ddp, engine_of
 
     # FSDP refused; DDP: its search for unused parameters, resume on CPU (shared with the Trainer front).
     check_ddp(training_args)
-    if training_args.deepspeed:
+    decided = _RUN_ENGINE = engine_of(training_args)
+    if decided.deepspeed:
         from blockllm_factory.hf.deepspeed_config import prepare_deepspeed
 
         prepare_deepspeed(training_args, finetuning_args)
         return
-    if training_args.world_size <= 1:
+    if decided.kind != DDP:
         return
     if not model_args.disable_gradient_checkpointing and model_args.use_reentrant_gc:
         from llamafactory.extras import logging

@@ -31,6 +31,10 @@ What is measured, and when:
 - gradients also include the ``.grad`` of tensors an optimizer holds in its ``param_groups`` that are not the model's
   (a compact-gradient carrier, BAdam's fp32 copies); such a tensor's own storage counts as a master weight (a few
   bytes for a carrier whose data is an expanded scalar).
+- with several processes (DDP, DeepSpeed): every rank measures its own figures and writes them beside the metrics
+  (``metrics.rank<N>.json``, rank 0 also writes the metrics file as before), with the bytes it sent in collectives at
+  each step, by operator (:mod:`.collectives`: a dispatch mode that sees every ``c10d`` collective, DDP's C++ reducer
+  included), and the engine of the run as BlockLLM decides it (``engine``: kind, processes, ZeRO stage).
 - a run that raises (e.g. out of memory) still writes what was measured until then, with the error.
 - step times (step begin to step end, device synchronised), tokens per step (``num_input_tokens_seen``), the logged
   training losses and the evaluation losses.
@@ -72,9 +76,11 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from transformers import TrainerCallback
 
-from blockllm_factory._files import BENCH_OUT_ENV, write_json, write_text
+from blockllm_factory._files import BENCH_OUT_ENV, rank_path, write_json, write_text
 
 from ._version import check_llamafactory_version
+from .collectives import SUMMARY_KEYS as COLLECTIVE_KEYS
+from .collectives import CollectiveCounter
 from .storages import SUMMARY_KEYS, StorageTracker
 
 GRADIENT_SAMPLES_ENV = "BLOCKLLM_FACTORY_BENCH_GRADIENT_SAMPLES"
@@ -123,7 +129,27 @@ def apply(module: Any) -> None:
             raise
 
     module._training_function = _training_function
+    if hasattr(module, "get_train_args"):  # LLaMA-Factory's tuner (listed in _surfaces.py); not test doubles
+        module.get_train_args = _connecting_deepspeed(module.get_train_args)
     setattr(module, _PATCHED_FLAG, True)
+
+
+def _connecting_deepspeed(get_train_args: Any) -> Any:
+    """For every method's DeepSpeed run, registers the process group with DeepSpeed once the arguments are parsed,
+    as BlockLLM's parse-time check does for its own runs: on CPU nothing else does before ZeRO-3's ``zero.Init``, which
+    would take the world size for 1 and refuse the batch settings (docs/distributed.md), so BAdam and full fine-tuning
+    under ZeRO-3 could not be measured beside BlockLLM on CPU. On a GPU the Trainer's arguments did it already."""
+
+    @functools.wraps(get_train_args)
+    def parsed_and_connected(*args: Any, **kwargs: Any) -> Any:
+        parsed = get_train_args(*args, **kwargs)
+        if getattr(parsed[2], "deepspeed", None):
+            from blockllm_factory.hf.deepspeed_config import connect_deepspeed_comm
+
+            connect_deepspeed_comm()
+        return parsed
+
+    return parsed_and_connected
 
 
 class _Storages:
@@ -265,11 +291,19 @@ class BenchMetricsCallback(TrainerCallback):
         self._tokens_at_start = 0
         self._world_zero = True
         self._world_size = 1
+        self._rank = 0
+        self.engine: dict[str, Any] | None = None
+        self.collectives: CollectiveCounter | None = None
 
     # ------------------------------------------------------------------ trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **_: Any):
         self._world_zero = bool(state.is_world_process_zero)
         self._world_size = int(getattr(args, "world_size", 1) or 1)
+        self._rank = int(getattr(args, "process_index", 0) or 0)
+        from blockllm_factory.hf.engine import engine_of
+
+        decided = engine_of(args)  # the same decision BlockLLM's parts read, for any method's run
+        self.engine = {"kind": decided.kind, "world_size": decided.world_size, "zero_stage": decided.zero_stage}
         self.params = list(model.parameters())
         for name, param in model.named_parameters(remove_duplicate=False):
             self.param_names.setdefault(id(param), []).append(name)
@@ -307,6 +341,10 @@ class BenchMetricsCallback(TrainerCallback):
             torch.cuda.reset_peak_memory_stats(self.device)
         self.load_average = [os.getloadavg()[0]]
         self._started = True
+        if self._world_size > 1 and torch.distributed.is_initialized():
+            # Entered before the storage tracker and left after it: dispatch modes nest.
+            self.collectives = CollectiveCounter()
+            self.collectives.start()
         if self.track_storages:
             self._start_storages(model)
         self._sample_full()
@@ -318,6 +356,8 @@ class BenchMetricsCallback(TrainerCallback):
                 self.hooked.add(id(param))
                 self.handles.append(param.register_post_accumulate_grad_hook(self._on_gradient))
         self._synchronize()
+        if self.collectives is not None:
+            self.collectives.begin_step(int(state.global_step))
         if self.storages is not None:
             self.storages.step = int(state.global_step)
             self._phase("other")
@@ -337,6 +377,8 @@ class BenchMetricsCallback(TrainerCallback):
         self.trainable_parameters = max(self.trainable_parameters, self._count_trainable())
 
     def on_step_end(self, args: Any, state: Any, control: Any, **_: Any):
+        if self.collectives is not None:
+            self.collectives.end_step()
         if self._recording:
             self._save_snapshot()
         if self._step_start is None:
@@ -424,6 +466,8 @@ class BenchMetricsCallback(TrainerCallback):
     def _stop_storages(self) -> None:
         if self.storages is not None:
             self.storages.stop()
+        if self.collectives is not None:
+            self.collectives.stop()
 
     def _phase(self, phase: str) -> None:
         if self.storages is not None:
@@ -553,10 +597,12 @@ class BenchMetricsCallback(TrainerCallback):
         seen: set[int] = set()
         total = 0
         for param in params:
-            key = param.untyped_storage().data_ptr()
+            # A ZeRO-3 parameter holds no storage outside forward and backward: its size is DeepSpeed's ds_numel.
+            partitioned = hasattr(param, "ds_numel")
+            key = id(param) if partitioned else param.untyped_storage().data_ptr()
             if key not in seen:  # tied weights count once
                 seen.add(key)
-                total += param.numel()
+                total += int(param.ds_numel) if partitioned else param.numel()
         return total
 
     # ------------------------------------------------------------------ output
@@ -576,11 +622,14 @@ class BenchMetricsCallback(TrainerCallback):
             "device": str(self.device),
             "device_name": device_name,
             "world_size": self._world_size,
+            "rank": self._rank,
+            "engine": self.engine,
             "peak_memory_bytes": int(peak),
             "peak_memory_source": source,
             "peak_rss_bytes": int(peak_rss),
             "peak_tracked_bytes": self.peaks["tracked"],
             **self._storage_summary(),
+            **(self.collectives.summary() if self.collectives is not None else dict.fromkeys(COLLECTIVE_KEYS)),
             "memory_snapshot": self.memory_snapshot,
             "parameter_bytes": self.peaks["parameter"],
             "gradient_bytes": self.peaks["gradient"],
@@ -621,6 +670,10 @@ class BenchMetricsCallback(TrainerCallback):
         return self.storages.summary()
 
     def _write(self) -> None:
-        if not self._world_zero:
-            return
-        write_json(Path(self.out_path), self.payload())
+        """Rank 0 writes ``out_path``; with several processes every rank also writes its own figures beside it
+        (:func:`rank_path`), which the harness gathers into the run's per-rank report."""
+        payload = self.payload()
+        if self._world_size > 1:
+            write_json(rank_path(self.out_path, self._rank), payload)
+        if self._world_zero:
+            write_json(Path(self.out_path), payload)

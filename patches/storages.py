@@ -27,7 +27,14 @@ from torch.utils._pytree import tree_leaves
 TRACKED = ("weights", "gradients", "optimizer_state", "masters")
 UNTRACKED = ("activations", "loss_path", "temporaries", "other")
 CATEGORIES = TRACKED + UNTRACKED
-SUMMARY_KEYS = ("peak_storage_bytes", "peak_composition", "untracked_bytes", "peak_phase", "peak_step")
+SUMMARY_KEYS = (
+    "peak_storage_bytes",
+    "peak_composition",
+    "untracked_bytes",
+    "peak_phase",
+    "peak_step",
+    "peak_storage_bytes_after_first_step",
+)
 
 
 class _Record:
@@ -62,6 +69,8 @@ class StorageTracker(TorchDispatchMode):
         self.live: dict[int, _Record] = {}
         self.total = 0
         self.peak = 0
+        # BlockLLM's first step measures every block (all gradients live at once): the peak of the later steps apart.
+        self.later_peak = 0
         self.peak_phase: str | None = None
         self.peak_step: int | None = None
         self.phase = "other"
@@ -105,6 +114,8 @@ class StorageTracker(TorchDispatchMode):
 
     def _grow(self, delta: int) -> None:
         self.total += delta
+        if self.step is not None and self.step >= 1:
+            self.later_peak = max(self.later_peak, self.total)
         if self.total > self.peak:
             self.peak = self.total
             self.peak_phase, self.peak_step = self.phase, self.step
@@ -173,4 +184,5 @@ class StorageTracker(TorchDispatchMode):
             "untracked_bytes": sum(parts[key] for key in UNTRACKED),
             "peak_phase": self.peak_phase,
             "peak_step": None if self.peak_step is None else self.peak_step + 1,  # 1: the first step
+            "peak_storage_bytes_after_first_step": self.later_peak or None,
         }

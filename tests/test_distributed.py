@@ -5,8 +5,9 @@ The first test drives torch's DDP directly (seconds). The others run the real ``
 (test-only instrumentation, outside the product) makes every rank write its selection record and weights when training
 ends. They assert that both ranks made the same selections
 and ended with bit-equal weights, that DDP, ZeRO-2 and ZeRO-3 trained the same way, and that a run resumed from a
-checkpoint ends bit-identical to the unbroken one. The first DeepSpeed run on a machine JIT-builds a small CPU
-communication op (about a minute; cached afterwards).
+checkpoint ends bit-identical to the unbroken one. The runs also carry the bench's per-rank measurement (it only
+observes), and one test reads each rank's peak and the bytes it sent per step. The first DeepSpeed run on a machine
+JIT-builds a small CPU communication op (about a minute; cached afterwards).
 """
 
 import json
@@ -23,9 +24,13 @@ from helpers import CLI, reselecting_config, run_logged
 from test_optim import TinyLM, lm_loss
 from torch import nn
 
+from blockllm_factory._files import BENCH_OUT_ENV
+from blockllm_factory.bench import report
+from blockllm_factory.bench.runner import read_ranks
 from blockllm_factory.optim import BlockLLM
 from blockllm_factory.optim.distributed import register_ddp_probe_hook
 from blockllm_factory.optim.zero import ZeroBlockLLM
+from blockllm_factory.patches.collectives import CollectiveCounter
 from blockllm_factory.patches.engine_setup import check_distributed_setup
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"
@@ -42,6 +47,7 @@ ENGINES = {
 }
 STEPS = 8
 DDP_STEPS = 12
+MEASURED = ("ddp", "zero3")  # the runs that carry the bench's per-rank measurement
 RANK_DUMP_ENV = "BLOCKLLM_TEST_RANK_DUMP"
 RANK_DUMP = '''
 """Test-only instrumentation (tests/test_distributed.py), loaded at interpreter start through PYTHONPATH.
@@ -124,17 +130,29 @@ def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_siz
         optimizer = BlockLLM(
             model.named_parameters(), lr=1e-2, sparsity=0.8, patience=1, probe=probe, seed=3, block_size=block_size
         )
+        # BlockLLM froze the embeddings and head it never trains; DDP's reducer holds the rest.
+        reduced = [param.numel() for param in model.parameters() if param.requires_grad]
         wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         register_ddp_probe_hook(wrapped, optimizer)
-        for tokens in _batches(rank, world, DDP_STEPS):
-            loss = lm_loss(wrapped, tokens)
-            loss.backward()
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            optimizer.record_loss(float(mean_loss) / world)
-            optimizer.step()
-            optimizer.zero_grad()
-        torch.save(_record(model, optimizer), os.path.join(out_dir, f"rank{rank}.pt"))
+        # The bench's collective counter (patches/collectives.py) sees what this rank sends, DDP's reducer included.
+        counter = CollectiveCounter()
+        counter.start()
+        try:
+            for step, tokens in enumerate(_batches(rank, world, DDP_STEPS)):
+                counter.begin_step(step)
+                loss = lm_loss(wrapped, tokens)
+                loss.backward()
+                mean_loss = loss.detach().clone()
+                dist.all_reduce(mean_loss)
+                optimizer.record_loss(float(mean_loss) / world)
+                optimizer.step()
+                optimizer.zero_grad()
+                counter.end_step()
+        finally:
+            counter.stop()
+        record = _record(model, optimizer)
+        record.update(sent=counter.summary(), reduced=reduced, blocks=len(optimizer.block_names))
+        torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
     # Saved and torn down: leave without the interpreter's exit, where a C++ destructor of torch/gloo sometimes aborts
@@ -198,6 +216,14 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, pro
     for name, weight in alone["weights"].items():
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
         torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=0, atol=1e-5)
+    # Bytes each rank sent per step, counted as the c10d operators went by: DDP's buckets (every parameter of its
+    # reducer, fp32, whatever BlockLLM selected), DDP's map of the parameters each rank used (int32 per parameter),
+    # BlockLLM's measurement vector (float64, two per block, the loss sum and count) and the test's loss (one fp32).
+    reduced = ranks[0]["reduced"]
+    expected = 4 * sum(reduced) + 4 * len(reduced) + 8 * (2 * ranks[0]["blocks"] + 2) + 4
+    for rank in ranks:
+        assert rank["sent"]["collective_bytes_per_step"] == [expected] * DDP_STEPS
+        assert rank["sent"]["collective_calls_by_op"].keys() == {"allreduce_"}
 
 
 # ---------------------------------------------------------------------------------------------------- llamafactory-cli
@@ -265,10 +291,52 @@ def distributed_runs(tiny_llamafactory_assets, tmp_path_factory):
     runs = {}
     for engine_name, extra in ENGINES.items():
         config = _config(tiny_llamafactory_assets, root / engine_name, **extra)
-        result = run_cli(config, root / f"{engine_name}.yaml", **{RANK_DUMP_ENV: str(root / f"{engine_name}_dump")})
+        env = {RANK_DUMP_ENV: str(root / f"{engine_name}_dump")}
+        if engine_name in MEASURED:  # the bench's measurement rides along (it only observes): each rank writes its own
+            env[BENCH_OUT_ENV] = str(_metrics(root, engine_name))
+        result = run_cli(config, root / f"{engine_name}.yaml", **env)
         runs[engine_name] = {"config": config, "log": result.log, "dumps": load_dumps(root / f"{engine_name}_dump")}
     runs["root"] = root
     return runs
+
+
+def _metrics(root: Path, engine_name: str) -> Path:
+    return root / f"{engine_name}_metrics" / "metrics.json"
+
+
+@pytest.mark.parametrize("engine_name", MEASURED)
+def test_each_rank_reports_its_all_storage_peak_and_the_bytes_it_sent_per_step(distributed_runs, engine_name):
+    """The bench's per-rank measurement on a real two-process run: each rank's all-storage peak and its composition,
+    and the bytes it handed to collectives at every optimizer step (patches/collectives.py), for the report."""
+    ranks = read_ranks(_metrics(distributed_runs["root"], engine_name))
+    assert [rank["rank"] for rank in ranks] == [0, 1]
+    eligible = ranks[0]["eligible_parameters"]
+    for rank in ranks:
+        assert rank["engine"]["kind"] == ("ddp" if engine_name == "ddp" else "deepspeed")
+        assert rank["engine"]["world_size"] == 2
+        assert sum(rank["peak_composition"].values()) == rank["peak_storage_bytes"] > 0
+        sent = rank["collective_bytes_per_step"]
+        assert len(sent) == STEPS
+        if engine_name == "ddp":
+            # DDP all-reduces a bucket for every weight of its reducer (every eligible one, fp32) at each optimizer
+            # step (gradient accumulation 2: once per step, DDP skips the first micro-step's), whatever BlockLLM
+            # selected; beside it only small vectors (the map of used parameters, BlockLLM's measurements, the loss).
+            assert all(4 * eligible <= step <= 4 * eligible + 16 * 1024 for step in sent)
+        else:
+            # ZeRO-3 all-gathers every weight from its shards (this rank's input: its half) at each of the step's two
+            # micro-steps, and reduce-scatters the gradients produced.
+            assert rank["engine"]["zero_stage"] == 3
+            assert all(step >= 2 * 4 * eligible // 2 for step in sent)
+            by_op = rank["collective_bytes_by_op"]
+            assert by_op["_allgather_base_"] >= STEPS * 2 * 4 * eligible // 2 and by_op["_reduce_scatter_base_"] > 0
+    # The ranks send the same, except what rank 0 broadcasts (DDP its buffers at each forward, DeepSpeed more).
+    first, second = (rank["collective_bytes_per_step"] for rank in ranks)
+    broadcast = ranks[0]["collective_bytes_by_op"].get("broadcast_", 0)
+    assert ranks[1]["collective_bytes_by_op"].get("broadcast_", 0) == 0
+    assert all(0 <= a - b <= broadcast for a, b in zip(first, second))
+    record = {"name": engine_name, "engine": ranks[0]["engine"], "ranks": ranks}
+    rows = report._rank_table([record])[2:]
+    assert len(rows) == 2 and all(row.startswith(f"| {engine_name} |") for row in rows)
 
 
 @pytest.mark.parametrize("engine_name", list(ENGINES))
@@ -363,6 +431,38 @@ def test_ddp_setup_looks_for_unused_parameters_and_uses_non_reentrant_checkpoint
     check_distributed_setup(model_args, _Args(), training_args)
     assert training_args.ddp_find_unused_parameters is True
     assert model_args.use_reentrant_gc is False
+
+
+def test_the_engine_is_decided_once_from_the_arguments_and_every_part_reads_it(tmp_path):
+    from transformers import TrainingArguments
+
+    from blockllm_factory.hf.engine import DDP, DEEPSPEED, SINGLE, Engine, engine_of
+    from blockllm_factory.patches.engine_setup import run_engine
+    from blockllm_factory.patches.precision import keeps_half_precision_weights
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}), encoding="utf-8")
+    assert engine_of(_training_args(world_size=1)) == Engine(SINGLE, 1, 0)
+    assert engine_of(_training_args()) == Engine(DDP, 2, 0)
+    assert engine_of(_training_args(deepspeed=str(config))) == Engine(DEEPSPEED, 2, 3)
+    # Kept for the arguments object it was decided from: a later change of the arguments does not move it.
+    arguments = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True)
+    decided = engine_of(arguments)
+    assert decided.kind == SINGLE and engine_of(arguments) is decided
+    # Who owns what, per engine: the table of docs/distributed.md.
+    single, ddp, zero3 = Engine(SINGLE), Engine(DDP, 2), Engine(DEEPSPEED, 2, 3)
+    assert [engine.compact_gradients for engine in (single, ddp, zero3)] == [True, False, False]
+    assert [engine.probe_measurement for engine in (single, ddp, zero3)] == ["hooks", "ddp_comm_hook", "partitions"]
+    assert [engine.own_masters for engine in (single, ddp, zero3)] == [True, True, False]
+    assert [engine.clips_in_optimizer for engine in (single, ddp, zero3)] == [False, False, True]
+    assert [engine.loss_in_backward for engine in (single, ddp, zero3)] == [False, False, True]
+    # The parse-time check keeps the run's decision; the weights' precision at model loading reads it (one process
+    # last: the decision this test leaves behind in its process is the default one).
+    for training_args, bf16, fp16 in ((_training_args(), True, False), (_training_args(world_size=1), True, True)):
+        check_distributed_setup(_Args(disable_gradient_checkpointing=True), _Args(), training_args)
+        assert run_engine() == engine_of(training_args)
+        assert keeps_half_precision_weights(_Args(compute_dtype=torch.bfloat16)) is bf16
+        assert keeps_half_precision_weights(_Args(compute_dtype=torch.float16)) is fp16
 
 
 # ---------------------------------------------------------------------------------------------------- ZeRO optimizer

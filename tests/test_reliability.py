@@ -551,6 +551,9 @@ def _patience_share_without_run_length():
     resolve_patience(0.1, SimpleNamespace(max_steps=-1), logger=None)
 
 
+_ZERO2 = {"zero_optimization": {"stage": 2}}  # a DeepSpeed config as a dict: the engine decision reads its stage
+
+
 def _cases(assets, tmp_path, monkeypatch):
     from blockllm_factory.hf.deepspeed_config import leave_clipping_to_blockllm
     from blockllm_factory.optim.zero import ZeroBlockLLM
@@ -574,20 +577,20 @@ def _cases(assets, tmp_path, monkeypatch):
         "deepspeed_master": lambda: check_distributed_setup(
             None,
             SimpleNamespace(blockllm_block_size=0, blockllm_master="compensated"),
-            SimpleNamespace(deepspeed="ds.json", resume_from_checkpoint=None, do_train=False, output_dir="", fsdp=""),
+            SimpleNamespace(deepspeed=_ZERO2, resume_from_checkpoint=None, do_train=False, output_dir="", fsdp=""),
         ),
         "blockllm_patience_share_unknown_length": _patience_share_without_run_length,
         "deepspeed_block_size": lambda: check_distributed_setup(
             None,
             SimpleNamespace(blockllm_block_size=64),
-            SimpleNamespace(deepspeed="ds.json", resume_from_checkpoint=None, do_train=False, output_dir="", fsdp=""),
+            SimpleNamespace(deepspeed=_ZERO2, resume_from_checkpoint=None, do_train=False, output_dir="", fsdp=""),
         ),
         "stage": parse(stage="ppo"),
         "adapter_only_argument": parse(lora_rank=16),
         "fsdp": parse(fsdp="full_shard"),
         "optim": parse(optim="sgd"),
         "optim_8bit_deepspeed": lambda: __import__("blockllm_factory.hf.engine", fromlist=["check_optim"]).check_optim(
-            SimpleNamespace(optim="adamw_bnb_8bit", deepspeed="ds_z2.json")
+            SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=_ZERO2)
         ),
         "half_patched": lambda: _half_patched(monkeypatch),
         "version": lambda: check_llamafactory_version("0.9.4"),

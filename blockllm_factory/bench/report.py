@@ -267,6 +267,43 @@ def floor(record: dict, args: dict[str, Any]) -> tuple[int, str] | None:
     return int(round(value)), formula
 
 
+def rank_targets(record: dict, args: dict[str, Any]) -> dict[str, Any] | None:
+    """BlockLLM's per-rank targets for a multi-process run (issue 20), beside the measured figures, never in place of
+    them: the bytes one rank holds at BlockLLM's budget, and, under DDP, the bytes one rank sends per step when only
+    the selection's gradients cross the wire. None for other kinds, one process, or missing figures.
+
+    Per rank: weights (divided by the processes under ZeRO-3), plus (1 - sparsity) x (master + moments + gradient) per
+    eligible parameter (divided by the processes under DeepSpeed, whose partitions split them; under DeepSpeed the
+    master is its fp32 partition, 4 B). Without activations and, under ZeRO-3, the layer gathered for forward and
+    backward. DDP's bytes: (1 - sparsity) x eligible x the gradient's bytes, without the probed blocks' norms."""
+    engine = record.get("engine") or {}
+    world = engine.get("world_size") or 1
+    total, eligible, sparsity = (record.get(key) for key in ("total_parameters", "eligible_parameters", "sparsity"))
+    numbers = all(isinstance(v, (int, float)) for v in (total, eligible, sparsity))
+    if record.get("kind") != "blockllm" or world <= 1 or not numbers:
+        return None
+    half = any(_true(args.get(key)) for key in ("bf16", "fp16", "pure_bf16"))
+    weight = 2 if half else 4
+    deepspeed = engine.get("kind") == "deepspeed"
+    master = 4 if deepspeed else ((2 if args.get("blockllm_master") == "compensated" else 4) if half else 0)
+    moments = 2 if str(args.get("optim", "")) in EIGHT_BIT_OPTIMS else 8
+    weights_share = world if deepspeed and engine.get("zero_stage") == 3 else 1
+    selection_share = world if deepspeed else 1
+    selected = (1.0 - float(sparsity)) * eligible
+    value = weight * total / weights_share + selected * (master + moments + weight) / selection_share
+    weights_split = f" / {world}" if weights_share > 1 else ""
+    selection_split = f" / {world}" if selection_share > 1 else ""
+    formula = (
+        f"{weight} B x {total:,}{weights_split} + (1 - {sparsity:g}) x ({master} master + {moments} moments + "
+        f"{weight} gradient) B x {eligible:,} eligible{selection_split}"
+    )
+    targets: dict[str, Any] = {"rank_floor_bytes": int(round(value)), "rank_floor_formula": formula}
+    if engine.get("kind") == "ddp":
+        targets["collective_target_bytes"] = int(round(selected * weight))
+        targets["collective_target_formula"] = f"(1 - {sparsity:g}) x {eligible:,} eligible x {weight} B gradient"
+    return targets
+
+
 # ---------------------------------------------------------------- what a run trains
 
 _EMBEDDING = re.compile(
@@ -519,6 +556,54 @@ def _storage_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def _rank_table(records: list[dict]) -> list[str]:
+    """Multi-process runs, one row per rank: the all-storage peak and its composition, and the bytes the rank sent in
+    collectives per step, beside BlockLLM's per-rank targets (:func:`rank_targets`)."""
+    from blockllm_factory.patches.storages import CATEGORIES  # noqa: PLC0415 - the names the callback writes
+
+    lines = [
+        "| run | engine | rank | all-storage peak | "
+        + " | ".join(key.replace("_", " ") for key in CATEGORIES)
+        + " | peak from step 2"
+        + " | sent per step (median) | sent per step (max) | sent by operator, whole run | floor per rank "
+        "| sent target |",
+        "|---|---|---:|" + "---:|" * (len(CATEGORIES) + 4) + "---|---:|---:|",
+    ]
+    for r in records:
+        engine = r.get("engine") or {}
+        name = engine.get("kind", "n/a")
+        if engine.get("kind") == "deepspeed":
+            name = f"ZeRO-{engine.get('zero_stage')}"
+        for rank in r.get("ranks") or []:
+            parts = rank.get("peak_composition") or {}
+            per_step = rank.get("collective_bytes_per_step") or []
+            by_op = rank.get("collective_bytes_by_op") or {}
+            cells = [r["name"], f"{name} x {engine.get('world_size', '?')}", str(rank.get("rank"))]
+            cells += [human_bytes(rank.get("peak_storage_bytes"))]
+            cells += [human_bytes(parts.get(key)) if parts else "n/a" for key in CATEGORIES]
+            cells += [
+                human_bytes(rank.get("peak_storage_bytes_after_first_step")),
+                human_bytes(sorted(per_step)[len(per_step) // 2]) if per_step else "n/a",
+                human_bytes(max(per_step)) if per_step else "n/a",
+                ", ".join(f"{op} {human_bytes(value)}" for op, value in by_op.items()) or "none",
+                human_bytes(r.get("rank_floor_bytes")) if r.get("rank_floor_bytes") else "",
+                human_bytes(r.get("collective_target_bytes")) if r.get("collective_target_bytes") else "",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+RANKS_NOTE = (
+    "Each rank of a multi-process run measures itself: its all-storage peak and what made it up, and the bytes it "
+    "handed to torch.distributed collectives in each optimizer step (the tensors it contributes: an all-reduce's "
+    "buffer, an all-gather's or reduce-scatter's input, a broadcast's on its root; seen as `c10d` operators, DDP's "
+    "C++ reducer included; the wire carries a share of it that depends on the backend's algorithm). The median is "
+    "over the steps, the first (BlockLLM's probe of every block) included; peak from step 2 leaves that first step "
+    "out. Floor per rank and sent target: BlockLLM's targets at its budget (issue 20), formulas beside the measured "
+    "figures."
+)
+
+
 def _spread(stats: dict | None) -> str:
     if not stats:
         return "n/a"
@@ -699,6 +784,13 @@ def markdown(document: dict) -> str:
         lines += [f"## Results{suffix}", ""] + _table(records, reference) + [""]
         if any(r.get("peak_storage_bytes") for r in records):
             lines += [f"### Every byte{suffix}", "", STORAGE_NOTE, ""] + _storage_table(records) + [""]
+        if any(r.get("ranks") for r in records):
+            lines += [f"### Per rank{suffix}", "", RANKS_NOTE, ""] + _rank_table(records) + [""]
+            for r in records:
+                for key in ("rank_floor_formula", "collective_target_formula"):
+                    if r.get(key):
+                        lines.append(f"- {r['name']}: {key.split('_')[0]} target {r[key]}.")
+            lines.append("")
         lines += [f"### Per method{suffix}", ""]
         if any(len(s["points"]) > 1 or s["points"][0]["ok_runs"] > 1 for s in methods):
             lines += [

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from blockllm_factory._files import BENCH_OUT_ENV, write_json, write_text
+from blockllm_factory._files import BENCH_OUT_ENV, rank_path, write_json, write_text
 
 from . import report
 from .report import OK_STATUSES, human_bytes
@@ -74,6 +74,27 @@ RUN_FIELDS = (
     "tokens_per_s",
     "gradient_samples",
     "profiled_steps",
+    "world_size",
+    "engine",
+)
+# What each rank of a multi-process run reports (runs/<run>/metrics.rank<N>.json), kept per rank in ``ranks``.
+RANK_FIELDS = (
+    "rank",
+    "peak_storage_bytes",
+    "peak_storage_bytes_after_first_step",
+    "peak_composition",
+    "untracked_bytes",
+    "peak_phase",
+    "peak_step",
+    "peak_tracked_bytes",
+    "parameter_bytes",
+    "gradient_bytes",
+    "optimizer_state_bytes",
+    "master_weight_bytes",
+    "collective_bytes_per_step",
+    "collective_bytes_by_op",
+    "collective_calls_by_op",
+    "collective_bytes_outside_steps",
 )
 
 
@@ -142,6 +163,7 @@ def _record(run: Run, status: str, error: str | None, metrics: dict[str, Any], w
         "error": error,
     }
     record.update({key: metrics.get(key) for key in RUN_FIELDS})
+    record["ranks"] = [{key: rank.get(key) for key in RANK_FIELDS} for rank in metrics.get("ranks") or []] or None
     sparsity = None
     if run.kind == "blockllm":
         sparsity = run.args.get("blockllm_sparsity", metrics.get("sparsity"))
@@ -161,8 +183,20 @@ def _record(run: Run, status: str, error: str | None, metrics: dict[str, Any], w
     record["trains"] = record["trained"]["summary"] if record["trained"] else None
     floor = report.floor(record, run.args)
     record["floor_bytes"], record["floor_formula"] = floor if floor else (None, None)
+    record.update(report.rank_targets(record, run.args) or {})
     record.update({"fingerprint": run.fingerprint, "log": str(log), "args": run.args, "host": host_info()})
     return record
+
+
+def read_ranks(metrics_path: Path) -> list[dict[str, Any]]:
+    """Every rank's figures of a multi-process run, by rank (empty for one process)."""
+    ranks = []
+    for rank in range(64):
+        path = rank_path(metrics_path, rank)
+        if not path.is_file():
+            break
+        ranks.append(json.loads(path.read_text()))
+    return ranks
 
 
 def _stored(run_dir: Path, run: Run) -> dict | None:
@@ -223,6 +257,7 @@ def execute(run: Run, run_dir: Path, cli: str, keep_models: bool = False) -> dic
     metrics: dict[str, Any] = {}
     if metrics_path.is_file():
         metrics = json.loads(metrics_path.read_text())
+        metrics["ranks"] = read_ranks(metrics_path)
     if returncode != 0:
         if out_of_memory(log):
             error = f"{OUT_OF_MEMORY_STATUS}: {error_from_log(log, returncode)}"

@@ -13,11 +13,15 @@ Shared by both fronts: LLaMA-Factory's (``patches/``) and the transformers Train
 * The AdamW values the Trainer hands BlockLLM (``learning_rate``, ``adam_beta1``, ...) are checked with the optimizer's
   own rules but name the training argument (:func:`check_optimizer_values`), before any model or optimizer work.
 
-The optimizer is built with :func:`blockllm_optimizer_class` (:mod:`.optimizer`); the loss feed and the engine's
-callbacks are wired by the same choice (:mod:`.wiring`).
+The engine is decided once per training arguments, here (:func:`engine_of`, an :class:`Engine`), and every part that
+depends on it reads that decision: the optimizer class and its compact gradients (:mod:`.optimizer`), the probe
+measurement, the loss feed and the loss scaler's binding (:mod:`.wiring`), the masters and the weights' precision
+(``patches/precision.py``), the clipping (DeepSpeed's off, the optimizer's on), and the checks below.
 """
 
 import functools
+import weakref
+from dataclasses import dataclass
 
 from blockllm_factory.optim.settings import SETTINGS, check, invalid_value
 
@@ -26,13 +30,109 @@ EIGHT_BIT_OPTIMS = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
 LLAMAFACTORY_METHOD = "`finetuning_type: blockllm`"  # how the messages name BlockLLM; the Trainer front names itself
 
 
-def uses_deepspeed_zero(training_args) -> bool:
-    return bool(getattr(training_args, "deepspeed", None))
+SINGLE, DDP, DEEPSPEED = "single", "ddp", "deepspeed"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The engine a BlockLLM run trains on: ``kind`` (one process, DDP or DeepSpeed), the number of processes and,
+    under DeepSpeed, the ZeRO stage (1, 2 or 3; 0 otherwise). FSDP never gets here: :func:`check_ddp` refuses it.
+
+    The properties are what the rest of the code reads; each says which part owns what under this engine."""
+
+    kind: str
+    world_size: int = 1
+    zero_stage: int = 0
+
+    @property
+    def deepspeed(self) -> bool:
+        """DeepSpeed wraps the optimizer (``ZeroBlockLLM``): it owns the gradients and the fp32 partitions."""
+        return self.kind == DEEPSPEED
+
+    @property
+    def compact_gradients(self) -> bool:
+        """Whether BlockLLM may compact gradients: not where an engine owns the gradient buffers (DDP, DeepSpeed)."""
+        return self.kind == SINGLE
+
+    @property
+    def probe_measurement(self) -> str:
+        """Where probed blocks are measured: ``hooks`` during backward (one process), ``ddp_comm_hook`` on DDP's
+        averaged buckets (:func:`blockllm_factory.optim.distributed.register_ddp_probe_hook`), ``partitions`` on
+        DeepSpeed's reduced gradient partitions (``ZeroBlockLLM``)."""
+        return {SINGLE: "hooks", DDP: "ddp_comm_hook", DEEPSPEED: "partitions"}[self.kind]
+
+    @property
+    def own_masters(self) -> bool:
+        """Whether BlockLLM keeps fp32 masters for half-precision weights (DeepSpeed's fp32 partition is the master
+        copy under DeepSpeed)."""
+        return not self.deepspeed
+
+    @property
+    def clips_in_optimizer(self) -> bool:
+        """Under DeepSpeed the optimizer clips over the selection (DeepSpeed's clipping, which would count the probed
+        blocks, is off); otherwise the Trainer clips, through the wiring (:mod:`.wiring`)."""
+        return self.deepspeed
+
+    @property
+    def loss_in_backward(self) -> bool:
+        """DeepSpeed steps inside ``accelerator.backward``, before the Trainer's callbacks: the loss is fed there."""
+        return self.deepspeed
+
+    def keeps_half_precision_weights(self, dtype) -> bool:
+        """Whether bf16/fp16 weights stay in half precision with BlockLLM's masters for the selection: where BlockLLM
+        owns the masters, for bf16, and for fp16 only with compact gradients (an fp32 buffer the GradScaler can
+        unscale; DDP's dense gradients would be fp16, which the GradScaler refuses to unscale)."""
+        import torch
+
+        if not self.own_masters:
+            return False
+        return dtype == torch.bfloat16 or (dtype == torch.float16 and self.compact_gradients)
+
+    def describe(self) -> str:
+        if self.deepspeed:
+            return f"DeepSpeed ZeRO-{self.zero_stage}, {self.world_size} process(es)"
+        return f"DDP, {self.world_size} processes" if self.kind == DDP else "one process"
+
+
+# Decisions made, by the training arguments they were made from (weakly: they go with the arguments).
+_DECIDED: dict[int, tuple[weakref.ref, Engine]] = {}
+
+
+def _decide(training_args) -> Engine:
+    world_size = max(1, int(getattr(training_args, "world_size", 1) or 1))
+    if getattr(training_args, "deepspeed", None):
+        hf_config = getattr(training_args, "hf_deepspeed_config", None)
+        if hf_config is not None:
+            config = hf_config.config
+        else:
+            from .deepspeed_config import read_deepspeed_config
+
+            config = read_deepspeed_config(training_args)
+        stage = (config.get("zero_optimization") or {}).get("stage", 0)
+        return Engine(DEEPSPEED, world_size, stage if isinstance(stage, int) else 0)
+    return Engine(DDP if world_size > 1 else SINGLE, world_size)
+
+
+def engine_of(training_args) -> Engine:
+    """The engine of the run these training arguments describe, decided on the first call and kept for the same
+    arguments object (arguments that cannot be weakly referenced, such as a ``SimpleNamespace``, are decided each call,
+    from the same rule)."""
+    entry = _DECIDED.get(id(training_args))
+    if entry is not None and entry[0]() is training_args:
+        return entry[1]
+    engine = _decide(training_args)
+    try:
+        key = id(training_args)
+        reference = weakref.ref(training_args, lambda _, key=key: _DECIDED.pop(key, None))
+    except TypeError:
+        return engine
+    _DECIDED[key] = (reference, engine)
+    return engine
 
 
 def blockllm_optimizer_class(training_args):
     """BlockLLM, or under DeepSpeed ZeRO the variant that DeepSpeed can wrap (see blockllm_factory/optim/zero.py)."""
-    if uses_deepspeed_zero(training_args):
+    if engine_of(training_args).clips_in_optimizer:
         from blockllm_factory.optim.zero import ZeroBlockLLM
 
         # The optimizer clips over the selected blocks itself; DeepSpeed's clipping is off (see deepspeed_config.py).
@@ -56,7 +156,7 @@ def check_optim(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
             f"use one of {', '.join(FP32_OPTIMS)} (fp32 Adam moments) or {', '.join(EIGHT_BIT_OPTIMS)} (8-bit "
             "moments through bitsandbytes)."
         )
-    if name in EIGHT_BIT_OPTIMS and getattr(training_args, "deepspeed", None):
+    if name in EIGHT_BIT_OPTIMS and engine_of(training_args).deepspeed:
         raise ValueError(
             f"`optim: {name}` cannot be combined with {method} under DeepSpeed ZeRO (its optimizer "
             "states live in DeepSpeed's fp32 partitions); use adamw_torch, or train without `deepspeed`."
@@ -95,11 +195,6 @@ def optim_bits(training_args) -> int:
     return 8 if optim_name(training_args) in EIGHT_BIT_OPTIMS else 32
 
 
-def compact_gradients(training_args) -> bool:
-    """Whether BlockLLM compacts gradients: not where an engine owns the gradient buffers (DDP, DeepSpeed)."""
-    return not getattr(training_args, "deepspeed", None) and int(getattr(training_args, "world_size", 1)) <= 1
-
-
 def check_ddp(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
     """FSDP is refused; under DDP, DDP looks for unused parameters every step (set; an explicit ``false`` refused),
     and the Trainer's optimizer state loads onto an indexed CPU device (:mod:`.serialization`), for resuming on CPU.
@@ -112,7 +207,7 @@ def check_ddp(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
             f"`fsdp` cannot be combined with {method} (supported engines: DDP and DeepSpeed "
             "ZeRO-1/2/3); remove `fsdp`."
         )
-    if training_args.deepspeed or training_args.world_size <= 1:
+    if engine_of(training_args).kind != DDP:
         return
     if training_args.ddp_find_unused_parameters is False:
         raise ValueError(

@@ -11,7 +11,7 @@ config) and a ``blockllm_patience`` in (0, 1) (that share of the run's optimizer
 
 from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD, YAML_SETTINGS, steps_from_share
 
-from .engine import blockllm_optimizer_class, compact_gradients, optim_bits, uses_deepspeed_zero
+from .engine import blockllm_optimizer_class, engine_of, optim_bits
 
 
 def _text_config(model):
@@ -85,8 +85,8 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
         {"params": decay, "weight_decay": training_args.weight_decay},
     ]
     # DeepSpeed ZeRO wraps a variant that works on its partitions (see engine.py, optim/zero.py).
-    deepspeed_zero = uses_deepspeed_zero(training_args)
-    block_size = resolve_block_size(settings.blockllm_block_size, model, deepspeed_zero, logger)
+    decided = engine_of(training_args)
+    block_size = resolve_block_size(settings.blockllm_block_size, model, decided.deepspeed, logger)
     patience = resolve_patience(settings.blockllm_patience, training_args, logger, total_steps)
     # Every YAML setting flows through by name from the settings table; two are resolved to numbers above.
     blockllm_settings = {setting.name: getattr(settings, setting.field) for setting in YAML_SETTINGS}
@@ -100,7 +100,7 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
         seed=training_args.seed,
         optim_bits=optim_bits(training_args),
         **blockllm_settings,
-        **({} if deepspeed_zero else {"compact_gradients": compact_gradients(training_args)}),
+        compact_gradients=decided.compact_gradients,
     )
     blocks = f"{block_size:,} coordinates" if block_size else "whole tensors"
     blocks += f" (`blockllm_block_size: {settings.blockllm_block_size}`)"
@@ -112,6 +112,6 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
         f"budget {optimizer.budget:,} of "
         f"{optimizer.eligible_numel:,} coordinates per step; "
         f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments, "
-        f"{optimizer.master} masters (for half-precision weights)."
+        f"{optimizer.master} masters (for half-precision weights); engine: {decided.describe()}."
     )
     return optimizer

@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from .config import BlockLLMConfig
 from .deepspeed_config import prepare_deepspeed
-from .engine import check_ddp, check_optim, check_optimizer_values
+from .engine import DDP, check_ddp, check_optim, check_optimizer_values, engine_of
 from .optimizer import build_optimizer
 from .serialization import check_state_files
 from .wiring import connect, find_blockllm, rank0_logger
@@ -30,9 +30,10 @@ def check_training_arguments(args, config: BlockLLMConfig) -> None:
     check_optim(args, METHOD)
     check_optimizer_values(args)  # the YAML path's messages: `learning_rate` must be ..., not `lr`
     check_ddp(args, METHOD)
-    if args.deepspeed:
+    decided = engine_of(args)  # decided once for these arguments; the optimizer and the wiring read the same
+    if decided.deepspeed:
         prepare_deepspeed(args, config, METHOD)
-    elif args.world_size > 1 and args.gradient_checkpointing:
+    elif decided.kind == DDP and args.gradient_checkpointing:
         kwargs = dict(args.gradient_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant", False):
             # Reentrant checkpointing runs the forward again inside backward, where DDP's search cannot see it.
@@ -74,7 +75,7 @@ class BlockLLMTrainerMixin:
         # The Trainer skips a missing optimizer.pt / scheduler.pt without a word; BlockLLM would silently restart.
         if checkpoint is not None:
             restart = f"load the model from {checkpoint}, no `resume_from_checkpoint`"
-            check_state_files(checkpoint, self.is_deepspeed_enabled, restart)
+            check_state_files(checkpoint, engine_of(self.args).deepspeed, restart)
         return super()._load_optimizer_and_scheduler(checkpoint)
 
     @property

@@ -23,7 +23,7 @@ needs added, wherever the Trainer comes from (LLaMA-Factory's stage trainers thr
 import functools
 import os
 
-from .engine import uses_deepspeed_zero
+from .engine import engine_of
 
 
 class _Rank0Logger:
@@ -217,7 +217,7 @@ def _measure_before_clipping(trainer) -> None:
 def install_loss_feed(trainer) -> None:
     """Adds every micro-step's loss to ``trainer._blockllm_feed`` (the feed of its current optimizer), where the
     trainer's engine allows; called once per trainer, the feed itself may be replaced later."""
-    if uses_deepspeed_zero(trainer.args):
+    if engine_of(trainer.args).loss_in_backward:
         accelerator = trainer.accelerator
         backward = accelerator.backward
 
@@ -245,7 +245,8 @@ def install_loss_feed(trainer) -> None:
 def attach_engine(trainer, optimizer, logger) -> None:
     """Connects BlockLLM to the engine's loss scaling and skipped steps; called once per optimizer."""
     accelerator = trainer.accelerator
-    if not uses_deepspeed_zero(trainer.args) and accelerator.scaler is not None:
+    # DeepSpeed scales and checks its own gradients; a GradScaler's scale is bound where BlockLLM's hooks measure.
+    if not engine_of(trainer.args).deepspeed and accelerator.scaler is not None:
         optimizer.probe_grad_scale = accelerator.scaler.get_scale
     previous = getattr(trainer, "_blockllm_engine_callback", None)
     if previous is not None:
@@ -268,8 +269,16 @@ def _build_engine_callback(trainer, optimizer, logger):
             from blockllm_factory.optim.distributed import register_ddp_probe_hook
 
             self.skipped = optimizer.skipped_steps
+            if engine_of(args).probe_measurement != "ddp_comm_hook":
+                return
             model = trainer.model_wrapped
-            if isinstance(model, DistributedDataParallel) and not getattr(model, "_blockllm_probe_hook", False):
+            if not isinstance(model, DistributedDataParallel):
+                logger.warning_rank0(
+                    f"BlockLLM: the run is set up for {engine_of(args).describe()} but the Trainer's model is a "
+                    f"{type(model).__name__}, not DDP: probed blocks are measured on each rank's own gradients."
+                )
+                return
+            if not getattr(model, "_blockllm_probe_hook", False):
                 register_ddp_probe_hook(model, optimizer)
                 model._blockllm_probe_hook = True
 
