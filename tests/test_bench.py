@@ -534,6 +534,20 @@ def test_a_sweep_reports_the_best_value_by_mean_eval_loss_over_seeds_and_keeps_e
     assert "3.1000 ± 0.1414 [3.0000, 3.2000] | **best** |" in markdown
 
 
+def test_a_value_run_on_more_seeds_outranks_a_better_value_run_on_fewer():
+    # Two phases: every rate on seed 1, then the chosen rate on seeds 2 and 3.
+    runs = [
+        _seeded("badam", "badam", 1e-3, 1, 1.60),
+        _seeded("badam", "badam", 3e-3, 1, 1.59),  # the better seed 1, never carried on
+        _seeded("badam", "badam", 1e-3, 2, 1.76),
+        _seeded("badam", "badam", 1e-3, 3, 1.56),
+    ]
+    (summary,) = report.summarize(runs)
+    assert summary["best"] == {"learning_rate": 1e-3} and summary["eval_loss_stats"]["n"] == 3
+    (alone,) = report.summarize(runs[:2])
+    assert alone["best"] == {"learning_rate": 3e-3}
+
+
 def test_goals_compare_the_means_of_each_method_at_its_best_value():
     runs = [
         _seeded("blockllm", "blockllm", 1e-2, seed, loss, peak_tracked_bytes=100, floor_bytes=95)

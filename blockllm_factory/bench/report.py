@@ -794,8 +794,8 @@ def markdown(document: dict) -> str:
         lines += [f"### Per method{suffix}", ""]
         if any(len(s["points"]) > 1 or s["points"][0]["ok_runs"] > 1 for s in methods):
             lines += [
-                "Each method at its best value (lowest mean eval loss over the seeds; by final train loss where no "
-                "run evaluated); figures are over the seeds of that value.",
+                "Each method at its best value (lowest mean eval loss over the seeds, among the values run on the "
+                "most seeds; by final train loss where no run evaluated); figures are over the seeds of that value.",
                 "",
             ]
         lines += _method_table(methods) + [""]

@@ -82,7 +82,8 @@ def _point(records: list[dict]) -> dict[str, Any]:
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One record per method of a group, in suite order: its best configuration's figures (means over the seeds),
+    """One record per method of a group, in suite order: its best configuration (lowest mean loss among the
+    configurations measured on the most seeds) with its figures (means over the seeds),
     which configuration that is (``best``: the sweep values, ``best_by``: the loss it was chosen by) and ``points``,
     every configuration's summary."""
     by_method: dict[tuple[str | None, str], dict[str, list[dict]]] = {}
@@ -96,7 +97,11 @@ def summarize(runs: list[dict]) -> list[dict]:
         for key in LOSS_KEYS[::-1]:  # eval loss first, else the final train loss
             candidates = [p for p in points if p["status"] == "ok" and p[key] is not None]
             if candidates:
-                best, best_by = min(candidates, key=lambda p: p[key]), key
+                # Among the values measured on the most seeds: in a sweep run in two phases (every value on one
+                # seed, the best on more), a value's one lucky seed must not outrank the value carried on.
+                most = max(p[f"{key}_stats"]["n"] for p in candidates)
+                best = min((p for p in candidates if p[f"{key}_stats"]["n"] == most), key=lambda p: p[key])
+                best_by = key
                 break
         chosen = best or points[0]
         first = next(iter(configs.values()))[0]
