@@ -45,10 +45,14 @@ def _group_rank(process_group: Any) -> int:
         return dist.get_rank()
 
 
+def _op_name(func: Any) -> str:
+    return func._schema.name.split("::", 1)[-1]  # "c10d::allreduce_" -> "allreduce_"
+
+
 def sent_bytes(func: Any, args: tuple, kwargs: dict) -> int | None:
     """Bytes this rank contributes to the collective ``func`` (None: not a collective)."""
     namespace = getattr(func, "namespace", "")
-    name = func._schema.name.split("::", 1)[-1]
+    name = _op_name(func)
     if namespace == "deepspeed" and "all_reduce" in name:
         return sum(_nbytes(value) for value in tree_leaves((args, kwargs)))
     if namespace != "c10d" or name in _NOT_SENT:
@@ -80,7 +84,7 @@ class CollectiveCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         sent = sent_bytes(func, args, kwargs or {})
         if sent is not None:
-            name = func._schema.name.split("::", 1)[-1]
+            name = _op_name(func)
             self.by_op[name] = self.by_op.get(name, 0) + sent
             self.calls[name] = self.calls.get(name, 0) + 1
             if self.step is None:

@@ -251,20 +251,31 @@ def floor(record: dict, args: dict[str, Any]) -> tuple[int, str] | None:
     x (in half precision only a master: 4 B fp32, or 2 B with ``blockllm_master: compensated`` + 8 B Adam moments, 2 B
     when 8-bit + a gradient at the weights' bytes) per eligible parameter. A target beside the measured figures, never
     in place of them."""
+    terms = _floor(record, args)
+    return terms[:2] if terms else None
+
+
+def _floor(
+    record: dict, args: dict[str, Any], weights_split: int = 1, selection_split: int = 1, deepspeed: bool = False
+) -> tuple[int, str, float] | None:
+    """:func:`floor`'s bytes and formula, with the weights and the selection's states divided among the processes that
+    split them, and under DeepSpeed its fp32 partition as the master (4 B); also the selection's coordinates."""
     total, eligible, sparsity = (record.get(key) for key in ("total_parameters", "eligible_parameters", "sparsity"))
     if record.get("kind") != "blockllm" or not all(isinstance(v, (int, float)) for v in (total, eligible, sparsity)):
         return None
     half = any(_true(args.get(key)) for key in ("bf16", "fp16", "pure_bf16"))
     weight = 2 if half else 4
-    master = (2 if args.get("blockllm_master") == "compensated" else 4) if half else 0
+    master = 4 if deepspeed else ((2 if args.get("blockllm_master") == "compensated" else 4) if half else 0)
     moments = 2 if str(args.get("optim", "")) in EIGHT_BIT_OPTIMS else 8
     per_selected = master + moments + weight
-    value = weight * total + (1.0 - float(sparsity)) * per_selected * eligible
+    value = weight * total / weights_split + (1.0 - float(sparsity)) * per_selected * eligible / selection_split
+    weights_part = f" / {weights_split}" if weights_split > 1 else ""
+    selection_part = f" / {selection_split}" if selection_split > 1 else ""
     formula = (
-        f"{weight} B x {total:,} + (1 - {sparsity:g}) x ({master} master + {moments} moments + {weight} gradient) B "
-        f"x {eligible:,} eligible"
+        f"{weight} B x {total:,}{weights_part} + (1 - {sparsity:g}) x ({master} master + {moments} moments + {weight} "
+        f"gradient) B x {eligible:,} eligible{selection_part}"
     )
-    return int(round(value)), formula
+    return int(round(value)), formula, weight
 
 
 def rank_targets(record: dict, args: dict[str, Any]) -> dict[str, Any] | None:
@@ -272,34 +283,22 @@ def rank_targets(record: dict, args: dict[str, Any]) -> dict[str, Any] | None:
     them: the bytes one rank holds at BlockLLM's budget, and, under DDP, the bytes one rank sends per step when only
     the selection's gradients cross the wire. None for other kinds, one process, or missing figures.
 
-    Per rank: weights (divided by the processes under ZeRO-3), plus (1 - sparsity) x (master + moments + gradient) per
-    eligible parameter (divided by the processes under DeepSpeed, whose partitions split them; under DeepSpeed the
-    master is its fp32 partition, 4 B). Without activations and, under ZeRO-3, the layer gathered for forward and
-    backward. DDP's bytes: (1 - sparsity) x eligible x the gradient's bytes, without the probed blocks' norms."""
+    Per rank: :func:`floor` with the weights divided by the processes under ZeRO-3 and the selection's states by the
+    processes under DeepSpeed (whose partitions split them; there the master is its fp32 partition, 4 B). Without
+    activations and, under ZeRO-3, the layer gathered for forward and backward. DDP's bytes: (1 - sparsity) x
+    eligible x the gradient's bytes, without the probed blocks' norms."""
     engine = record.get("engine") or {}
     world = engine.get("world_size") or 1
-    total, eligible, sparsity = (record.get(key) for key in ("total_parameters", "eligible_parameters", "sparsity"))
-    numbers = all(isinstance(v, (int, float)) for v in (total, eligible, sparsity))
-    if record.get("kind") != "blockllm" or world <= 1 or not numbers:
-        return None
-    half = any(_true(args.get(key)) for key in ("bf16", "fp16", "pure_bf16"))
-    weight = 2 if half else 4
     deepspeed = engine.get("kind") == "deepspeed"
-    master = 4 if deepspeed else ((2 if args.get("blockllm_master") == "compensated" else 4) if half else 0)
-    moments = 2 if str(args.get("optim", "")) in EIGHT_BIT_OPTIMS else 8
-    weights_share = world if deepspeed and engine.get("zero_stage") == 3 else 1
-    selection_share = world if deepspeed else 1
-    selected = (1.0 - float(sparsity)) * eligible
-    value = weight * total / weights_share + selected * (master + moments + weight) / selection_share
-    weights_split = f" / {world}" if weights_share > 1 else ""
-    selection_split = f" / {world}" if selection_share > 1 else ""
-    formula = (
-        f"{weight} B x {total:,}{weights_split} + (1 - {sparsity:g}) x ({master} master + {moments} moments + "
-        f"{weight} gradient) B x {eligible:,} eligible{selection_split}"
-    )
-    targets: dict[str, Any] = {"rank_floor_bytes": int(round(value)), "rank_floor_formula": formula}
+    weights_split = world if deepspeed and engine.get("zero_stage") == 3 else 1
+    terms = _floor(record, args, weights_split, world if deepspeed else 1, deepspeed) if world > 1 else None
+    if terms is None:
+        return None
+    value, formula, weight = terms
+    targets: dict[str, Any] = {"rank_floor_bytes": value, "rank_floor_formula": formula}
     if engine.get("kind") == "ddp":
-        targets["collective_target_bytes"] = int(round(selected * weight))
+        sparsity, eligible = float(record["sparsity"]), record["eligible_parameters"]
+        targets["collective_target_bytes"] = int(round((1.0 - sparsity) * eligible * weight))
         targets["collective_target_formula"] = f"(1 - {sparsity:g}) x {eligible:,} eligible x {weight} B gradient"
     return targets
 
