@@ -135,16 +135,10 @@ def _averaged_blockllm(probe: str, block_size: int) -> tuple[nn.Module, BlockLLM
 
 
 def _reduced_numel(optimizer: BlockLLM) -> int:
-    """Coordinates BlockLLM will average this step: its selected blocks and its probed tensors, plus one flag per
-    tensor (counted here from the public selection, not from the averager)."""
-    selected = optimizer.kept_coordinates
-    tensors = {optimizer.blocks[name].param for name in selected}
-    probe_only = optimizer.probe_only_parameters()
-    return (
-        sum(optimizer.block_sizes[name] for name in selected)
-        + sum(optimizer.param_by_name[name].numel() for name in probe_only)
-        + len(tensors | probe_only)
-    )
+    """Coordinates BlockLLM will average this step: its selected and its probed blocks, plus one flag per tensor
+    (counted here from the public selection, not from the averager)."""
+    blocks = [*optimizer.kept_coordinates, *optimizer.probed_blocks]
+    return sum(optimizer.block_sizes[name] for name in blocks) + len({optimizer.blocks[name].param for name in blocks})
 
 
 def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_size: int, out_dir: str) -> None:
@@ -158,7 +152,7 @@ def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_siz
         try:
             for step, tokens in enumerate(_batches(rank, world, DDP_STEPS)):
                 reduced.append(_reduced_numel(optimizer))
-                probed.append(sum(optimizer.param_by_name[name].numel() for name in optimizer.probe_only_parameters()))
+                probed.append(sum(optimizer.block_sizes[name] for name in optimizer.probed_blocks))
                 counter.begin_step(step)
                 loss = lm_loss(model, tokens)
                 loss.backward()
@@ -249,7 +243,7 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, pro
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
         torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=0, atol=1e-5)
     # Bytes each rank sent per step, counted as the c10d operators went by: BlockLLM's averaged gradients (fp32: the
-    # selected blocks, the probed tensors, a flag per tensor), its measurement vector (float64, two per block, the loss
+    # selected blocks, the probed blocks, a flag per tensor), its measurement vector (float64, two per block, the loss
     # sum and count) and the test's loss (one fp32). No DDP bucket: nothing of the unselected blocks crosses the wire.
     vector = 8 * (2 * ranks[0]["blocks"] + 2) + 4
     for rank in ranks:
@@ -258,7 +252,7 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, pro
         assert rank["sent"]["collective_calls_by_op"].keys() == {"allreduce_"}
         assert rank["sent"]["collective_calls_by_op"]["allreduce_"] == 3 * DDP_STEPS  # gradients, measurements, loss
         if block_size:
-            # Issue 20's bound, at every step: 1.1 x the budget in the gradients' dtype, plus the probed tensors (the
+            # Issue 20's bound, at every step: 1.1 x the budget in the gradients' dtype, plus the probed blocks (the
             # selection overshoots the budget by less than one block: 64 coordinates here, 10% of the budget 649).
             flags = 4 * len(optimizer.eligible_params)  # at most one flag per tensor
             for step, probed in zip(sent, rank["probed"]):

@@ -711,7 +711,8 @@ class BlockLLM(Optimizer):
         (:class:`~blockllm_factory.optim.distributed.GradientAverager`), then measures them, cuts the masks of a new
         selection and fills the carrier, as the hooks do in one process. The one difference from one process: the
         unselected blocks of a selected tensor (``block_size``) are not measured (their gradients would cross the
-        wire); they keep their last norm. Needs ``compact_gradients``."""
+        wire); they keep their last norm. Probed blocks likewise: only they are measured, not the rest of their
+        tensors. Needs ``compact_gradients``."""
         _check(self._carrier is not None, "average_gradients_across_ranks needs compact_gradients=True")
         self._averager = GradientAverager(self._carrier.parameter.dtype, self._carrier.parameter.device)
         self._set_trainable(probed=self._run.probed)
@@ -724,24 +725,36 @@ class BlockLLM(Optimizer):
         averager = self._averager
         if averager is None or averager.reduced:
             return
-        probe_only = self.probe_only_parameters()
+        measured = self._averaged_blocks()
         for name, values in averager.reduce().items():
             param = self._param_by_name[name]
-            if name in probe_only:
-                self._carrier.flag_nonfinite_(self.record_gradient_norms(name, values.view(param.shape)))
-                continue
-            blocks = self._selected_by_param[name]
             grad = values
             if values.numel() != param.numel():  # some blocks of the tensor: in place, zeros elsewhere
                 grad = torch.zeros(param.numel(), dtype=values.dtype, device=values.device)
                 offset = 0
-                for start, stop in _ranges(blocks):
+                for start, stop in _ranges(measured[name]):
                     grad[start:stop] = values[offset : offset + stop - start]
                     offset += stop - start
-            for block in blocks:
-                squared = torch.linalg.vector_norm(grad[block.start : block.stop], dtype=torch.float32).square()
-                self.record_probe_norm(block.name, squared)
-            self._compact(name, grad.view(param.shape))
+            squared = [
+                torch.linalg.vector_norm(grad[block.start : block.stop], dtype=torch.float32).square()
+                for block in measured[name]
+            ]
+            for block, value in zip(measured[name], squared):
+                self.record_probe_norm(block.name, value)
+            if name in self._selected_by_param:
+                self._compact(name, grad.view(param.shape))
+            else:  # probed only: a non-finite gradient must still reach a GradScaler
+                self._carrier.flag_nonfinite_(torch.stack(squared).sum())
+
+    def _averaged_blocks(self) -> dict[str, list[Block]]:
+        """The blocks whose gradients cross the wire under :meth:`average_gradients_across_ranks`, by tensor: the
+        selected and the probed ones (the other blocks of their tensors are not measured), in an order every rank
+        shares: the selected tensors in layout order, then the probed-only ones in model order."""
+        blocks = {name: list(self._selected_by_param[name]) for name in self._param_keep}
+        for name in self._run.probed:
+            block = self._blocks[name]
+            blocks.setdefault(block.param, []).append(block)
+        return blocks
 
     def _release_compact_gradients(self) -> None:
         if self._carrier is not None:
@@ -821,10 +834,7 @@ class BlockLLM(Optimizer):
             self._flat = None
         probe_only = self.probe_only_parameters()
         if self._averager is not None:
-            ranges = {name: _ranges(self._selected_by_param[name]) for name in self._param_keep}
-            ranges.update(
-                (name, [(0, self._param_by_name[name].numel())]) for name in self.eligible_params if name in probe_only
-            )
+            ranges = {name: _ranges(blocks) for name, blocks in self._averaged_blocks().items()}
             self._averager.arrange(ranges)
         trainable = set(self._selected_by_param) | probe_only
         for name, param in self._param_by_name.items():
