@@ -104,7 +104,7 @@ class BlockLLM(Optimizer):
             Turn it off where an engine owns the gradient buffers (DeepSpeed): then selected blocks keep dense
             gradients and the mask is cut at the first step from the accumulated gradient. Under data parallelism
             without DDP (:meth:`average_gradients_across_ranks`) the hooks hand the gradients to an all-reduce of the
-            selection and the probed tensors first.
+            selected and probed blocks first.
         score: how blocks are ranked: ``"norm"`` (the paper: gradient norm over visit frequency) or
             ``"norm_per_sqrt_size"`` (the same divided by sqrt(block size), which removes the bias toward large
             blocks).
@@ -706,13 +706,13 @@ class BlockLLM(Optimizer):
 
     def average_gradients_across_ranks(self) -> None:
         """Engine switch for data parallelism without DDP (the model is not wrapped, or its BlockLLM weights are left
-        out of DDP's reducer): the hooks collect, at every micro-step, each selected tensor's selected blocks and
-        each probed tensor's gradient; :meth:`reduce_gradients` averages them across ranks in one all-reduce
+        out of DDP's reducer): the hooks collect, at every micro-step, the gradients of the selected and the probed
+        blocks; :meth:`reduce_gradients` averages them across ranks in one all-reduce
         (:class:`~blockllm_factory.optim.distributed.GradientAverager`), then measures them, cuts the masks of a new
-        selection and fills the carrier, as the hooks do in one process. The one difference from one process: the
-        unselected blocks of a selected tensor (``block_size``) are not measured (their gradients would cross the
-        wire); they keep their last norm. Probed blocks likewise: only they are measured, not the rest of their
-        tensors. Needs ``compact_gradients``."""
+        selection and fills the carrier, as the hooks do in one process. The one difference from one process: with
+        row-group blocks (``block_size``) one process measures every block of a tensor whose gradient it computes,
+        here only the selected and probed blocks are (the others' gradients would cross the wire); the others keep
+        their last norm. Needs ``compact_gradients``."""
         _check(self._carrier is not None, "average_gradients_across_ranks needs compact_gradients=True")
         self._averager = GradientAverager(self._carrier.parameter.dtype, self._carrier.parameter.device)
         self._set_trainable(probed=self._run.probed)
