@@ -206,9 +206,8 @@ def check_ddp(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
     """FSDP is refused; under DDP, DDP looks for unused parameters every step (set; an explicit ``false`` refused),
     and the Trainer's optimizer state loads onto an indexed CPU device (:mod:`.serialization`), for resuming on CPU.
 
-    BlockLLM switches ``requires_grad`` during the run. DDP builds its reducer over the parameters that require grad
-    when the model is wrapped (the Trainer creates the optimizer first, and BlockLLM's first step probes every eligible
-    block, so all of them are in the reducer); at each step only the selected and probed ones produce gradients."""
+    BlockLLM's own weights are left out of DDP (:mod:`.wiring`); the search for unused parameters serves a DDP over
+    trainable parameters BlockLLM does not own, whose use may change with BlockLLM's selection."""
     if getattr(training_args, "fsdp", None):
         raise ValueError(
             f"`fsdp` cannot be combined with {method} (supported engines: DDP and DeepSpeed "
