@@ -62,6 +62,13 @@ _TRAINER_API = (
     Surface("accelerate", "Accelerator.sync_gradients"),
     Surface("accelerate", "Accelerator.optimizer_step_was_skipped"),
     Surface("accelerate", "Accelerator.unscale_gradients", ("self",)),
+    # Under DDP BlockLLM's weights are left out of DDP (blockllm_factory/hf/wiring.py, _average_instead_of_ddp).
+    Surface("accelerate", "Accelerator.prepare_model", ("self", "model", "device_placement", "evaluation_mode")),
+    Surface(
+        "torch.nn.parallel",
+        "DistributedDataParallel._set_params_and_buffers_to_ignore_for_model",
+        ("module", "params_and_buffers_to_ignore"),
+    ),
     Surface("accelerate", "Accelerator", attributes=("scaler",)),
     Surface("llamafactory.extras.logging", "get_logger", ("name",)),
 )

@@ -5,13 +5,12 @@ fine-tuning and training arguments before anything is loaded). It does not touch
 
 Plain DDP (``FORCE_TORCHRUN=1 NPROC_PER_NODE=N llamafactory-cli train``):
 
-* BlockLLM switches ``requires_grad`` during the run. DDP builds its reducer over the parameters that require grad
-  when the model is wrapped (HF Trainer creates the optimizer first, and BlockLLM's first step probes every eligible
-  block, so all of them are in the reducer); at each step only the selected and probed ones produce gradients. DDP
-  must therefore look for unused parameters every step: ``ddp_find_unused_parameters`` is set to true (an explicit
-  ``false`` is refused), and a static graph is refused.
-* Reentrant gradient checkpointing runs the checkpointed forward again inside backward, where DDP's search for unused
-  parameters cannot see it; it is switched to the non-reentrant kind (``use_reentrant_gc: false``) with a log line.
+* BlockLLM's weights are left out of DDP, and BlockLLM averages its selected and probed blocks across ranks itself
+  (``blockllm_factory/hf/wiring.py``; in LLaMA-Factory's runs every trainable parameter is BlockLLM's, so the model is
+  not wrapped in DDP at all). For a DDP over trainable parameters BlockLLM does not own, whose use may change with the
+  selection, ``ddp_find_unused_parameters`` is still set to true (an explicit ``false`` is refused), a static graph is
+  refused, and reentrant gradient checkpointing (whose forward inside backward DDP's search for unused parameters
+  cannot see) is switched to the non-reentrant kind (``use_reentrant_gc: false``) with a log line.
 * Resuming on CPU needs torch to accept the storage location ``cpu:0`` (``blockllm_factory/hf/serialization.py``,
   registered by ``check_ddp``, shared with the Trainer front).
 

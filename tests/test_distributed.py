@@ -28,7 +28,7 @@ from blockllm_factory._files import BENCH_OUT_ENV
 from blockllm_factory.bench import report
 from blockllm_factory.bench.runner import read_ranks
 from blockllm_factory.optim import BlockLLM
-from blockllm_factory.optim.distributed import register_ddp_probe_hook
+from blockllm_factory.optim.settings import DEFAULTS
 from blockllm_factory.optim.zero import ZeroBlockLLM
 from blockllm_factory.patches.collectives import CollectiveCounter
 from blockllm_factory.patches.engine_setup import check_distributed_setup
@@ -122,26 +122,41 @@ def _batches(rank: int, world: int, steps: int) -> list[torch.Tensor]:
     ]
 
 
+def _averaged_blockllm(probe: str, block_size: int) -> tuple[nn.Module, BlockLLM]:
+    """The model and BlockLLM as under DDP: no DDP wrapper (BlockLLM's weights are all it would reduce); BlockLLM
+    averages its own gradients across ranks (one all-reduce a step), as the Trainer wiring switches it on."""
+    torch.manual_seed(0)
+    model = TinyLM(width=16, depth=3)
+    optimizer = BlockLLM(
+        model.named_parameters(), lr=1e-2, sparsity=0.8, patience=1, probe=probe, seed=3, block_size=block_size
+    )
+    optimizer.average_gradients_across_ranks()
+    return model, optimizer
+
+
+def _reduced_numel(optimizer: BlockLLM) -> int:
+    """Coordinates BlockLLM will average this step: its selected and its probed blocks, plus one flag per tensor
+    (counted here from the public selection, not from the averager)."""
+    blocks = [*optimizer.kept_coordinates, *optimizer.probed_blocks]
+    return sum(optimizer.block_sizes[name] for name in blocks) + len({optimizer.blocks[name].param for name in blocks})
+
+
 def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_size: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = TinyLM(width=16, depth=3)
-        optimizer = BlockLLM(
-            model.named_parameters(), lr=1e-2, sparsity=0.8, patience=1, probe=probe, seed=3, block_size=block_size
-        )
-        # BlockLLM froze the embeddings and head it never trains; DDP's reducer holds the rest.
-        reduced = [param.numel() for param in model.parameters() if param.requires_grad]
-        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        register_ddp_probe_hook(wrapped, optimizer)
-        # The bench's collective counter (patches/collectives.py) sees what this rank sends, DDP's reducer included.
+        model, optimizer = _averaged_blockllm(probe, block_size)
+        # The bench's collective counter (patches/collectives.py) sees what this rank sends.
         counter = CollectiveCounter()
         counter.start()
+        reduced, probed = [], []
         try:
             for step, tokens in enumerate(_batches(rank, world, DDP_STEPS)):
+                reduced.append(_reduced_numel(optimizer))
+                probed.append(sum(optimizer.block_sizes[name] for name in optimizer.probed_blocks))
                 counter.begin_step(step)
-                loss = lm_loss(wrapped, tokens)
+                loss = lm_loss(model, tokens)
                 loss.backward()
+                optimizer.reduce_gradients()  # after the step's last backward, as the Trainer wiring calls it
                 mean_loss = loss.detach().clone()
                 dist.all_reduce(mean_loss)
                 optimizer.record_loss(float(mean_loss) / world)
@@ -151,7 +166,13 @@ def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_siz
         finally:
             counter.stop()
         record = _record(model, optimizer)
-        record.update(sent=counter.summary(), reduced=reduced, blocks=len(optimizer.block_names))
+        record.update(
+            sent=counter.summary(),
+            reduced=reduced,
+            probed=probed,
+            blocks=len(optimizer.block_names),
+            budget=optimizer.budget,
+        )
         torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -193,11 +214,16 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, pro
             print(f"rank aborted in teardown after saving (attempt {attempt + 1}); running again")
     ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
-    torch.manual_seed(0)
-    model = TinyLM(width=16, depth=3)
-    optimizer = BlockLLM(
-        model.named_parameters(), lr=1e-2, sparsity=0.8, patience=1, probe=probe, seed=3, block_size=block_size
-    )
+    if block_size == 0:  # one process as it runs by default
+        torch.manual_seed(0)
+        model = TinyLM(width=16, depth=3)
+        optimizer = BlockLLM(
+            model.named_parameters(), lr=1e-2, sparsity=0.8, patience=1, probe=probe, seed=3, block_size=block_size
+        )
+    else:
+        # Row groups: under DDP the unselected row groups of a selected tensor are not measured (their gradients would
+        # cross the wire), so the reference is one process that measures the same blocks: the same path, unreduced.
+        model, optimizer = _averaged_blockllm(probe, block_size)
     for tokens in _batches(0, 1, DDP_STEPS):
         loss = lm_loss(model, tokens)
         loss.backward()
@@ -209,21 +235,28 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, pro
     assert len(alone["events"]) >= 3  # the loss rule fired: several selections to agree on
     assert ranks[0]["events"] == ranks[1]["events"] == alone["events"]
     assert ranks[0]["norms"] == ranks[1]["norms"]
-    # The probe hook measures probed blocks on DDP's averaged gradient: the norm one process measures on the batch.
+    # Selected and probed blocks are measured on the averaged gradient: the norm one process measures on the batch.
     assert ranks[0]["norms"].keys() == alone["norms"].keys()
     for name, norm in alone["norms"].items():
         assert ranks[0]["norms"][name] == pytest.approx(norm, rel=1e-5)
     for name, weight in alone["weights"].items():
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
         torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=0, atol=1e-5)
-    # Bytes each rank sent per step, counted as the c10d operators went by: DDP's buckets (every parameter of its
-    # reducer, fp32, whatever BlockLLM selected), DDP's map of the parameters each rank used (int32 per parameter),
-    # BlockLLM's measurement vector (float64, two per block, the loss sum and count) and the test's loss (one fp32).
-    reduced = ranks[0]["reduced"]
-    expected = 4 * sum(reduced) + 4 * len(reduced) + 8 * (2 * ranks[0]["blocks"] + 2) + 4
+    # Bytes each rank sent per step, counted as the c10d operators went by: BlockLLM's averaged gradients (fp32: the
+    # selected blocks, the probed blocks, a flag per tensor), its measurement vector (float64, two per block, the loss
+    # sum and count) and the test's loss (one fp32). No DDP bucket: nothing of the unselected blocks crosses the wire.
+    vector = 8 * (2 * ranks[0]["blocks"] + 2) + 4
     for rank in ranks:
-        assert rank["sent"]["collective_bytes_per_step"] == [expected] * DDP_STEPS
+        sent = rank["sent"]["collective_bytes_per_step"]
+        assert sent == [4 * numel + vector for numel in rank["reduced"]]
         assert rank["sent"]["collective_calls_by_op"].keys() == {"allreduce_"}
+        assert rank["sent"]["collective_calls_by_op"]["allreduce_"] == 3 * DDP_STEPS  # gradients, measurements, loss
+        if block_size:
+            # Issue 20's bound, at every step: 1.1 x the budget in the gradients' dtype, plus the probed blocks (the
+            # selection overshoots the budget by less than one block: 64 coordinates here, 10% of the budget 649).
+            flags = 4 * len(optimizer.eligible_params)  # at most one flag per tensor
+            for step, probed in zip(sent, rank["probed"]):
+                assert step <= 1.1 * rank["budget"] * 4 + 4 * probed + flags + vector
 
 
 # ---------------------------------------------------------------------------------------------------- llamafactory-cli
@@ -318,10 +351,18 @@ def test_each_rank_reports_its_all_storage_peak_and_the_bytes_it_sent_per_step(d
         sent = rank["collective_bytes_per_step"]
         assert len(sent) == STEPS
         if engine_name == "ddp":
-            # DDP all-reduces a bucket for every weight of its reducer (every eligible one, fp32) at each optimizer
-            # step (gradient accumulation 2: once per step, DDP skips the first micro-step's), whatever BlockLLM
-            # selected; beside it only small vectors (the map of used parameters, BlockLLM's measurements, the loss).
-            assert all(4 * eligible <= step <= 4 * eligible + 16 * 1024 for step in sent)
+            # No DDP bucket: BlockLLM averages its own gradients once per optimizer step (gradient accumulation 2:
+            # after the second micro-step). Its first step probes every block (every eligible gradient, once); later
+            # steps send the selected tensors (whole tensors here: the budget plus less than one tensor) and the
+            # probed ones, beside small vectors (BlockLLM's measurements, the Trainer's loss).
+            largest = max(
+                weight.numel()
+                for name, weight in _initial_weights(distributed_runs).items()
+                if "embed" not in name and "lm_head" not in name
+            )
+            bound = 4 * (eligible // 5 + largest * (1 + DEFAULTS["probe_blocks"])) + 16 * 1024  # sparsity 0.8
+            assert 4 * eligible <= sent[0] <= 4 * eligible + 16 * 1024
+            assert all(step <= bound for step in sent[1:]) and bound < 4 * eligible
         else:
             # ZeRO-3 all-gathers every weight from its shards (this rank's input: its half) at each of the step's two
             # micro-steps, and reduce-scatters the gradients produced.
@@ -451,14 +492,15 @@ def test_the_engine_is_decided_once_from_the_arguments_and_every_part_reads_it(t
     assert decided.kind == SINGLE and engine_of(arguments) is decided
     # Who owns what, per engine: the table of docs/distributed.md.
     single, ddp, zero3 = Engine(SINGLE), Engine(DDP, 2), Engine(DEEPSPEED, 2, 3)
-    assert [engine.compact_gradients for engine in (single, ddp, zero3)] == [True, False, False]
-    assert [engine.probe_measurement for engine in (single, ddp, zero3)] == ["hooks", "ddp_comm_hook", "partitions"]
+    assert [engine.compact_gradients for engine in (single, ddp, zero3)] == [True, True, False]
+    assert [engine.averages_gradients for engine in (single, ddp, zero3)] == [False, True, False]
+    assert [engine.probe_measurement for engine in (single, ddp, zero3)] == ["hooks", "averaged", "partitions"]
     assert [engine.own_masters for engine in (single, ddp, zero3)] == [True, True, False]
     assert [engine.clips_in_optimizer for engine in (single, ddp, zero3)] == [False, False, True]
     assert [engine.loss_in_backward for engine in (single, ddp, zero3)] == [False, False, True]
     # The parse-time check keeps the run's decision; the weights' precision at model loading reads it (one process
     # last: the decision this test leaves behind in its process is the default one).
-    for training_args, bf16, fp16 in ((_training_args(), True, False), (_training_args(world_size=1), True, True)):
+    for training_args, bf16, fp16 in ((_training_args(), True, True), (_training_args(world_size=1), True, True)):
         check_distributed_setup(_Args(disable_gradient_checkpointing=True), _Args(), training_args)
         assert run_engine() == engine_of(training_args)
         assert keeps_half_precision_weights(_Args(compute_dtype=torch.bfloat16)) is bf16

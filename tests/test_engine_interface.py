@@ -54,7 +54,7 @@ def test_the_code_that_drives_an_optimizer_uses_the_interface_only():
     }
     assert not used, f"not in optim/interface.py's BlockLLMEngine: {sorted(used)}"
     # The scan sees the drivers' uses (a scan that found nothing would check nothing).
-    assert {"record_loss", "probe_only_parameters"} <= {
+    assert {"record_loss", "average_gradients_across_ranks", "reduce_gradients"} <= {
         name for path in DRIVERS for name, _ in _attributes_of(path, {"optimizer"})
     }
 

@@ -1,7 +1,7 @@
 """Where BlockLLM's memory goes, measured on live tensors: compact gradients, fp16/bf16 weights, 8-bit moments.
 
 Every comparison runs the same model, batches and seed twice: once with compact gradients (the default) and once with
-dense gradients (``compact_gradients=False``, the path DDP and DeepSpeed keep), so that a difference can only come
+dense gradients (``compact_gradients=False``, the path DeepSpeed keeps), so that a difference can only come
 from where the gradient lives.
 """
 

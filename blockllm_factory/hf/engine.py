@@ -5,8 +5,9 @@ Shared by both fronts: LLaMA-Factory's (``patches/``) and the transformers Train
 * DeepSpeed ZeRO-1/2/3 (the ``deepspeed`` training argument): :class:`blockllm_factory.optim.zero.ZeroBlockLLM`,
   the client optimizer DeepSpeed wraps; it clips over the selected blocks itself (DeepSpeed's clipping is turned off
   before training, :mod:`.deepspeed_config`).
-* One process or DDP: :class:`blockllm_factory.optim.BlockLLM`; under DDP the gradient buffers are DDP's, so gradients
-  stay dense, and DDP must look for unused parameters every step (:func:`check_ddp`).
+* One process or DDP: :class:`blockllm_factory.optim.BlockLLM`; under DDP BlockLLM's weights are left out of DDP and
+  BlockLLM averages its compact gradients and probed tensors across ranks itself, in one all-reduce a step
+  (:meth:`~blockllm_factory.optim.BlockLLM.average_gradients_across_ranks`): no gradient-sized DDP buckets.
 * The ``optim`` training argument picks the precision of the Adam moments, as it does for GaLore: the AdamW names
   give fp32 moments, the bitsandbytes 8-bit names block-wise 8-bit ones (``blockllm_factory/optim/quantization.py``);
   any other value is refused (:func:`check_optim`).
@@ -51,15 +52,21 @@ class Engine:
 
     @property
     def compact_gradients(self) -> bool:
-        """Whether BlockLLM may compact gradients: not where an engine owns the gradient buffers (DDP, DeepSpeed)."""
-        return self.kind == SINGLE
+        """Whether BlockLLM may compact gradients: not where an engine owns the gradient buffers (DeepSpeed)."""
+        return not self.deepspeed
+
+    @property
+    def averages_gradients(self) -> bool:
+        """Under DDP, BlockLLM averages its own gradients across ranks (the selection's blocks and the probed
+        tensors, one all-reduce a step) and its weights are left out of DDP's reducer (:mod:`.wiring`)."""
+        return self.kind == DDP
 
     @property
     def probe_measurement(self) -> str:
-        """Where probed blocks are measured: ``hooks`` during backward (one process), ``ddp_comm_hook`` on DDP's
-        averaged buckets (:func:`blockllm_factory.optim.distributed.register_ddp_probe_hook`), ``partitions`` on
-        DeepSpeed's reduced gradient partitions (``ZeroBlockLLM``)."""
-        return {SINGLE: "hooks", DDP: "ddp_comm_hook", DEEPSPEED: "partitions"}[self.kind]
+        """Where probed blocks are measured: ``hooks`` during backward (one process), ``averaged`` after BlockLLM's
+        all-reduce of the hooks' gradients (DDP, :class:`blockllm_factory.optim.distributed.GradientAverager`),
+        ``partitions`` on DeepSpeed's reduced gradient partitions (``ZeroBlockLLM``)."""
+        return {SINGLE: "hooks", DDP: "averaged", DEEPSPEED: "partitions"}[self.kind]
 
     @property
     def own_masters(self) -> bool:
@@ -81,7 +88,7 @@ class Engine:
     def keeps_half_precision_weights(self, dtype) -> bool:
         """Whether bf16/fp16 weights stay in half precision with BlockLLM's masters for the selection: where BlockLLM
         owns the masters, for bf16, and for fp16 only with compact gradients (an fp32 buffer the GradScaler can
-        unscale; DDP's dense gradients would be fp16, which the GradScaler refuses to unscale)."""
+        unscale; dense fp16 gradients the GradScaler refuses to unscale)."""
         import torch
 
         if not self.own_masters:
@@ -199,9 +206,8 @@ def check_ddp(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
     """FSDP is refused; under DDP, DDP looks for unused parameters every step (set; an explicit ``false`` refused),
     and the Trainer's optimizer state loads onto an indexed CPU device (:mod:`.serialization`), for resuming on CPU.
 
-    BlockLLM switches ``requires_grad`` during the run. DDP builds its reducer over the parameters that require grad
-    when the model is wrapped (the Trainer creates the optimizer first, and BlockLLM's first step probes every eligible
-    block, so all of them are in the reducer); at each step only the selected and probed ones produce gradients."""
+    BlockLLM's own weights are left out of DDP (:mod:`.wiring`); the search for unused parameters serves a DDP over
+    trainable parameters BlockLLM does not own, whose use may change with BlockLLM's selection."""
     if getattr(training_args, "fsdp", None):
         raise ValueError(
             f"`fsdp` cannot be combined with {method} (supported engines: DDP and DeepSpeed "

@@ -12,8 +12,10 @@ needs added, wherever the Trainer comes from (LLaMA-Factory's stage trainers thr
   optimizer's carrier, through ``BlockLLM.clip_grad_norm_``.
 * telemetry: each (re)selection is logged and appended to ``output_dir/blockllm_selection.jsonl``; with ``plot``,
   ``output_dir/blockllm_selection.png`` shows which blocks were updated at each step (:mod:`.telemetry`).
-* the engine: under DDP probed blocks are measured on the averaged gradients (a communication hook, registered at train
-  begin); under fp16 loss scaling (GradScaler) probed gradients are measured scaled, so BlockLLM divides by the
+* the engine: under DDP BlockLLM's weights are left out of DDP's reducer when accelerate wraps the model (DDP would
+  hold and all-reduce a gradient-sized bucket for them), and BlockLLM averages its own gradients across ranks right
+  after the backward of each optimizer step's last micro-step (the selection's blocks and the probed tensors, one
+  all-reduce); under fp16 loss scaling (GradScaler) probed gradients are measured scaled, so BlockLLM divides by the
   scale; a step the scaler (or DeepSpeed's overflow check) skipped is reported to BlockLLM, which keeps states and
   selection.
 
@@ -181,6 +183,8 @@ def connect(trainer, optimizer, logger, plot: bool = False) -> None:
     if previous_optimizer is None:
         install_loss_feed(trainer)
         _measure_before_clipping(trainer)
+        if engine_of(trainer.args).averages_gradients:
+            _average_instead_of_ddp(trainer)
     attach_engine(trainer, optimizer, logger)
 
 
@@ -212,6 +216,40 @@ def _measure_before_clipping(trainer) -> None:
         return original_get_norm(model, grad_norm=grad_norm)
 
     trainer._get_grad_norm = get_grad_norm_with_compact_gradients
+
+
+def _average_instead_of_ddp(trainer) -> None:
+    """Under DDP: BlockLLM's weights stay out of DDP's reducer, and BlockLLM averages its gradients after the backward
+    of each optimizer step's last micro-step, before the Trainer clips them. Installed once per trainer (before
+    accelerate wraps the model: the Trainer creates the optimizer first)."""
+    accelerator = trainer.accelerator
+    prepare_model = accelerator.prepare_model
+
+    @functools.wraps(prepare_model)
+    def prepare_model_without_blockllm_weights(model, *args, **kwargs):
+        from torch.nn.parallel import DistributedDataParallel
+
+        owned = {id(param) for param in trainer._blockllm_optimizer.param_by_name.values()}
+        if not any(param.requires_grad and id(param) not in owned for param in model.parameters()):
+            # Nothing left for DDP's reducer, and DDP refuses a model whose trainable parameters it must all ignore:
+            # no DDP at all. accelerate's evaluation mode skips only the wrapping (placement and autocast stay).
+            return prepare_model(model, *args, **{**kwargs, "evaluation_mode": True})
+        names = [name for name, param in model.named_parameters() if id(param) in owned]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+        return prepare_model(model, *args, **kwargs)
+
+    accelerator.prepare_model = prepare_model_without_blockllm_weights
+    backward = accelerator.backward
+
+    @functools.wraps(backward)
+    def backward_then_average(loss, **kwargs):
+        result = backward(loss, **kwargs)
+        if accelerator.sync_gradients:  # the optimizer step's last micro-step
+            optimizer = trainer._blockllm_optimizer
+            optimizer.reduce_gradients()
+        return result
+
+    accelerator.backward = backward_then_average
 
 
 def install_loss_feed(trainer) -> None:
@@ -248,6 +286,8 @@ def attach_engine(trainer, optimizer, logger) -> None:
     # DeepSpeed scales and checks its own gradients; a GradScaler's scale is bound where BlockLLM's hooks measure.
     if not engine_of(trainer.args).deepspeed and accelerator.scaler is not None:
         optimizer.probe_grad_scale = accelerator.scaler.get_scale
+    if engine_of(trainer.args).averages_gradients:
+        optimizer.average_gradients_across_ranks()
     previous = getattr(trainer, "_blockllm_engine_callback", None)
     if previous is not None:
         trainer.remove_callback(previous)
@@ -264,23 +304,7 @@ def _build_engine_callback(trainer, optimizer, logger):
             self.skipped = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            from torch.nn.parallel import DistributedDataParallel
-
-            from blockllm_factory.optim.distributed import register_ddp_probe_hook
-
             self.skipped = optimizer.skipped_steps
-            if engine_of(args).probe_measurement != "ddp_comm_hook":
-                return
-            model = trainer.model_wrapped
-            if not isinstance(model, DistributedDataParallel):
-                logger.warning_rank0(
-                    f"BlockLLM: the run is set up for {engine_of(args).describe()} but the Trainer's model is a "
-                    f"{type(model).__name__}, not DDP: probed blocks are measured on each rank's own gradients."
-                )
-                return
-            if not getattr(model, "_blockllm_probe_hook", False):
-                register_ddp_probe_hook(model, optimizer)
-                model._blockllm_probe_hook = True
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             reason = "non-finite loss or gradient"

@@ -29,7 +29,7 @@ import torch
 from torch.optim import Optimizer
 
 from .carrier import GradientCarrier, is_carrier_group
-from .distributed import squared_norms_vector, synchronize, unpack_measurements
+from .distributed import GradientAverager, squared_norms_vector, synchronize, unpack_measurements
 from .flat import ClassKey, FlatStates, Item, Slot, weight_kind
 from .masks import pack_mask, unpack_mask
 from .quantization import check_available, quantized, zero_moments_
@@ -101,8 +101,10 @@ class BlockLLM(Optimizer):
             The compact gradients are the ``.grad`` of :attr:`gradient_carrier`, a tensor in the last parameter group,
             so a ``torch.amp.GradScaler`` unscales and checks them like any gradient. Clip with
             :meth:`clip_grad_norm_` (``torch.nn.utils.clip_grad_norm_(model.parameters())`` no longer sees them).
-            Turn it off where an engine owns the gradient buffers (DDP, DeepSpeed): then selected blocks keep dense
-            gradients and the mask is cut at the first step from the accumulated gradient.
+            Turn it off where an engine owns the gradient buffers (DeepSpeed): then selected blocks keep dense
+            gradients and the mask is cut at the first step from the accumulated gradient. Under data parallelism
+            without DDP (:meth:`average_gradients_across_ranks`) the hooks hand the gradients to an all-reduce of the
+            selected and probed blocks first.
         score: how blocks are ranked: ``"norm"`` (the paper: gradient norm over visit frequency) or
             ``"norm_per_sqrt_size"`` (the same divided by sqrt(block size), which removes the bias toward large
             blocks).
@@ -239,6 +241,9 @@ class BlockLLM(Optimizer):
             seed,
         )
         self._pending_losses: list[float] = []
+        # Set by average_gradients_across_ranks (data parallelism without DDP): the hooks' gradients, averaged once a
+        # step before they are measured and compacted (distributed.py).
+        self._averager: GradientAverager | None = None
         self._warned_nonfinite = False
         self._warned_no_loss = False
         self._loading: tuple[dict[torch.nn.Parameter, dict[str, Any]], dict[str, Any]] | None = None  # see load
@@ -391,6 +396,7 @@ class BlockLLM(Optimizer):
             if loss is not None:
                 self.record_loss(float(loss))
 
+        self.reduce_gradients()  # a no-op unless averaging across ranks, and then once per step (the engine's call)
         squared_norms, shares, selected_names = self._measure()
         losses, self._pending_losses = self._pending_losses, []
         # One small vector per step carries every measurement; under torch.distributed it is summed across ranks so
@@ -552,14 +558,6 @@ class BlockLLM(Optimizer):
             self._kept_for_scaler = name
         return self._kept_for_scaler == name
 
-    def disable_compact_gradients(self) -> None:
-        """Switches to dense gradients of the selected blocks, for an engine that reduces gradients after autograd
-        accumulated them (DDP): compacting them in a hook would act on each rank's local gradient. The carrier's
-        parameter group stays (it holds no state) so that checkpoints keep their layout."""
-        self.compact_gradients = False
-        self._release_compact_gradients()
-        self._set_trainable(probed=self._run.probed)
-
     def set_probe_hooks(self, enabled: bool) -> None:
         """Turns the probe hooks on or off (an engine that measures probed gradients itself turns them off)."""
         self.probe_hooks = bool(enabled)
@@ -688,7 +686,16 @@ class BlockLLM(Optimizer):
         the norms of all its blocks (like a probed tensor's), cuts the mask on the first backward of a new selection,
         adds the masked coordinates to the compact buffer and frees the dense gradient."""
         grad = param.grad
+        param.grad = None
+        if self._averager is not None:  # measured and compacted once averaged across ranks (reduce_gradients)
+            self._averager.add_(name, grad)
+            return
         self.record_gradient_norms(name, grad)
+        self._compact(name, grad)
+
+    def _compact(self, name: str, grad: torch.Tensor) -> None:
+        """Cuts the mask of a newly selected tensor from ``grad`` and adds its masked coordinates to the carrier."""
+        param = self._param_by_name[name]
         if not self.state.get(param):
             self._init_param_state(name, grad)
         state = self.state[param]
@@ -696,7 +703,58 @@ class BlockLLM(Optimizer):
         if "mask" in state:
             values = values[unpack_mask(state["mask"], param.numel())]
         self._carrier.add_(name, values)
-        param.grad = None
+
+    def average_gradients_across_ranks(self) -> None:
+        """Engine switch for data parallelism without DDP (the model is not wrapped, or its BlockLLM weights are left
+        out of DDP's reducer): the hooks collect, at every micro-step, the gradients of the selected and the probed
+        blocks; :meth:`reduce_gradients` averages them across ranks in one all-reduce
+        (:class:`~blockllm_factory.optim.distributed.GradientAverager`), then measures them, cuts the masks of a new
+        selection and fills the carrier, as the hooks do in one process. The one difference from one process: with
+        row-group blocks (``block_size``) one process measures every block of a tensor whose gradient it computes,
+        here only the selected and probed blocks are (the others' gradients would cross the wire); the others keep
+        their last norm. Needs ``compact_gradients``."""
+        _check(self._carrier is not None, "average_gradients_across_ranks needs compact_gradients=True")
+        self._averager = GradientAverager(self._carrier.parameter.dtype, self._carrier.parameter.device)
+        self._set_trainable(probed=self._run.probed)
+
+    def reduce_gradients(self) -> None:
+        """Under :meth:`average_gradients_across_ranks`: averages this step's gradients across ranks and measures and
+        compacts them. Call it once per optimizer step, after the last backward and before anything reads or clips
+        the gradients (the Trainer wiring does, right after the last micro-step's backward); :meth:`step` calls it if
+        that was not done. Every rank must call it (it is a collective). Otherwise it does nothing."""
+        averager = self._averager
+        if averager is None or averager.reduced:
+            return
+        measured = self._averaged_blocks()
+        for name, values in averager.reduce().items():
+            param = self._param_by_name[name]
+            grad = values
+            if values.numel() != param.numel():  # some blocks of the tensor: in place, zeros elsewhere
+                grad = torch.zeros(param.numel(), dtype=values.dtype, device=values.device)
+                offset = 0
+                for start, stop in _ranges(measured[name]):
+                    grad[start:stop] = values[offset : offset + stop - start]
+                    offset += stop - start
+            squared = [
+                torch.linalg.vector_norm(grad[block.start : block.stop], dtype=torch.float32).square()
+                for block in measured[name]
+            ]
+            for block, value in zip(measured[name], squared):
+                self.record_probe_norm(block.name, value)
+            if name in self._selected_by_param:
+                self._compact(name, grad.view(param.shape))
+            else:  # probed only: a non-finite gradient must still reach a GradScaler
+                self._carrier.flag_nonfinite_(torch.stack(squared).sum())
+
+    def _averaged_blocks(self) -> dict[str, list[Block]]:
+        """The blocks whose gradients cross the wire under :meth:`average_gradients_across_ranks`, by tensor: the
+        selected and the probed ones (the other blocks of their tensors are not measured), in an order every rank
+        shares: the selected tensors in layout order, then the probed-only ones in model order."""
+        blocks = {name: list(self._selected_by_param[name]) for name in self._param_keep}
+        for name in self._run.probed:
+            block = self._blocks[name]
+            blocks.setdefault(block.param, []).append(block)
+        return blocks
 
     def _release_compact_gradients(self) -> None:
         if self._carrier is not None:
@@ -775,6 +833,9 @@ class BlockLLM(Optimizer):
             self._slots = slots
             self._flat = None
         probe_only = self.probe_only_parameters()
+        if self._averager is not None:
+            ranges = {name: _ranges(blocks) for name, blocks in self._averaged_blocks().items()}
+            self._averager.arrange(ranges)
         trainable = set(self._selected_by_param) | probe_only
         for name, param in self._param_by_name.items():
             param.requires_grad_(name in trainable)
@@ -931,6 +992,17 @@ def _finish_load(optimizer: BlockLLM) -> None:
     optimizer._load_run_state(run)
 
 
+def _ranges(blocks: list[Block]) -> list[tuple[int, int]]:
+    """The flat coordinate ranges of ``blocks`` (of one tensor, in order), adjacent ones merged."""
+    ranges: list[tuple[int, int]] = []
+    for block in sorted(blocks, key=lambda block: block.start):
+        if ranges and ranges[-1][1] == block.start:
+            ranges[-1] = (ranges[-1][0], block.stop)
+        else:
+            ranges.append((block.start, block.stop))
+    return ranges
+
+
 def _unpacked_mask(state: dict[str, Any], numel: int) -> torch.Tensor | None:
     return unpack_mask(state["mask"], numel) if "mask" in state else None
 
@@ -946,6 +1018,10 @@ def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None
     def hook(param: torch.Tensor) -> None:
         owner = optimizer_ref()
         if owner is None or param.grad is None or owner._keeps_gradient_for_scaler(name):
+            return
+        if owner._averager is not None:  # measured once averaged across ranks (reduce_gradients)
+            owner._averager.add_(name, param.grad)
+            param.grad = None
             return
         squared_norm = owner.record_gradient_norms(name, param.grad)
         if owner.compact_gradients:

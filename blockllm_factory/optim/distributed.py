@@ -11,6 +11,9 @@ share of the block that this measurement covers, then the loss sum and the loss 
 (DeepSpeed ZeRO) reports the squared norm of its slice and the slice's share of the block. After the sum, a block's
 squared norm is ``sum(squares) / sum(shares)``: the mean over ranks in the first case, the full norm in the second.
 float64 keeps shares such as 1/3 summing to 1 within rounding that all ranks share bit for bit.
+
+Under DDP the gradients themselves are averaged by :class:`GradientAverager` rather than by DDP (whose buckets would
+hold and send every eligible weight's gradient): only the selection and the probed tensors cross the wire.
 """
 
 import math
@@ -89,44 +92,73 @@ def unpack_measurements(block_names: list[str], vector: torch.Tensor) -> tuple[d
     return norms, (loss_sum / loss_count if loss_count > 0 else None)
 
 
-def register_ddp_probe_hook(ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer) -> None:
-    """Measures BlockLLM's probed blocks on DDP's averaged gradients instead of each rank's local ones.
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place mean over all ranks (divided first, then summed, as DDP's default communication hook does)."""
+    if not is_distributed():
+        return tensor
+    tensor.div_(dist.get_world_size())
+    return all_reduce_sum_(tensor)
 
-    Without this, the probe hooks take each rank's local gradient norm during backward (and free the gradient
-    before DDP reduces it), so a probed block's norm is the root mean square of per-rank norms while a selected
-    block's norm is that of the averaged gradient: two scales in one table. With it, the probe hooks are off and
-    DDP's communication hook, right after the bucket's all-reduce (torch's default averaging hook), records the
-    squared norm of every probed block's averaged gradient and zeroes that gradient: probed blocks then add nothing
-    to gradient clipping, as in one process, where the hooks free them (a non-finite gradient becomes NaN instead, so
-    that an fp16 GradScaler still skips the step and lowers its scale). The result is the norm a single process
-    would measure on the global batch. Compact gradients are switched off (dense gradients for the selection): their
-    hooks would compact each rank's gradient before DDP averages it.
+
+class GradientAverager:
+    """Data parallelism without DDP's buckets: BlockLLM's gradients averaged across ranks in one all-reduce a step.
+
+    DDP would keep a bucket for every eligible weight and all-reduce all of it every step, whatever BlockLLM selected.
+    Instead BlockLLM's hooks hand this buffer, at every micro-step, the coordinates of the selected blocks (whole
+    blocks: the top-k mask of a new selection is cut from the averaged gradient) and of the probed blocks (the norm the
+    ranks agree on is the averaged gradient's), and free the dense gradient. After the optimizer step's last backward,
+    :meth:`reduce` averages the buffer across ranks; BlockLLM then measures, cuts masks and compacts as in one process.
+    Bytes per step: the selected blocks (the budget, plus the part of the selected blocks that the budget does not
+    keep, less than one block) and the probed blocks.
+
+    The layout is set with the selection and the probes, which every rank decides alike (see the module docstring),
+    so the buffer means the same on every rank; a rank that produced no gradient for a tensor adds zeros. One entry
+    per tensor after the gradients says whether any rank produced it (a tensor no rank used is not updated).
     """
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    name_of = {id(param): name for name, param in optimizer.param_by_name.items()}
-    optimizer.set_probe_hooks(False)
-    # DDP reduces .grad after autograd accumulated it: the selection keeps dense gradients under DDP.
-    optimizer.disable_compact_gradients()
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype = dtype
+        self.device = device
+        self._spans: dict[str, tuple[int, int, list[tuple[int, int]]]] = {}  # name -> (index, offset, ranges)
+        self._size = 0
+        self._buffer: torch.Tensor | None = None
+        self.reduced = False
 
-    def allreduce_then_measure_probes(state, bucket):
-        params = bucket.parameters()
-        future = default_hooks.allreduce_hook(state, bucket)
+    def arrange(self, ranges: dict[str, list[tuple[int, int]]]) -> None:
+        """What each tensor contributes this step: ``name -> [(start, stop), ...]`` flat coordinate ranges, in an
+        order every rank shares. Drops what was collected (a new step, a skipped one, a load)."""
+        self._spans, offset = {}, 0
+        for index, (name, pieces) in enumerate(ranges.items()):
+            self._spans[name] = (index, offset, pieces)
+            offset += sum(stop - start for start, stop in pieces)
+        self._size = offset
+        self._buffer = None
+        self.reduced = False
 
-        def measure(fut) -> torch.Tensor:
-            reduced = fut.value()
-            probed = optimizer.probe_only_parameters()
-            offset = 0
-            for param in params:
-                numel = param.numel()
-                name = name_of.get(id(param))
-                if name in probed:
-                    grad = reduced.narrow(0, offset, numel)
-                    optimizer.record_gradient_norms(name, grad)
-                    grad.mul_(0.0)  # zero, but inf/NaN stay NaN: a GradScaler must still see an overflow here
-                offset += numel
-            return reduced
+    def add_(self, name: str, grad: torch.Tensor) -> None:
+        """Accumulates one micro-step's gradient of ``name`` (its ranges)."""
+        if self._buffer is None:
+            self._buffer = torch.zeros(self._size + len(self._spans), dtype=self.dtype, device=self.device)
+        index, offset, pieces = self._spans[name]
+        flat = grad.reshape(-1)
+        for start, stop in pieces:
+            self._buffer[offset : offset + stop - start].add_(flat[start:stop])
+            offset += stop - start
+        self._buffer[self._size + index] = 1.0
 
-        return future.then(measure)
-
-    ddp_model.register_comm_hook(None, allreduce_then_measure_probes)
+    def reduce(self) -> dict[str, torch.Tensor]:
+        """Averages the buffer across ranks (every rank takes part, with zeros if it produced nothing) and returns the
+        averaged values of each tensor some rank produced (its ranges, concatenated); frees the buffer."""
+        self.reduced = True
+        buffer, self._buffer = self._buffer, None
+        if not self._spans:
+            return {}
+        if buffer is None:
+            buffer = torch.zeros(self._size + len(self._spans), dtype=self.dtype, device=self.device)
+        all_reduce_mean_(buffer)
+        present = buffer[self._size :].tolist()
+        return {
+            name: buffer[offset : offset + sum(stop - start for start, stop in pieces)]
+            for name, (index, offset, pieces) in self._spans.items()
+            if present[index] > 0
+        }

@@ -1,10 +1,11 @@
 """The one list of what engines and fronts may use of a BlockLLM optimizer, and what a subclass may override.
 
-:class:`BlockLLMEngine` is the public interface: the DDP hook (``distributed.py``), the ZeRO engine (``zero.py``),
-the Trainer wiring (``blockllm_factory/hf``) and the LLaMA-Factory patches use these names and no others (a test scans
-them), and :class:`~blockllm_factory.optim.BlockLLM` and :class:`~blockllm_factory.optim.zero.ZeroBlockLLM` satisfy
-it. :data:`EXTENSION_POINTS` are the methods a subclass that runs the same decisions on another memory layout may
-override; everything else, the decisions included, is not meant to be overridden (a test checks ``ZeroBlockLLM``).
+:class:`BlockLLMEngine` is the public interface: the data-parallel averaging (``distributed.py``), the ZeRO engine
+(``zero.py``), the Trainer wiring (``blockllm_factory/hf``) and the LLaMA-Factory patches use these names and no others
+(a test scans them), and :class:`~blockllm_factory.optim.BlockLLM` and
+:class:`~blockllm_factory.optim.zero.ZeroBlockLLM` satisfy it. :data:`EXTENSION_POINTS` are the methods a subclass that
+runs the same decisions on another memory layout may override; everything else, the decisions included, is not meant to
+be overridden (a test checks ``ZeroBlockLLM``).
 """
 
 from collections.abc import Callable, Iterable, Mapping
@@ -72,9 +73,11 @@ class BlockLLMEngine(Protocol):
         self, max_norm: float, parameters: Iterable[torch.Tensor] | None = None, **options: Any
     ) -> torch.Tensor: ...
 
-    # How an engine that owns the gradients switches BlockLLM's own gradient handling off.
+    # How an engine that owns the gradients switches BlockLLM's own gradient handling off (DeepSpeed), or has it
+    # averaged across ranks instead of DDP (one all-reduce of the selected and probed blocks per step).
     def set_probe_hooks(self, enabled: bool) -> None: ...
-    def disable_compact_gradients(self) -> None: ...
+    def average_gradients_across_ranks(self) -> None: ...
+    def reduce_gradients(self) -> None: ...
 
     # Checkpoints (with torch's state_dict / load_state_dict).
     def run_state(self) -> dict[str, Any]: ...
