@@ -132,6 +132,22 @@ BLOCKLLM_LOCALES: dict[str, dict[str, dict[str, str]]] = {
             "info": "select（既定: 他のブロックと同様に選択）、always（常に選択）、frozen（凍結）。",
         },
     },
+    "blockllm_coverage": {
+        "en": {
+            "label": "Coverage",
+            "info": "1 (default, paper): blocks fill the budget; c > 1: c times the blocks, top 1/c each.",
+        },
+        "ru": {
+            "label": "Охват",
+            "info": "1 (по умолчанию, статья): блоки до бюджета; c > 1: в c раз больше блоков, лучшие 1/c.",
+        },
+        "zh": {"label": "覆盖倍数", "info": "1（默认，论文）：块填满预算；c > 1：c 倍的块，每块保留前 1/c。"},
+        "ko": {"label": "커버리지", "info": "1(기본값, 논문): 예산만큼 블록; c > 1: c배 블록, 각 상위 1/c."},
+        "ja": {
+            "label": "カバレッジ",
+            "info": "1（既定、論文）: 予算分のブロック。c > 1: c 倍のブロック、各上位 1/c。",
+        },
+    },
     "blockllm_master": {
         "en": {
             "label": "Masters",

@@ -24,6 +24,7 @@ DEFAULTS_AND_VALUES = {
     "score": ("norm_per_sqrt_size", "norm"),
     "block_size": ("head", 0),
     "norms": ("select", "always"),
+    "coverage": (1.0, 4.0),
     "master": ("fp32", "compensated"),
 }
 
@@ -107,6 +108,7 @@ BAD_VALUES = [
     ("include_embeddings", "yes"),
     ("score", "size"),
     ("block_size", -1),
+    ("coverage", 0.5),
     ("block_size", 0.5),
     ("norms", "train"),
     ("master", "fp16"),

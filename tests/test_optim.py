@@ -187,6 +187,37 @@ def test_visit_frequency_changes_the_pick():
     assert len(picks) >= 3 and len(set(picks)) > 1
 
 
+def test_coverage_spreads_the_budget_over_more_blocks_keeping_each_ones_largest_gradients():
+    torch.manual_seed(0)
+    tokens = make_batches(1)[0]
+    events = {}
+    for coverage in (1.0, 4.0):
+        model = TinyLM(width=64)
+        before = {name: param.detach().clone() for name, param in model.named_parameters()}
+        reference = copy.deepcopy(model)  # BlockLLM's hooks free the gradients: the reference keeps them
+        lm_loss(reference, tokens).backward()
+        grads = {name: param.grad.abs().reshape(-1) for name, param in reference.named_parameters()}
+        optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, block_size=256, coverage=coverage)
+        for _ in range(2):  # the first step selects from every block's gradient, the second cuts masks and updates
+            train_step(model, optimizer, tokens)
+        events[coverage] = optimizer.selection_events[-1]
+        # Adam's first update moves every kept coordinate (by about the rate): "changed" is "kept". The first step
+        # changed nothing, so the mask was cut from the reference's gradient.
+        changed = {name: (param.detach() != before[name]).reshape(-1) for name, param in model.named_parameters()}
+        assert sum(int(mask.sum()) for mask in changed.values()) <= optimizer.budget
+        assert events[coverage]["coordinates"] <= optimizer.budget
+        for block_name in events[coverage]["names"]:
+            block = optimizer.blocks[block_name]
+            kept = changed[block.param][block.start : block.stop]
+            magnitudes = grads[block.param][block.start : block.stop]
+            assert kept.any()
+            if not kept.all():  # the block's largest gradients are the ones kept
+                assert magnitudes[kept].min() >= magnitudes[~kept].max()
+    # The same budget over about four times the blocks.
+    assert len(events[4.0]["names"]) >= 3 * len(events[1.0]["names"])
+    assert events[4.0]["coordinates"] >= 0.9 * events[1.0]["coordinates"]
+
+
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
 def test_exact_probe_measures_every_block_without_keeping_gradients(compact):
     torch.manual_seed(0)

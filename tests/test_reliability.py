@@ -573,6 +573,7 @@ def _cases(assets, tmp_path, monkeypatch):
         "blockllm_score": parse(blockllm_score="size"),
         "blockllm_block_size": parse(blockllm_block_size=-1),
         "blockllm_norms": parse(blockllm_norms="train"),
+        "blockllm_coverage": parse(blockllm_coverage=0.5),
         "blockllm_master": parse(blockllm_master="fp16"),
         "deepspeed_master": lambda: check_distributed_setup(
             None,

@@ -153,6 +153,7 @@ class BlockLLM(Optimizer):
         block_size: int = DEFAULTS["block_size"],
         norms: str = DEFAULTS["norms"],
         master: str = DEFAULTS["master"],
+        coverage: float = DEFAULTS["coverage"],
     ) -> None:
         # Every argument is checked before any parameter or state is touched (settings.py: one message per setting;
         # the keywords are the table's settings, a test compares them).
@@ -179,6 +180,7 @@ class BlockLLM(Optimizer):
         self.block_size = block_size
         self.norms = norms
         self.master = master
+        self.coverage = float(coverage)
 
         self._param_by_name: dict[str, torch.nn.Parameter] = {}
         # Parameter name -> index of its group: torch's load_state_dict replaces the group dicts, not their order.
@@ -767,7 +769,8 @@ class BlockLLM(Optimizer):
         candidates = [name for name in self.block_names if name not in always]
         if budget > 0 and candidates:
             ranked = rank_blocks(self._run.norms, self._run.visits, candidates, self._sizes, self.score)
-            picked = pick_blocks(ranked, self._sizes, budget)
+            # coverage c > 1 picks c budgets' worth of blocks; split_budget keeps the top 1/c of each.
+            picked = pick_blocks(ranked, self._sizes, math.ceil(budget * self.coverage))
             keep.update(split_budget(picked, self._sizes, budget))
         # Model order within the selection (the pick order is the rank order): states and logs follow the model.
         keep = {name: keep[name] for name in self.block_names if name in keep}

@@ -235,6 +235,16 @@ _SETTINGS = (
         "`always` (in every selection, whole, inside the budget: the other blocks share what they leave) or `frozen` "
         "(never trained, like the embeddings without `blockllm_include_embeddings`).",
     ),
+    Setting(
+        "coverage",
+        float,
+        1.0,
+        "a number >= 1 (blocks picked per budget)",
+        _at_least(1.0),
+        "How many budgets' worth of blocks a selection picks, in rank order: 1 (the default and the paper: blocks "
+        "until the budget is filled) or c > 1 (blocks until c budgets are filled, each keeping its top 1/c "
+        "coordinates by gradient magnitude: the same budget spread over c times as many blocks).",
+    ),
     _choice(
         "master",
         MASTERS,
