@@ -108,7 +108,8 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
     logger.info_rank0(
         f"Using BlockLLM optimizer: sparsity {settings.blockllm_sparsity}, patience {patience}, probe "
         f"{settings.blockllm_probe}{probed}, score "
-        f"{settings.blockllm_score}, blocks of {blocks}, norms {settings.blockllm_norms}, "
+        f"{settings.blockllm_score}, blocks of {blocks}, coverage {settings.blockllm_coverage}, norms "
+        f"{settings.blockllm_norms}, "
         f"budget {optimizer.budget:,} of "
         f"{optimizer.eligible_numel:,} coordinates per step; "
         f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments, "
