@@ -15,6 +15,7 @@ from blockllm_factory import __version__
 
 COMMANDS = {
     "bench": "blockllm_factory.bench.command",
+    "compare": "blockllm_factory.bench.compare",
     "demo": "blockllm_factory.demo.command",
     "glue": "blockllm_factory.glue.command",
 }
