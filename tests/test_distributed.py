@@ -14,13 +14,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import CLI, reselecting_config, run_logged
+from helpers import CLI, exit_rank, reselecting_config, run_logged, spawn_ranks
 from test_optim import TinyLM, lm_loss
 from torch import nn
 
@@ -141,7 +140,7 @@ def _reduced_numel(optimizer: BlockLLM) -> int:
     return sum(optimizer.block_sizes[name] for name in blocks) + len({optimizer.blocks[name].param for name in blocks})
 
 
-def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_size: int, out_dir: str) -> None:
+def _run_ddp_worker(rank: int, world: int, init_file: str, out_dir: str, probe: str, block_size: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, optimizer = _averaged_blockllm(probe, block_size)
@@ -176,11 +175,7 @@ def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_siz
         torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    # Saved and torn down: leave without the interpreter's exit, where a C++ destructor of torch/gloo sometimes aborts
-    # the process ("terminate called without an active exception", SIGABRT) after everything succeeded.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank()
 
 
 def _record(model: nn.Module, optimizer: BlockLLM) -> dict:
@@ -197,21 +192,7 @@ def _record(model: nn.Module, optimizer: BlockLLM) -> dict:
     ids=["sample", "exact", "sample_row_groups"],
 )
 def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, probe, block_size):
-    for attempt in range(2):
-        out = tmp_path / f"attempt{attempt}"
-        out.mkdir()
-        try:
-            torch.multiprocessing.spawn(
-                _run_ddp_worker, args=(2, str(out / "init"), probe, block_size, str(out)), nprocs=2, join=True
-            )
-            break
-        except torch.multiprocessing.ProcessExitedException as error:
-            # The known teardown flake (see run_cli below): a rank aborts in C++ teardown after both ranks saved
-            # their results. Run once more from scratch; any other failure stands.
-            saved = all((out / f"rank{rank}.pt").exists() for rank in range(2))
-            if attempt or error.signal_name != "SIGABRT" or not saved:
-                raise
-            print(f"rank aborted in teardown after saving (attempt {attempt + 1}); running again")
+    out = spawn_ranks(_run_ddp_worker, (probe, block_size), tmp_path)  # the known teardown flake: see run_cli below
     ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
     if block_size == 0:  # one process as it runs by default
