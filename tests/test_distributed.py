@@ -186,6 +186,21 @@ def _record(model: nn.Module, optimizer: BlockLLM) -> dict:
     }
 
 
+def assert_match_one_process(ranks: list[dict], alone: dict) -> None:
+    """Two ranks' records (:func:`_record`'s keys) against one process on the global batch: the same selections, norm
+    tables equal across ranks and to one process's to 1e-5, weights bit-equal across ranks and to one process's to
+    1e-5."""
+    assert ranks[0]["events"] == ranks[1]["events"] == alone["events"]
+    assert ranks[0]["norms"] == ranks[1]["norms"]
+    # Selected and probed blocks are measured on the averaged gradient: the norm one process measures on the batch.
+    assert ranks[0]["norms"].keys() == alone["norms"].keys()
+    for name, norm in alone["norms"].items():
+        assert ranks[0]["norms"][name] == pytest.approx(norm, rel=1e-5)
+    for name, weight in alone["weights"].items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
+        torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("probe", "block_size"),
     [("sample", 0), ("exact", 0), ("sample", 64)],  # 64: row groups of 4 rows, the LLaMA-Factory default's kind
@@ -214,15 +229,7 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, pro
     alone = _record(model, optimizer)
 
     assert len(alone["events"]) >= 3  # the loss rule fired: several selections to agree on
-    assert ranks[0]["events"] == ranks[1]["events"] == alone["events"]
-    assert ranks[0]["norms"] == ranks[1]["norms"]
-    # Selected and probed blocks are measured on the averaged gradient: the norm one process measures on the batch.
-    assert ranks[0]["norms"].keys() == alone["norms"].keys()
-    for name, norm in alone["norms"].items():
-        assert ranks[0]["norms"][name] == pytest.approx(norm, rel=1e-5)
-    for name, weight in alone["weights"].items():
-        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
-        torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=0, atol=1e-5)
+    assert_match_one_process(ranks, alone)
     # Bytes each rank sent per step, counted as the c10d operators went by: BlockLLM's averaged gradients (fp32: the
     # selected blocks, the probed blocks, a flag per tensor), its measurement vector (float64, two per block, the loss
     # sum and count) and the test's loss (one fp32). No DDP bucket: nothing of the unselected blocks crosses the wire.

@@ -36,6 +36,13 @@ from .masks import pack_mask, unpack_mask
 from .settings import invalid_value
 
 FSDP_STATE_KEY = "blockllm_fsdp"
+# Settings FSDP2's shards serve with one value only: setting -> (that value, the refusal's "allowed" text).
+UNSERVED_SETTINGS = {
+    "compact_gradients": (False, "false under FSDP2 (FSDP2 owns the gradient shards)"),
+    "block_size": (0, "0 (whole tensors) under FSDP2 (a row group may straddle two ranks' shards)"),
+    "optim_bits": (32, "32 under FSDP2 (8-bit moments are not served there)"),
+    "master": ("fp32", "fp32 under FSDP2 (compensated weights are not served there)"),
+}
 
 
 def local_shard(param: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -70,25 +77,10 @@ class FsdpBlockLLM(BlockLLM):
     an fp32 master for half-precision weights (the settings FSDP2's shards cannot serve are refused)."""
 
     def __init__(self, params, **kwargs: Any) -> None:
-        if kwargs.get("compact_gradients"):
-            raise invalid_value(
-                "compact_gradients", "false under FSDP2 (FSDP2 owns the gradient shards)", kwargs["compact_gradients"]
-            )
-        kwargs["compact_gradients"] = False
-        if kwargs.get("block_size", 0) != 0:
-            raise invalid_value(
-                "block_size",
-                "0 (whole tensors) under FSDP2 (a row group may straddle two ranks' shards)",
-                kwargs["block_size"],
-            )
-        if kwargs.get("optim_bits", 32) != 32:
-            raise invalid_value(
-                "optim_bits", "32 under FSDP2 (8-bit moments are not served there)", kwargs["optim_bits"]
-            )
-        if kwargs.get("master", "fp32") != "fp32":
-            raise invalid_value(
-                "master", "fp32 under FSDP2 (compensated weights are not served there)", kwargs["master"]
-            )
+        for setting, (served, allowed) in UNSERVED_SETTINGS.items():
+            value = kwargs.setdefault(setting, served)
+            if value != served:
+                raise invalid_value(setting, allowed, value)
         super().__init__(params, **kwargs)
         self.set_probe_hooks(False)  # FSDP2 reduce-scatters the gradients; norms come from the shards in step()
         self._weight_decay = {
