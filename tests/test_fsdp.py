@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import exit_rank, spawn_ranks
-from test_distributed import _batches, assert_match_one_process
+from test_distributed import _batches, _decay_groups, assert_match_one_process
 from test_engine_interface import INTERFACE, ROOT, _attributes_of
 from test_optim import TinyLM, lm_loss
 from torch import nn
@@ -33,7 +33,7 @@ def _sharded(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, FsdpBlockLL
     for layer in model.layers:
         fully_shard(layer)
     fully_shard(model)
-    return model, FsdpBlockLLM(model.named_parameters(), **SETTINGS)
+    return model, FsdpBlockLLM(_decay_groups(model), **SETTINGS)  # two groups, as LLaMA-Factory makes them
 
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor], world: int) -> None:
@@ -110,7 +110,7 @@ def test_fsdp2_ranks_agree_match_one_process_and_resume_exactly(tmp_path):
 
     torch.manual_seed(0)
     model = TinyLM(width=16, depth=3)
-    optimizer = BlockLLM(model.named_parameters(), **SETTINGS)
+    optimizer = BlockLLM(_decay_groups(model), **SETTINGS)
     batches = _batches(0, 1, STEPS)
     _train(model, optimizer, batches, world=1)
     alone = {"events": optimizer.selection_events, "norms": optimizer.norm_table, "weights": _full_weights(model)}
@@ -140,7 +140,7 @@ def test_fsdp2_ranks_agree_match_one_process_and_resume_exactly(tmp_path):
 
 def test_fsdp_engine_uses_blockllm_through_the_interface_and_overrides_extension_points_only():
     path = ROOT / "blockllm_factory" / "optim" / "fsdp.py"
-    own = set(vars(FsdpBlockLLM)) | {"_weight_decay"}
+    own = set(vars(FsdpBlockLLM)) | {"_group_of"}
     inherited = {name for name, _ in _attributes_of(path, {"self"}) if name not in own}
     assert inherited - INTERFACE == set()
     overridden = {name for name in own if name in vars(BlockLLM) and not name.startswith("__")}

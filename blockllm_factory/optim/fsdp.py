@@ -83,8 +83,9 @@ class FsdpBlockLLM(BlockLLM):
                 raise invalid_value(setting, allowed, value)
         super().__init__(params, **kwargs)
         self.set_probe_hooks(False)  # FSDP2 reduce-scatters the gradients; norms come from the shards in step()
-        self._weight_decay = {
-            name: float(group["weight_decay"]) for group in self.param_groups for name in group["param_names"]
+        # Parameter name -> index of its group (torch's load_state_dict replaces the group dicts, not their order).
+        self._group_of = {
+            name: index for index, group in enumerate(self.param_groups) for name in group["param_names"]
         }
         self.register_state_dict_post_hook(_add_rank)
 
@@ -107,10 +108,10 @@ class FsdpBlockLLM(BlockLLM):
     def _apply_updates(self, selected_names: list[str]) -> None:
         params, sizes = self.param_by_name, self.block_sizes
         self._init_states([name for name in selected_names if not self.state.get(params[name])])
-        group = self.param_groups[0]
-        beta1, beta2 = group["betas"]
         for name in selected_names:
             param = params[name]
+            group = self.param_groups[self._group_of[name]]
+            beta1, beta2 = group["betas"]
             state = self.state[param]
             state["step"] += 1
             weights, offset = local_shard(param.data)
@@ -132,7 +133,7 @@ class FsdpBlockLLM(BlockLLM):
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
-                weight_decay=self._weight_decay[name],
+                weight_decay=group["weight_decay"],
             )
 
     def _init_states(self, names: list[str]) -> None:
