@@ -1,5 +1,5 @@
 """A hand check: does FSDP2 (``torch.distributed.fsdp.fully_shard``) run on gloo on CPU here? docs/distributed.md
-("FSDP2 on CPU") reports it. From the repository root, with the venv active:
+("FSDP2") reports it. From the repository root, with the venv active:
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 scripts/fsdp2_gloo_check.py
 

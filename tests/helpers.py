@@ -111,6 +111,37 @@ def run_cli(command: str, config: dict, workdir: Path, name: str, timeout: int =
     return run_logged([str(CLI), command, str(path)], workdir, timeout, **env)
 
 
+def spawn_ranks(worker, args: tuple, directory: Path, world: int = 2) -> Path:
+    """Runs ``worker(rank, world, init_file, out_dir, *args)`` in ``world`` processes (``torch.multiprocessing.spawn``)
+    and returns ``out_dir``, where each rank saved ``rank<N>.pt``.
+
+    Once more from scratch on the known teardown flake: a rank aborts in C++ teardown (SIGABRT) after every rank saved
+    its results; any other failure stands."""
+    import torch.multiprocessing
+
+    for attempt in range(2):
+        out = Path(directory) / f"attempt{attempt}"
+        out.mkdir()
+        try:
+            torch.multiprocessing.spawn(worker, args=(world, str(out / "init"), str(out), *args), nprocs=world)
+            return out
+        except torch.multiprocessing.ProcessExitedException as error:
+            saved = all((out / f"rank{rank}.pt").exists() for rank in range(world))
+            if attempt or error.signal_name != "SIGABRT" or not saved:
+                raise
+            print(f"rank aborted in teardown after saving (attempt {attempt + 1}); running again")
+    raise AssertionError("unreachable")
+
+
+def exit_rank() -> None:
+    """The end of a :func:`spawn_ranks` worker that saved its results and tore its process group down: leave without
+    the interpreter's exit, where a C++ destructor of torch/gloo sometimes aborts the process ("terminate called
+    without an active exception", SIGABRT) after everything succeeded."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def bad_inputs(kind: str) -> dict[str, str]:
     """The entries ``<!-- kind: NAME -->`` of docs/bad_inputs.md (``case`` or ``warning``): NAME -> the text of the
     first ``text`` block after it (``{...}`` stands for a value that varies)."""

@@ -14,13 +14,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import CLI, reselecting_config, run_logged
+from helpers import CLI, exit_rank, reselecting_config, run_logged, spawn_ranks
 from test_optim import TinyLM, lm_loss
 from torch import nn
 
@@ -141,7 +140,7 @@ def _reduced_numel(optimizer: BlockLLM) -> int:
     return sum(optimizer.block_sizes[name] for name in blocks) + len({optimizer.blocks[name].param for name in blocks})
 
 
-def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_size: int, out_dir: str) -> None:
+def _run_ddp_worker(rank: int, world: int, init_file: str, out_dir: str, probe: str, block_size: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, optimizer = _averaged_blockllm(probe, block_size)
@@ -176,11 +175,7 @@ def _run_ddp_worker(rank: int, world: int, init_file: str, probe: str, block_siz
         torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    # Saved and torn down: leave without the interpreter's exit, where a C++ destructor of torch/gloo sometimes aborts
-    # the process ("terminate called without an active exception", SIGABRT) after everything succeeded.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank()
 
 
 def _record(model: nn.Module, optimizer: BlockLLM) -> dict:
@@ -191,27 +186,28 @@ def _record(model: nn.Module, optimizer: BlockLLM) -> dict:
     }
 
 
+def assert_match_one_process(ranks: list[dict], alone: dict) -> None:
+    """Two ranks' records (:func:`_record`'s keys) against one process on the global batch: the same selections, norm
+    tables equal across ranks and to one process's to 1e-5, weights bit-equal across ranks and to one process's to
+    1e-5."""
+    assert ranks[0]["events"] == ranks[1]["events"] == alone["events"]
+    assert ranks[0]["norms"] == ranks[1]["norms"]
+    # Selected and probed blocks are measured on the averaged gradient: the norm one process measures on the batch.
+    assert ranks[0]["norms"].keys() == alone["norms"].keys()
+    for name, norm in alone["norms"].items():
+        assert ranks[0]["norms"][name] == pytest.approx(norm, rel=1e-5)
+    for name, weight in alone["weights"].items():
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
+        torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("probe", "block_size"),
     [("sample", 0), ("exact", 0), ("sample", 64)],  # 64: row groups of 4 rows, the LLaMA-Factory default's kind
     ids=["sample", "exact", "sample_row_groups"],
 )
 def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, probe, block_size):
-    for attempt in range(2):
-        out = tmp_path / f"attempt{attempt}"
-        out.mkdir()
-        try:
-            torch.multiprocessing.spawn(
-                _run_ddp_worker, args=(2, str(out / "init"), probe, block_size, str(out)), nprocs=2, join=True
-            )
-            break
-        except torch.multiprocessing.ProcessExitedException as error:
-            # The known teardown flake (see run_cli below): a rank aborts in C++ teardown after both ranks saved
-            # their results. Run once more from scratch; any other failure stands.
-            saved = all((out / f"rank{rank}.pt").exists() for rank in range(2))
-            if attempt or error.signal_name != "SIGABRT" or not saved:
-                raise
-            print(f"rank aborted in teardown after saving (attempt {attempt + 1}); running again")
+    out = spawn_ranks(_run_ddp_worker, (probe, block_size), tmp_path)  # the known teardown flake: see run_cli below
     ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 
     if block_size == 0:  # one process as it runs by default
@@ -233,15 +229,7 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_global_batch(tmp_path, pro
     alone = _record(model, optimizer)
 
     assert len(alone["events"]) >= 3  # the loss rule fired: several selections to agree on
-    assert ranks[0]["events"] == ranks[1]["events"] == alone["events"]
-    assert ranks[0]["norms"] == ranks[1]["norms"]
-    # Selected and probed blocks are measured on the averaged gradient: the norm one process measures on the batch.
-    assert ranks[0]["norms"].keys() == alone["norms"].keys()
-    for name, norm in alone["norms"].items():
-        assert ranks[0]["norms"][name] == pytest.approx(norm, rel=1e-5)
-    for name, weight in alone["weights"].items():
-        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name])
-        torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=0, atol=1e-5)
+    assert_match_one_process(ranks, alone)
     # Bytes each rank sent per step, counted as the c10d operators went by: BlockLLM's averaged gradients (fp32: the
     # selected blocks, the probed blocks, a flag per tensor), its measurement vector (float64, two per block, the loss
     # sum and count) and the test's loss (one fp32). No DDP bucket: nothing of the unselected blocks crosses the wire.

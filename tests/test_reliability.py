@@ -507,6 +507,24 @@ def _zero_state_dict_from(optimizer_class, **changes):
     ZeroBlockLLM(_tiny_named_params()).load_state_dict(state)
 
 
+def _fsdp_state_dict_from(optimizer_class, **changes):
+    from blockllm_factory.optim.fsdp import FSDP_STATE_KEY, FsdpBlockLLM
+
+    state = optimizer_class(_tiny_named_params()).state_dict()
+    if FSDP_STATE_KEY in state:
+        state[FSDP_STATE_KEY].update(changes)
+    FsdpBlockLLM(_tiny_named_params()).load_state_dict(state)
+
+
+def _fsdp_step_unsharded():
+    from blockllm_factory.optim.fsdp import FsdpBlockLLM
+
+    model = TinyLM()
+    optimizer = FsdpBlockLLM(model.named_parameters(), sparsity=0.9)
+    lm_loss(model, torch.randint(0, 64, (2, 6))).backward()
+    optimizer.step()
+
+
 def _flipped_archive() -> bytes:
     """A torch.save archive that still reads, with other bytes than the one the checksum was taken of."""
     buffer = io.BytesIO()
@@ -556,6 +574,7 @@ _ZERO2 = {"zero_optimization": {"stage": 2}}  # a DeepSpeed config as a dict: th
 
 def _cases(assets, tmp_path, monkeypatch):
     from blockllm_factory.hf.deepspeed_config import leave_clipping_to_blockllm
+    from blockllm_factory.optim.fsdp import FsdpBlockLLM
     from blockllm_factory.optim.zero import ZeroBlockLLM
     from blockllm_factory.patches._version import check_llamafactory_version
     from blockllm_factory.patches.engine_setup import check_distributed_setup
@@ -640,6 +659,13 @@ def _cases(assets, tmp_path, monkeypatch):
         "optimizer_compact_gradients": lambda: BlockLLM(_tiny_named_params(), compact_gradients="yes"),
         "zero_state_world_size": lambda: _zero_state_dict_from(ZeroBlockLLM, world_size=4),
         "zero_state_not_zero": lambda: _zero_state_dict_from(BlockLLM),
+        "fsdp2_compact_gradients": lambda: FsdpBlockLLM(_tiny_named_params(), compact_gradients=True),
+        "fsdp2_block_size": lambda: FsdpBlockLLM(_tiny_named_params(), block_size=64),
+        "fsdp2_optim_bits": lambda: FsdpBlockLLM(_tiny_named_params(), optim_bits=8),
+        "fsdp2_master": lambda: FsdpBlockLLM(_tiny_named_params(), master="compensated"),
+        "fsdp2_unsharded": _fsdp_step_unsharded,
+        "fsdp2_state_rank": lambda: _fsdp_state_dict_from(FsdpBlockLLM, rank=1, world_size=2),
+        "fsdp2_state_not_fsdp": lambda: _fsdp_state_dict_from(BlockLLM),
         "trainer_optimizer": _not_blockllm_trainer,
         "optimizer_lr": lambda: BlockLLM(_tiny_named_params(), lr=-1.0),
         "optimizer_betas": lambda: BlockLLM(_tiny_named_params(), betas=(1.0, 0.999)),
