@@ -80,6 +80,7 @@ if _directory:
             gather = deepspeed.zero.GatheredParameters([param for _, param in params], modifier_rank=None)
         with gather:
             weights = {name: param.detach().to("cpu", torch.float32, copy=True) for name, param in params}
+        stage3 = getattr(trainer.model_wrapped, "optimizer", None)  # DeepSpeed's ZeRO optimizer, if any
         record = {
             "rank": trainer.args.process_index,
             "world_size": trainer.args.world_size,
@@ -89,6 +90,9 @@ if _directory:
             "selection": optimizer.selection,
             "skipped_steps": optimizer.skipped_steps,
             "weights": weights,
+            # ZeRO: the tensors DeepSpeed's partitions hold, and the size of this rank's fp32 partition
+            "partition": list(getattr(optimizer, "partition_names", [])),
+            "fp32_partition_numel": sum(flat.numel() for flat in getattr(stage3, "fp32_partitioned_groups_flat", ())),
         }
         os.makedirs(_directory, exist_ok=True)
         torch.save(record, os.path.join(_directory, f"rank{trainer.args.process_index}.pt"))
@@ -403,6 +407,22 @@ def test_deepspeed_trains_like_ddp(distributed_runs, engine_name):
         int((dump["weights"][name] != weight).sum()) for name, weight in _initial_weights(distributed_runs).items()
     )
     assert changed > 0
+    if engine_name == "zero3":
+        assert_zero3_partitions_hold_the_selection_only(distributed_runs["zero3"]["dumps"])
+
+
+def assert_zero3_partitions_hold_the_selection_only(dumps: list[dict]) -> None:
+    """ZeRO-3's fp32 (and gradient) partitions were rebuilt to the last selection: each rank's fp32 partition is its
+    share (DeepSpeed's padded half) of the selected tensors, not of every eligible one."""
+    for dump in dumps:
+        selected = dump["events"][-1]["names"]
+        assert dump["partition"] == selected
+        shapes = {name: dump["weights"][name].numel() for name in selected}
+        assert dump["fp32_partition_numel"] == sum(-(-numel // 2) for numel in shapes.values())
+        eligible = sum(
+            weight.numel() for name, weight in dump["weights"].items() if "embed" not in name and "lm_head" not in name
+        )
+        assert dump["fp32_partition_numel"] < eligible // 4
 
 
 def test_zero3_with_bf16_weights_trains_and_ranks_agree(distributed_runs):
@@ -415,6 +435,7 @@ def test_zero3_with_bf16_weights_trains_and_ranks_agree(distributed_runs):
     }
     selected = {name for event in dump["events"][:-1] for name in event["names"]}
     assert changed and changed <= selected  # only blocks BlockLLM selected moved
+    assert_zero3_partitions_hold_the_selection_only(distributed_runs["zero3_bf16"]["dumps"])
     assert all(torch.isfinite(weight).all() for weight in dump["weights"].values())
 
 
