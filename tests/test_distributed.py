@@ -513,9 +513,16 @@ def test_the_engine_is_decided_once_from_the_arguments_and_every_part_reads_it(t
     assert decided.kind == SINGLE and engine_of(arguments) is decided
     # Who owns what, per engine: the table of docs/distributed.md.
     single, ddp, zero3 = Engine(SINGLE), Engine(DDP, 2), Engine(DEEPSPEED, 2, 3)
+    zero2 = Engine(DEEPSPEED, 2, 2)
     assert [engine.compact_gradients for engine in (single, ddp, zero3)] == [True, True, False]
     assert [engine.averages_gradients for engine in (single, ddp, zero3)] == [False, True, False]
-    assert [engine.probe_measurement for engine in (single, ddp, zero3)] == ["hooks", "averaged", "partitions"]
+    assert [engine.probe_measurement for engine in (single, ddp, zero2, zero3)] == [
+        "hooks",
+        "averaged",
+        "partitions",
+        "scattered",
+    ]
+    assert [engine.rebuilds_partitions for engine in (single, ddp, zero2, zero3)] == [False, False, False, True]
     assert [engine.own_masters for engine in (single, ddp, zero3)] == [True, True, False]
     assert [engine.clips_in_optimizer for engine in (single, ddp, zero3)] == [False, False, True]
     assert [engine.loss_in_backward for engine in (single, ddp, zero3)] == [False, False, True]

@@ -65,7 +65,11 @@ class Engine:
     def probe_measurement(self) -> str:
         """Where probed blocks are measured: ``hooks`` during backward (one process), ``averaged`` after BlockLLM's
         all-reduce of the hooks' gradients (DDP, :class:`blockllm_factory.optim.distributed.GradientAverager`),
-        ``partitions`` on DeepSpeed's reduced gradient partitions (``ZeroBlockLLM``)."""
+        ``partitions`` on DeepSpeed's reduced gradient partitions (ZeRO-1/2, ``ZeroBlockLLM``), ``scattered`` by
+        ``ZeroBlockLLM``'s hooks, each probed gradient reduce-scattered into this rank's slice (ZeRO-3, whose
+        partitions hold the selected tensors only)."""
+        if self.rebuilds_partitions:
+            return "scattered"
         return {SINGLE: "hooks", DDP: "averaged", DEEPSPEED: "partitions"}[self.kind]
 
     @property
