@@ -563,3 +563,41 @@ def test_zero_optimizer_shows_deepspeed_one_group_and_resumes_through_torchs_loa
     assert fired == [("pre", True), ("post", 1e-2)]
     assert optimizer.probed_blocks == saved_optimizer.probed_blocks == optimizer.block_names
     assert torch.equal(optimizer.run_state()["rng_state"], saved["blockllm"]["rng_state"])
+
+
+class _RecordingRebuild:
+    """A PartitionRebuilder without DeepSpeed: records what the optimizer asks for (one process)."""
+
+    def __init__(self) -> None:
+        self.rebuilt: list[list[str]] = []
+
+    def rebuild(self, params) -> None:
+        self.rebuilt.append(list(params))
+
+    def shard(self, param: torch.nn.Parameter) -> torch.Tensor:
+        return param.data.view(-1)
+
+    def shards_written(self, params) -> None:
+        pass
+
+
+def test_zero3_partitions_start_with_one_placeholder_and_probed_tensors_are_measured_outside_them():
+    """Under ZeRO-3 the engine builds its first partition from the optimizer's group: one placeholder (the smallest
+    tensor), not every eligible one; every other probed tensor's gradient is taken by the optimizer's hook and freed.
+    A checkpoint names the partition, and a state saved without partitions is refused by a partitioned optimizer."""
+    torch.manual_seed(0)
+    model = TinyLM(width=16, depth=2)
+    rebuild = _RecordingRebuild()
+    optimizer = ZeroBlockLLM(_decay_groups(model), lr=1e-2, sparsity=0.8, seed=3, partitions=rebuild)
+    sizes = optimizer.block_sizes
+    placeholder = min(optimizer.block_names, key=lambda name: sizes[name])
+    assert optimizer.partition_names == [placeholder] and rebuild.rebuilt == []  # built by the engine, not rebuilt
+    assert optimizer.param_groups[0]["params"] == [optimizer.param_by_name[placeholder]]
+    lm_loss(model, _batches(0, 1, 1)[0]).backward()
+    with_grad = {name for name, param in optimizer.param_by_name.items() if param.grad is not None}
+    assert with_grad == {placeholder}  # the others were reduced into the optimizer's slices and freed
+    saved = optimizer.state_dict()["blockllm_zero"]
+    assert saved["partition"] == [placeholder] and saved["shards"] == {}
+    plain = ZeroBlockLLM(_decay_groups(model), lr=1e-2, sparsity=0.8, seed=3).state_dict()
+    with pytest.raises(ValueError, match="partitions of every trainable tensor, loaded with the selection only"):
+        optimizer.load_state_dict(plain)
