@@ -13,7 +13,8 @@ rank's partition, found through DeepSpeed's own lp-to-hp mapping (``param._hp_ma
 layout of ``param._z3_optimizer`` for ZeRO-3).
 
 * Norms: the squared norm of each trainable block's fragment and the fragment's share of the block; the all-reduce sums
-  them into the exact norm of the averaged gradient. DeepSpeed owns the gradients, so there are no probe hooks.
+  them into the exact norm of the averaged gradient. DeepSpeed owns the gradients of the tensors in its partitions, so
+  BlockLLM's own probe hooks are off (under ZeRO-3 the probed tensors outside the partitions get this module's).
 * Masks: when a block is newly selected, the top-k mask needs the whole block gradient once. Every rank writes its
   fragment into a zero buffer of the new blocks and one all-reduce (sum) gives every rank the same full gradient
   (each coordinate is one rank's value plus zeros, so it is bit-identical everywhere), and so the same mask. The mask
@@ -24,9 +25,15 @@ layout of ``param._z3_optimizer`` for ZeRO-3).
 * DeepSpeed must call ``step()`` once per optimizer step, so the optimizer shows it one parameter group (weight decay
   stays per block) and, under ZeRO-3, DeepSpeed must not cut that group into sub-groups (``sub_group_size`` at least
   the number of trainable parameters, checked on the first step).
-* Parameters are registered with DeepSpeed once, when it wraps the model: every eligible block requires grad then (the
-  first step probes them all). Afterwards BlockLLM only flips ``requires_grad``; DeepSpeed reduces the gradients that
-  were produced and gives zeros for the rest, which the optimizer never reads.
+* ZeRO-1/2: parameters are registered with DeepSpeed once, when it wraps the model: every eligible block requires grad
+  then (the first step probes them all). Afterwards BlockLLM only flips ``requires_grad``; DeepSpeed reduces the
+  gradients that were produced and gives zeros for the rest, which the optimizer never reads.
+* ZeRO-3, with ``partitions`` (a :class:`PartitionRebuilder`): the engine's partitions hold only the tensors with
+  selected blocks (before the first selection, one placeholder: the smallest tensor), rebuilt through
+  ``partitions.rebuild`` from the extension point ``_arrange_trainable`` whenever the selection changes or a state is
+  loaded. Probed tensors outside the partitions are measured by this optimizer's own hooks (each gradient
+  reduce-scattered into this rank's slice), and a checkpoint names the partition and keeps this rank's weight shards of
+  the tensors trained earlier, which the engine's checkpoint of its partitions does not hold.
 * Checkpoints: DeepSpeed saves each rank's ``state_dict()`` in its own file; it holds the run state (the same on every
   rank) and this rank's fragment states, and is loaded on a run with the same number of ranks.
 
