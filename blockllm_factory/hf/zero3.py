@@ -20,9 +20,12 @@ invalidated. What differs from BAdam's:
 * DeepSpeed's per-parameter bookkeeping (``param_dict``, ``params_already_reduced``, ``grad_position``, the sub-group
   maps) is rebuilt for the new group.
 
-Every name used here is listed in ``patches/_surfaces.py`` (``ZERO3_REBUILD_SURFACES``), checked at parse time for
-ZeRO-3 runs. The rebuild runs on every rank alike (the selection is the same everywhere); it gathers each new
-parameter once (DeepSpeed's hook registration does) and synchronises the ranks twice (DeepSpeed's barriers).
+The Stage-3 optimizer's methods and attributes used here are listed in ``patches/_surfaces.py``
+(``DEEPSPEED_SURFACES``), checked at parse time for DeepSpeed runs; besides them it uses the attributes ZeRO-3 gives
+every parameter (``_z3_optimizer``, ``ds_tensor``, ``partition_numel()``, ``ds_persist``, ``all_gather()``), as
+``optim/zero.py`` reads ``ds_numel``. The rebuild runs on every rank alike (the selection is the same everywhere);
+it gathers each new parameter once (DeepSpeed's hook registration does) and synchronises the ranks twice (DeepSpeed's
+barriers).
 """
 
 from collections.abc import Mapping
