@@ -191,7 +191,9 @@ SURFACES: dict[str, tuple[str, tuple[Surface, ...]]] = {
     ),
 }
 
-# What blockllm_factory/optim/zero.py and blockllm_factory/hf/deepspeed_config.py read inside DeepSpeed.
+# What blockllm_factory/optim/zero.py, blockllm_factory/hf/deepspeed_config.py and blockllm_factory/hf/zero3.py use
+# inside DeepSpeed.
+ZERO3_MODULE, ZERO3 = "deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"
 DEEPSPEED_SURFACES = (
     Surface("deepspeed", "init_distributed"),
     Surface(
@@ -199,6 +201,47 @@ DEEPSPEED_SURFACES = (
     ),
     Surface("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3.get_param_id", ("self", "param")),
     Surface("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups"),
+    *(
+        # ZeRO-3's partitions rebuilt to BlockLLM's selection (blockllm_factory/hf/zero3.py).
+        Surface(ZERO3_MODULE, f"{ZERO3}.{method}", parameters)
+        for method, parameters in (
+            ("_reassign_or_swap_out_partitioned_parameters", None),  # wrapped by DeepSpeed: (*args, **kwargs)
+            ("_create_fp16_partitions_with_defragmentation", ("self", "fp16_param_groups")),
+            ("_setup_for_real_optimizer", ("self",)),
+            ("set_grad_positions", ("self",)),
+            ("create_reduce_and_remove_grad_hooks", ("self",)),
+            ("_get_param_coordinator", ("self",)),
+        )
+    ),
+    *(
+        Surface("deepspeed.runtime.zero.partitioned_param_coordinator", f"PartitionedParameterCoordinator.{method}")
+        for method in ("_invalidate_trace", "is_invalid_trace")
+    ),
+    Surface(
+        ZERO3_MODULE,
+        ZERO3,
+        attributes=(
+            "fp16_groups",
+            "fp16_partitioned_groups",
+            "fp16_partitioned_groups_flat",
+            "fp16_partitioned_groups_flat_numel",
+            "fp16_partitioned_groups_flat_id",
+            "groups_padding",
+            "fp32_partitioned_groups_flat",
+            "sub_group_to_group_id",
+            "sub_group_process_groups",
+            "sub_group_partition_counts",
+            "averaged_gradients",
+            "lp_param_buffer",
+            "grad_partitions_flat_buffer",
+            "trainable_param_groups",
+            "param_dict",
+            "params_already_reduced",
+            "grad_position",
+            "_grad_acc_hooks",
+            "_leaf_module_hooks",
+        ),
+    ),
 )
 
 

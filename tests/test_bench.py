@@ -923,6 +923,28 @@ def test_the_every_byte_goals_compare_with_the_shipped_full_parameter_methods_an
     assert [goal.status for goal in listed] == ["missed", "missed"]
 
 
+def test_the_zero3_goal_compares_every_ranks_peak_with_badams_and_with_its_floor_with_activations():
+    """Issue 20's ZeRO-3 goal reads the per-rank figures: each rank's all-storage peak, BAdam's at the same number of
+    processes, and the per-rank floor plus the activations and loss path measured at the rank's peak."""
+    zero3 = {"kind": "deepspeed", "world_size": 2, "zero_stage": 3}
+
+    def ranks(peak: int, activations: int) -> list[dict]:
+        composition = {"activations": activations, "loss_path": 10, "temporaries": 5}
+        return [{"rank": rank, "peak_storage_bytes": peak, "peak_composition": composition} for rank in (0, 1)]
+
+    badam = _record("badam", "badam", engine=zero3, ranks=ranks(1000, 500))
+    block = _record("blockllm", "blockllm", engine=zero3, ranks=ranks(900, 500), rank_floor_bytes=350)
+    names = ("zero3_rank_peak_at_or_below_badam_near_floor",)
+    statuses = [goal.status for _, listed, _ in report.goals([badam, block], names) for goal in listed]
+    assert statuses == ["met"]  # 900 <= 1000 and 900 <= 1.1 x (350 + 500 + 10)
+    block["ranks"] = ranks(900, 400)  # 900 > 1.1 x 760: too far above its floor
+    assert [goal.status for _, listed, _ in report.goals([badam, block], names) for goal in listed] == ["missed"]
+    block["ranks"] = ranks(1001, 900)  # above BAdam's
+    assert [goal.status for _, listed, _ in report.goals([badam, block], names) for goal in listed] == ["missed"]
+    ddp = _record("blockllm", "blockllm", engine={"kind": "ddp", "world_size": 2}, ranks=ranks(900, 500))
+    assert [goal.status for _, listed, _ in report.goals([badam, ddp], names) for goal in listed] == ["not measured"]
+
+
 def test_goals_say_when_the_run_did_not_use_the_stated_sparsity():
     _, note = _statuses([_record("blockllm", "blockllm", sparsity=0.9)])
     assert "0.9" in note and "0.95" in note

@@ -79,6 +79,7 @@ if _directory:
             gather = deepspeed.zero.GatheredParameters([param for _, param in params], modifier_rank=None)
         with gather:
             weights = {name: param.detach().to("cpu", torch.float32, copy=True) for name, param in params}
+        stage3 = getattr(trainer.model_wrapped, "optimizer", None)  # DeepSpeed's ZeRO optimizer, if any
         record = {
             "rank": trainer.args.process_index,
             "world_size": trainer.args.world_size,
@@ -88,6 +89,9 @@ if _directory:
             "selection": optimizer.selection,
             "skipped_steps": optimizer.skipped_steps,
             "weights": weights,
+            # ZeRO: the tensors DeepSpeed's partitions hold, and the size of this rank's fp32 partition
+            "partition": list(getattr(optimizer, "partition_names", [])),
+            "fp32_partition_numel": sum(flat.numel() for flat in getattr(stage3, "fp32_partitioned_groups_flat", ())),
         }
         os.makedirs(_directory, exist_ok=True)
         torch.save(record, os.path.join(_directory, f"rank{trainer.args.process_index}.pt"))
@@ -391,6 +395,22 @@ def test_deepspeed_trains_like_ddp(distributed_runs, engine_name):
         int((dump["weights"][name] != weight).sum()) for name, weight in _initial_weights(distributed_runs).items()
     )
     assert changed > 0
+    if engine_name == "zero3":
+        assert_zero3_partitions_hold_the_selection_only(distributed_runs["zero3"]["dumps"])
+
+
+def assert_zero3_partitions_hold_the_selection_only(dumps: list[dict]) -> None:
+    """ZeRO-3's fp32 (and gradient) partitions were rebuilt to the last selection: each rank's fp32 partition is its
+    share (DeepSpeed's padded half) of the selected tensors, not of every eligible one."""
+    for dump in dumps:
+        selected = dump["events"][-1]["names"]
+        assert dump["partition"] == selected
+        shapes = {name: dump["weights"][name].numel() for name in selected}
+        assert dump["fp32_partition_numel"] == sum(-(-numel // 2) for numel in shapes.values())
+        eligible = sum(
+            weight.numel() for name, weight in dump["weights"].items() if "embed" not in name and "lm_head" not in name
+        )
+        assert dump["fp32_partition_numel"] < eligible // 4
 
 
 def test_zero3_with_bf16_weights_trains_and_ranks_agree(distributed_runs):
@@ -403,6 +423,7 @@ def test_zero3_with_bf16_weights_trains_and_ranks_agree(distributed_runs):
     }
     selected = {name for event in dump["events"][:-1] for name in event["names"]}
     assert changed and changed <= selected  # only blocks BlockLLM selected moved
+    assert_zero3_partitions_hold_the_selection_only(distributed_runs["zero3_bf16"]["dumps"])
     assert all(torch.isfinite(weight).all() for weight in dump["weights"].values())
 
 
@@ -480,9 +501,16 @@ def test_the_engine_is_decided_once_from_the_arguments_and_every_part_reads_it(t
     assert decided.kind == SINGLE and engine_of(arguments) is decided
     # Who owns what, per engine: the table of docs/distributed.md.
     single, ddp, zero3 = Engine(SINGLE), Engine(DDP, 2), Engine(DEEPSPEED, 2, 3)
+    zero2 = Engine(DEEPSPEED, 2, 2)
     assert [engine.compact_gradients for engine in (single, ddp, zero3)] == [True, True, False]
     assert [engine.averages_gradients for engine in (single, ddp, zero3)] == [False, True, False]
-    assert [engine.probe_measurement for engine in (single, ddp, zero3)] == ["hooks", "averaged", "partitions"]
+    assert [engine.probe_measurement for engine in (single, ddp, zero2, zero3)] == [
+        "hooks",
+        "averaged",
+        "partitions",
+        "scattered",
+    ]
+    assert [engine.rebuilds_partitions for engine in (single, ddp, zero2, zero3)] == [False, False, False, True]
     assert [engine.own_masters for engine in (single, ddp, zero3)] == [True, True, False]
     assert [engine.clips_in_optimizer for engine in (single, ddp, zero3)] == [False, False, True]
     assert [engine.loss_in_backward for engine in (single, ddp, zero3)] == [False, False, True]
@@ -523,3 +551,41 @@ def test_zero_optimizer_shows_deepspeed_one_group_and_resumes_through_torchs_loa
     assert fired == [("pre", True), ("post", 1e-2)]
     assert optimizer.probed_blocks == saved_optimizer.probed_blocks == optimizer.block_names
     assert torch.equal(optimizer.run_state()["rng_state"], saved["blockllm"]["rng_state"])
+
+
+class _RecordingRebuild:
+    """A PartitionRebuilder without DeepSpeed: records what the optimizer asks for (one process)."""
+
+    def __init__(self) -> None:
+        self.rebuilt: list[list[str]] = []
+
+    def rebuild(self, params) -> None:
+        self.rebuilt.append(list(params))
+
+    def shard(self, param: torch.nn.Parameter) -> torch.Tensor:
+        return param.data.view(-1)
+
+    def shards_written(self, params) -> None:
+        pass
+
+
+def test_zero3_partitions_start_with_one_placeholder_and_probed_tensors_are_measured_outside_them():
+    """Under ZeRO-3 the engine builds its first partition from the optimizer's group: one placeholder (the smallest
+    tensor), not every eligible one; every other probed tensor's gradient is taken by the optimizer's hook and freed.
+    A checkpoint names the partition, and a state saved without partitions is refused by a partitioned optimizer."""
+    torch.manual_seed(0)
+    model = TinyLM(width=16, depth=2)
+    rebuild = _RecordingRebuild()
+    optimizer = ZeroBlockLLM(_decay_groups(model), lr=1e-2, sparsity=0.8, seed=3, partitions=rebuild)
+    sizes = optimizer.block_sizes
+    placeholder = min(optimizer.block_names, key=lambda name: sizes[name])
+    assert optimizer.partition_names == [placeholder] and rebuild.rebuilt == []  # built by the engine, not rebuilt
+    assert optimizer.param_groups[0]["params"] == [optimizer.param_by_name[placeholder]]
+    lm_loss(model, _batches(0, 1, 1)[0]).backward()
+    with_grad = {name for name, param in optimizer.param_by_name.items() if param.grad is not None}
+    assert with_grad == {placeholder}  # the others were reduced into the optimizer's slices and freed
+    saved = optimizer.state_dict()["blockllm_zero"]
+    assert saved["partition"] == [placeholder] and saved["shards"] == {}
+    plain = ZeroBlockLLM(_decay_groups(model), lr=1e-2, sparsity=0.8, seed=3).state_dict()
+    with pytest.raises(ValueError, match="partitions of every trainable tensor, loaded with the selection only"):
+        optimizer.load_state_dict(plain)

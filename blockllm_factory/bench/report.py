@@ -105,6 +105,43 @@ def _gap_to_full(subject: dict, references: list[tuple[str, dict | None]]) -> tu
     return ("met" if holds else "missed"), detail
 
 
+def _zero3_rank_peak(subject: dict, references: list[tuple[str, dict | None]]) -> tuple[str, str]:
+    """Issue 20, under ZeRO-3: every rank's all-storage peak at or below the reference's (BAdam's, at the same number
+    of processes) and within FLOOR_MARGIN of the rank's floor counted as the issue counts it: the per-rank target
+    (:func:`rank_targets`) plus the activations and the loss path measured at that rank's peak."""
+    engine = subject.get("engine") or {}
+    if engine.get("kind") != "deepspeed" or engine.get("zero_stage") != 3 or not subject.get("ranks"):
+        return "not measured", f"{subject['name']} is not a measured ZeRO-3 run"
+    label, reference = references[0]
+    theirs = (reference or {}).get("ranks") or []
+    if not theirs or (reference.get("engine") or {}).get("world_size") != engine.get("world_size"):
+        return "not measured", _missing(label, reference, "per-rank figures at the same number of processes")
+    if not subject.get("rank_floor_bytes"):
+        return "not measured", f"{subject['name']} has no per-rank floor"
+    mine = max(rank["peak_storage_bytes"] for rank in subject["ranks"])
+    their_peak = max(rank["peak_storage_bytes"] for rank in theirs)
+    # rank -> (its peak, its floor with the activations and loss path measured at that peak)
+    floors = {
+        rank["rank"]: (
+            rank["peak_storage_bytes"],
+            subject["rank_floor_bytes"]
+            + sum((rank.get("peak_composition") or {}).get(key, 0) for key in ("activations", "loss_path")),
+        )
+        for rank in subject["ranks"]
+    }
+    below = mine <= their_peak
+    near = all(peak <= FLOOR_MARGIN * floor for peak, floor in floors.values())
+    detail = (
+        f"{subject['name']} {human_bytes(mine)}; {label} {human_bytes(their_peak)} "
+        f"({'holds' if below else 'does not hold'}); floor with the activations measured at the peak, per rank: "
+        + ", ".join(
+            f"rank {rank} {human_bytes(floor)} ({peak / floor:.3f} x)" for rank, (peak, floor) in floors.items()
+        )
+        + f" ({'holds' if near else 'does not hold'}: at most {FLOOR_MARGIN:.2f} x)"
+    )
+    return ("met" if below and near else "missed"), detail
+
+
 # Every goal a suite may list under `goals:`; the first nine, issue 5's, are graded when it lists none.
 GOALS: dict[str, GoalSpec] = {
     "state_share_of_full": GoalSpec(
@@ -191,6 +228,14 @@ GOALS: dict[str, GoalSpec] = {
         "peak_memory_bytes",
         ("full",),
         MEMORY_SHARE_OF_FULL,
+    ),
+    # Issue 20: ZeRO-3 at BlockLLM's budget.
+    "zero3_rank_peak_at_or_below_badam_near_floor": GoalSpec(
+        f"under ZeRO-3, each rank's all-storage peak at or below BAdam's at the same number of processes, and within "
+        f"{FLOOR_MARGIN - 1:.0%} of the per-rank floor (with the activations measured at the peak)",
+        "peak_storage_bytes",
+        ("badam",),
+        check=_zero3_rank_peak,
     ),
 }
 DEFAULT_GOALS = tuple(GOALS)[:9]

@@ -76,7 +76,10 @@ def _point(records: list[dict]) -> dict[str, Any]:
     point["trains"] = trains[0]["summary"] if trains else None
     if len({t["summary"] for t in trains}) > 1:
         point["trains"] += " (differs between seeds: see report.json)"
-    for key in ("peak_memory_source", "optimizer", "sparsity", "floor_formula", "peak_composition", "peak_phase"):
+    # A multi-process run's engine, per-rank figures and per-rank floor (issue 20's goal reads them), from its first
+    # seed.
+    keys = ("peak_memory_source", "optimizer", "sparsity", "floor_formula", "peak_composition", "peak_phase")
+    for key in (*keys, "engine", "ranks", "rank_floor_bytes"):
         point[key] = next((r.get(key) for r in source if r.get(key) is not None), None)
     return point
 

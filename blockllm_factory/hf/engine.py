@@ -65,7 +65,11 @@ class Engine:
     def probe_measurement(self) -> str:
         """Where probed blocks are measured: ``hooks`` during backward (one process), ``averaged`` after BlockLLM's
         all-reduce of the hooks' gradients (DDP, :class:`blockllm_factory.optim.distributed.GradientAverager`),
-        ``partitions`` on DeepSpeed's reduced gradient partitions (``ZeroBlockLLM``)."""
+        ``partitions`` on DeepSpeed's reduced gradient partitions (ZeRO-1/2, ``ZeroBlockLLM``), ``scattered`` by
+        ``ZeroBlockLLM``'s hooks, each probed gradient reduce-scattered into this rank's slice (ZeRO-3, whose
+        partitions hold the selected tensors only)."""
+        if self.rebuilds_partitions:
+            return "scattered"
         return {SINGLE: "hooks", DDP: "averaged", DEEPSPEED: "partitions"}[self.kind]
 
     @property
@@ -79,6 +83,13 @@ class Engine:
         """Under DeepSpeed the optimizer clips over the selection (DeepSpeed's clipping, which would count the probed
         blocks, is off); otherwise the Trainer clips, through the wiring (:mod:`.wiring`)."""
         return self.deepspeed
+
+    @property
+    def rebuilds_partitions(self) -> bool:
+        """Under ZeRO-3 the engine's fp32 and gradient partitions hold the selected tensors only, rebuilt when the
+        selection changes (:mod:`.zero3`); probed tensors are measured by the optimizer's own hooks. ZeRO-1/2 keep
+        partitions of every eligible tensor."""
+        return self.deepspeed and self.zero_stage == 3
 
     @property
     def loss_in_backward(self) -> bool:
@@ -139,11 +150,17 @@ def engine_of(training_args) -> Engine:
 
 def blockllm_optimizer_class(training_args):
     """BlockLLM, or under DeepSpeed ZeRO the variant that DeepSpeed can wrap (see blockllm_factory/optim/zero.py)."""
-    if engine_of(training_args).clips_in_optimizer:
+    decided = engine_of(training_args)
+    if decided.clips_in_optimizer:
         from blockllm_factory.optim.zero import ZeroBlockLLM
 
         # The optimizer clips over the selected blocks itself; DeepSpeed's clipping is off (see deepspeed_config.py).
-        return functools.partial(ZeroBlockLLM, max_grad_norm=float(training_args.max_grad_norm or 0.0))
+        options = {"max_grad_norm": float(training_args.max_grad_norm or 0.0)}
+        if decided.rebuilds_partitions:
+            from .zero3 import Zero3Partitions
+
+            options["partitions"] = Zero3Partitions()
+        return functools.partial(ZeroBlockLLM, **options)
     from blockllm_factory.optim import BlockLLM
 
     return BlockLLM

@@ -849,13 +849,19 @@ class BlockLLM(Optimizer):
                 self._probe_handles.append(
                     self._param_by_name[name].register_post_accumulate_grad_hook(_compact_hook(self, name))
                 )
-        if not self.probe_hooks:
-            return
-        for name in self.eligible_params:
-            if name in probe_only:
-                self._probe_handles.append(
-                    self._param_by_name[name].register_post_accumulate_grad_hook(_probe_hook(self, name))
-                )
+        if self.probe_hooks:
+            for name in self.eligible_params:
+                if name in probe_only:
+                    self._probe_handles.append(
+                        self._param_by_name[name].register_post_accumulate_grad_hook(_probe_hook(self, name))
+                    )
+        self._arrange_trainable([name for name in self.eligible_params if name in trainable])
+
+    def _arrange_trainable(self, trainable: list[str]) -> None:
+        """Extension point: the tensors that require grad from now on (``trainable``, in model order: those with
+        selected blocks and the probed ones) have just been set, after a selection, a probe draw or a load. An engine
+        that keeps buffers for the trainable tensors only (ZeRO-3's partitions, zero.py) rearranges them here; one
+        process and DDP keep nothing per trainable tensor."""
 
     # ------------------------------------------------------------------ checkpointing (public: state_dict, run_state,
     # load_state_dict)

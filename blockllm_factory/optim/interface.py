@@ -15,13 +15,15 @@ import torch
 
 # Methods a subclass may override (their docstrings say what each returns): the groups handed to torch
 # (``_arrange_groups``), a parameter's coordinate count (``_block_numel``), this rank's norms and the parameters to
-# update (``_measure``), the masked update (``_apply_updates``), and the per-parameter part of a checkpoint, written
+# update (``_measure``), the masked update (``_apply_updates``), the buffers kept for the trainable tensors
+# (``_arrange_trainable``), and the per-parameter part of a checkpoint, written
 # (``state_dict``, through ``_state_dict_through_hooks``) and read back (``_unpack_state_dict``).
 EXTENSION_POINTS = (
     "_arrange_groups",
     "_block_numel",
     "_measure",
     "_apply_updates",
+    "_arrange_trainable",
     "state_dict",
     "_unpack_state_dict",
 )

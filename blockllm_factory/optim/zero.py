@@ -13,7 +13,8 @@ rank's partition, found through DeepSpeed's own lp-to-hp mapping (``param._hp_ma
 layout of ``param._z3_optimizer`` for ZeRO-3).
 
 * Norms: the squared norm of each trainable block's fragment and the fragment's share of the block; the all-reduce sums
-  them into the exact norm of the averaged gradient. DeepSpeed owns the gradients, so there are no probe hooks.
+  them into the exact norm of the averaged gradient. DeepSpeed owns the gradients of the tensors in its partitions, so
+  BlockLLM's own probe hooks are off (under ZeRO-3 the probed tensors outside the partitions get this module's).
 * Masks: when a block is newly selected, the top-k mask needs the whole block gradient once. Every rank writes its
   fragment into a zero buffer of the new blocks and one all-reduce (sum) gives every rank the same full gradient
   (each coordinate is one rank's value plus zeros, so it is bit-identical everywhere), and so the same mask. The mask
@@ -24,9 +25,15 @@ layout of ``param._z3_optimizer`` for ZeRO-3).
 * DeepSpeed must call ``step()`` once per optimizer step, so the optimizer shows it one parameter group (weight decay
   stays per block) and, under ZeRO-3, DeepSpeed must not cut that group into sub-groups (``sub_group_size`` at least
   the number of trainable parameters, checked on the first step).
-* Parameters are registered with DeepSpeed once, when it wraps the model: every eligible block requires grad then (the
-  first step probes them all). Afterwards BlockLLM only flips ``requires_grad``; DeepSpeed reduces the gradients that
-  were produced and gives zeros for the rest, which the optimizer never reads.
+* ZeRO-1/2: parameters are registered with DeepSpeed once, when it wraps the model: every eligible block requires grad
+  then (the first step probes them all). Afterwards BlockLLM only flips ``requires_grad``; DeepSpeed reduces the
+  gradients that were produced and gives zeros for the rest, which the optimizer never reads.
+* ZeRO-3, with ``partitions`` (a :class:`PartitionRebuilder`): the engine's partitions hold only the tensors with
+  selected blocks (before the first selection, one placeholder: the smallest tensor), rebuilt through
+  ``partitions.rebuild`` from the extension point ``_arrange_trainable`` whenever the selection changes or a state is
+  loaded. Probed tensors outside the partitions are measured by this optimizer's own hooks (each gradient
+  reduce-scattered into this rank's slice), and a checkpoint names the partition and keeps this rank's weight shards of
+  the tensors trained earlier, which the engine's checkpoint of its partitions does not hold.
 * Checkpoints: DeepSpeed saves each rank's ``state_dict()`` in its own file; it holds the run state (the same on every
   rank) and this rank's fragment states, and is loaded on a run with the same number of ranks.
 
@@ -34,8 +41,9 @@ Nothing here imports DeepSpeed: it reads the attributes DeepSpeed sets on the pa
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -46,6 +54,23 @@ from .masks import pack_mask, unpack_mask
 from .settings import invalid_value
 
 ZERO_STATE_KEY = "blockllm_zero"
+
+
+class PartitionRebuilder(Protocol):
+    """What an engine that can rebuild its partitions offers ZeroBlockLLM (DeepSpeed ZeRO-3:
+    ``blockllm_factory/hf/zero3.py``). The engine keeps fp32 master and gradient partitions only for the parameters
+    last handed to :meth:`rebuild`; every other parameter is a frozen weight to it (only its shard of the weights)."""
+
+    def rebuild(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """From now on the partitions hold exactly ``params`` (same order on every rank; called on every rank alike).
+        The weights of the parameters leaving them carry their last update; those that stay keep their fp32 values."""
+
+    def shard(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """This rank's stored part of a parameter's weights (flat, in the weights' dtype): a view, written in place
+        when a checkpoint is loaded."""
+
+    def shards_written(self, params: list[torch.nn.Parameter]) -> None:
+        """After :meth:`shard` views were written: whatever the engine derives from the shards is refreshed."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +133,10 @@ class ZeroBlockLLM(BlockLLM):
     freed the probed gradients before it clips.
     """
 
-    def __init__(self, params, max_grad_norm: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self, params, max_grad_norm: float = 0.0, partitions: PartitionRebuilder | None = None, **kwargs: Any
+    ) -> None:
+        self._partitions: PartitionRebuilder | None = None  # set after BlockLLM's set-up (which arranges once)
         if not max_grad_norm >= 0.0:
             raise invalid_value("max_grad_norm", "a number >= 0 (0: no clipping)", max_grad_norm)
         # What DeepSpeed's partitions cannot serve, refused before BlockLLM's own checks (settings.py).
@@ -139,6 +167,26 @@ class ZeroBlockLLM(BlockLLM):
         self.max_grad_norm = float(max_grad_norm)
         self.set_probe_hooks(False)  # DeepSpeed consumes the gradients; norms come from its partitions
         self._fragments: dict[str, Fragment | None] | None = None
+        # With ``partitions`` (ZeRO-3): the engine's partitions hold the tensors with selected blocks only; probed
+        # tensors outside them are measured by this optimizer's hooks (reduce-scattered, this rank's slice kept).
+        self._probe_handles_outside: list[Any] = []
+        self._probe_slices: dict[str, tuple[torch.Tensor, int]] = {}
+        self._pending_shards: dict[str, torch.Tensor] = {}
+        self._partition_names: list[str] = []
+        if partitions is not None:
+            self._partitions = partitions
+            sizes = self.block_sizes
+            # Nothing is selected before the first step, but the engine needs a partition to call step() on: the
+            # smallest tensor, probed there like the others.
+            self._placeholder = min(self.block_names, key=lambda name: sizes[name])
+            self._arrange_trainable(list(self.probed_blocks))
+
+    @property
+    def partition_names(self) -> list[str]:
+        """The tensors the engine's partitions hold (all trainable tensors without ``partitions``)."""
+        if self._partitions is None:
+            return list(self.block_names)
+        return list(self._partition_names)
 
     def _arrange_groups(self, groups: list[dict[str, Any]], defaults: dict[str, Any]) -> list[dict[str, Any]]:
         """One parameter group for DeepSpeed (one step() call per optimizer step); weight decay stays per block."""
@@ -168,10 +216,45 @@ class ZeroBlockLLM(BlockLLM):
         return params[0]
 
     def fragments(self) -> dict[str, Fragment | None]:
+        """This rank's fragment of every tensor in the engine's partitions."""
         if self._fragments is None:
             params = self.param_by_name
-            self._fragments = {name: find_fragment(params[name]) for name in self.block_names}
+            self._fragments = {name: find_fragment(params[name]) for name in self.partition_names}
         return self._fragments
+
+    # ------------------------------------------------------------------ partitions of the selection only (ZeRO-3)
+    def _arrange_trainable(self, trainable: list[str]) -> None:
+        """Under ``partitions``: the engine's partitions are rebuilt to hold the tensors with selected blocks (whole
+        tensors under DeepSpeed: block names are tensor names), and probed tensors outside them get this optimizer's
+        measuring hooks."""
+        if self._partitions is None:
+            return
+        params = self.param_by_name
+        selected = self.kept_coordinates
+        wanted = [name for name in trainable if name in selected] or [self._placeholder]
+        for name in wanted:
+            params[name].requires_grad_(True)
+        if wanted != self._partition_names:
+            if self._partition_names:
+                self._partitions.rebuild({name: params[name] for name in wanted})
+            else:  # before the engine exists: it builds its partitions from the parameter group
+                self.param_groups[0]["params"] = [params[name] for name in wanted]
+                self.param_groups[0]["param_names"] = list(wanted)
+            self._partition_names = wanted
+            self._fragments = None
+        if self._pending_shards:  # a load: the weights of tensors trained earlier, outside the rebuilt partitions
+            shards, self._pending_shards = self._pending_shards, {}
+            for name, values in shards.items():
+                self._partitions.shard(params[name]).copy_(values)
+            self._partitions.shards_written([params[name] for name in shards])
+        for handle in self._probe_handles_outside:
+            handle.remove()
+        self._probe_handles_outside = []
+        self._probe_slices.clear()
+        for name in self.probed_blocks:
+            if name not in wanted:
+                hook = _probe_slice_hook(self._probe_slices, name)
+                self._probe_handles_outside.append(params[name].register_post_accumulate_grad_hook(hook))
 
     # ------------------------------------------------------------------ measurement and update on fragments
     def _measure(self) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, list[str]]:
@@ -181,8 +264,16 @@ class ZeroBlockLLM(BlockLLM):
         selected = list(self.kept_coordinates)
         squared_norms: dict[str, torch.Tensor] = {}
         shares: dict[str, float] = {}
+        world = _rank_and_world()[1]
+        probed_outside = dict(self._probe_slices)
+        self._probe_slices.clear()  # the hooks hold this dict
         for name in dict.fromkeys([*selected, *self.probed_blocks]):
-            fragment = fragments[name]
+            if name in probed_outside:  # the summed slice of this rank, averaged over ranks as DeepSpeed averages
+                values, numel = probed_outside[name]
+                squared_norms[name] = torch.linalg.vector_norm(values, dtype=torch.float32).square() / world**2
+                shares[name] = numel / sizes[name]
+                continue
+            fragment = fragments.get(name)
             if fragment is None:
                 continue
             grad = partition.grad.narrow(0, fragment.partition_start, fragment.numel)
@@ -280,10 +371,21 @@ class ZeroBlockLLM(BlockLLM):
         params = self.param_by_name
         blocks = {name: dict(self.state[params[name]]) for name in self.block_names if self.state.get(params[name])}
         group = {key: value for key, value in self.param_groups[0].items() if key not in ("params", "param_names")}
+        zero: dict[str, Any] = {"blocks": blocks, "rank": rank, "world_size": world}
+        if self._partitions is not None:
+            # The engine's checkpoint holds its partitions (the selected tensors); the weights of tensors trained
+            # earlier and frozen since are this rank's shards, saved here (and the partition, rebuilt on load).
+            trained = {name for event in self.selection_events for name in event["names"]}
+            zero["partition"] = list(self._partition_names)
+            zero["shards"] = {
+                name: self._partitions.shard(params[name]).clone()
+                for name in self.block_names
+                if name in trained and name not in self._partition_names
+            }
         return {
             "state": {},
             "param_groups": [{**group, "params": []}],
-            ZERO_STATE_KEY: {"blocks": blocks, "rank": rank, "world_size": world},
+            ZERO_STATE_KEY: zero,
         }
 
     def _unpack_state_dict(
@@ -298,6 +400,14 @@ class ZeroBlockLLM(BlockLLM):
                 f"Invalid state_dict: saved by rank {zero['rank']} of {zero['world_size']}, loaded by rank {rank} of "
                 f"{world}; resume BlockLLM under DeepSpeed ZeRO with the same number of processes"
             )
+        if ("partition" in zero) != (self._partitions is not None):
+            raise ValueError(
+                "Invalid state_dict: saved with DeepSpeed ZeRO partitions of "
+                f"{'the selection only' if 'partition' in zero else 'every trainable tensor'}, loaded with "
+                f"{'the selection only' if self._partitions is not None else 'every trainable tensor'}; resume "
+                "with the same ZeRO stage and blockllm-factory version"
+            )
+        self._pending_shards = dict(zero.get("shards", {}))
         # DeepSpeed's flat partition stays the group's parameter; the saved settings (lr, ...) replace the current.
         saved = state_dict["param_groups"][0]
         settings = {key: value for key, value in self.param_groups[0].items() if key != "params"}
@@ -311,3 +421,35 @@ class ZeroBlockLLM(BlockLLM):
             for name, block_state in zero["blocks"].items()
         }
         return [settings], states
+
+
+def _probe_slice_hook(slices: dict[str, tuple[torch.Tensor, int]], name: str):
+    """Post-accumulate-grad hook of a probed tensor outside the engine's partitions: its gradient is summed across
+    ranks into this rank's slice (one reduce-scatter, as DeepSpeed reduces the gradients it owns), added to what the
+    step's earlier micro-steps left there, and freed. Rank r keeps coordinates [r * p, (r + 1) * p), p = ceil(n /
+    world)."""
+
+    def hook(param: torch.Tensor) -> None:
+        grad, param.grad = param.grad, None
+        if grad is None:
+            return
+        rank, world = _rank_and_world()
+        flat = grad.detach().reshape(-1)
+        per_rank = -(-flat.numel() // world)
+        numel = max(0, min(per_rank, flat.numel() - rank * per_rank))
+        if world == 1:
+            piece = flat.float()
+        else:
+            import torch.distributed as dist
+
+            padded = torch.nn.functional.pad(flat, (0, per_rank * world - flat.numel()))
+            piece = torch.empty(per_rank, dtype=flat.dtype, device=flat.device)
+            dist.reduce_scatter_tensor(piece, padded, op=dist.ReduceOp.SUM)
+            piece = piece.float()
+        held = slices.get(name)
+        if held is None:
+            slices[name] = (piece if piece.data_ptr() != flat.data_ptr() else piece.clone(), numel)
+        else:
+            held[0].add_(piece)
+
+    return hook
