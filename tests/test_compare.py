@@ -53,16 +53,16 @@ def test_compare_tables_best_rates_ranking_and_seed_by_seed_differences(folders,
     best = out.split("## Each variant at its best configuration")[1].split("##")[0]
     assert "| blockllm | learning_rate=0.0003 | 1, 2, 3 | 1.6000 ± 0.1000 [1.5000, 1.7000] | 2.1000 ± 0.1000" in best
     assert "| lora | learning_rate=0.003 | 1, 2, 3 | 1.4000 ± 0.1000 [1.3000, 1.5000] |" in best
-    assert "| blockllm [coverage4] | learning_rate=0.0003 | 1, 2 | 1.5250 ± 0.1061 [1.4500, 1.6000] |" in best
+    assert "| coverage4 | learning_rate=0.0003 | 1, 2 | 1.5250 ± 0.1061 [1.4500, 1.6000] |" in best
     ranking = out.split("## Ranking")[1].split("##")[0]
-    assert "- step 20: blockllm [coverage4] 1.9500 < lora 2.0333 < blockllm 2.1000" in ranking
-    assert "- step 40: lora 1.4000 < blockllm [coverage4] 1.5250 < blockllm 1.6000" in ranking
+    assert "- step 20: coverage4 1.9500 < lora 2.0333 < blockllm 2.1000" in ranking
+    assert "- step 40: lora 1.4000 < coverage4 1.5250 < blockllm 1.6000" in ranking
     assert "differs from the order at step 20" in ranking
     differences = out.split("minus blockllm (learning_rate=0.0003), seed by seed")[1]
     # lora minus blockllm, seed by seed: -0.1, -0.2, -0.3 at the end; the variant on its seeds 1 and 2 only.
     assert "| lora | learning_rate=0.003 | 1, 2, 3 | -0.2000, +0.1000, -0.1000" in differences
     assert "-0.1000, -0.2000, -0.3000 (mean -0.2000 ± 0.1000) |" in differences
-    assert "| blockllm [coverage4] | learning_rate=0.0003 | 1, 2 |" in differences
+    assert "| coverage4 | learning_rate=0.0003 | 1, 2 |" in differences
     assert "-0.0500, -0.1000 (mean -0.0750 ± 0.0354) |" in differences
 
 
@@ -81,10 +81,11 @@ def test_compare_writes_a_file_and_takes_a_run_met_twice_from_the_first_folder(f
     [
         (["NOWHERE"], "is not a bench report folder (it has no runs/ folder)"),
         (["SUITE", "--baseline", "full"], "--baseline 'full': no such variant (variants: blockllm, lora)"),
+        (["SUITE=defaults"], "holds runs of several methods (blockllm, lora); a label names the variant"),
     ],
 )
 def test_compare_refuses_what_it_cannot_compare_naming_it(folders, tmp_path, capsys, arguments, message):
     suite, _ = folders
-    arguments = [str(suite) if a == "SUITE" else str(tmp_path / a) if a == "NOWHERE" else a for a in arguments]
+    arguments = [a.replace("SUITE", str(suite)).replace("NOWHERE", str(tmp_path / "NOWHERE")) for a in arguments]
     assert cli.main(["compare", *arguments]) == 2
     assert message in capsys.readouterr().err

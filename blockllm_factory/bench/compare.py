@@ -35,13 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "folders",
         nargs="+",
         metavar="DIR[=LABEL]",
-        help="a bench report folder (its runs/*/result.json are read); =LABEL names the variant its runs belong to",
+        help="a bench report folder (its runs/**/result.json are read); =LABEL names the variant its runs are (a "
+        "folder of one method's runs)",
     )
     parser.add_argument(
         "--baseline",
         metavar="VARIANT",
-        help="subtract this variant's loss at its best rate from every other variant's, seed by seed "
-        "(a method, or METHOD [LABEL] for a labelled folder's)",
+        help="subtract this variant's loss at its best rate from every other variant's, seed by seed (a method's "
+        "name or a folder's label)",
     )
     parser.add_argument("--out", metavar="FILE", help="write the tables to FILE (markdown) instead of printing them")
 
@@ -68,10 +69,6 @@ def parse_folder(text: str) -> tuple[Path, str | None]:
     return Path(folder), (label or None)
 
 
-def variant_name(method: str, label: str | None) -> str:
-    return f"{method} [{label}]" if label else method
-
-
 def collect(folders: list[tuple[Path, str | None]], stream) -> list[dict[str, Any]]:
     """The finished runs (status ok) of every folder, each with ``variant`` set; a run met twice (same variant,
     configuration and seed) is taken from the first folder, and the duplicate is named on ``stream``."""
@@ -83,6 +80,7 @@ def collect(folders: list[tuple[Path, str | None]], stream) -> list[dict[str, An
         found = sorted((folder / "runs").glob("**/result.json"))
         if not found:
             raise CompareError(f"{str(folder)!r} holds no finished run (no runs/**/result.json)")
+        methods: set[str] = set()
         for path in found:
             if any(part.startswith(".") for part in path.relative_to(folder).parts):
                 continue  # a rerun's set-aside earlier attempt (.seed=N.previous)
@@ -90,13 +88,20 @@ def collect(folders: list[tuple[Path, str | None]], stream) -> list[dict[str, An
             if record.get("status") != "ok" or not isinstance(record.get("eval_loss"), (int, float)):
                 print(f"[compare] left out {path} (status {record.get('status')!r})", file=stream)
                 continue
-            variant = variant_name(record.get("method") or record["name"].split("/")[0], label)
+            method = record.get("method") or record["name"].split("/")[0]
+            methods.add(method)
+            variant = label or method
             key = (variant, record["name"])
             if key in seen:
                 print(f"[compare] {variant} {record['name']}: taken from {seen[key]}, not {folder}", file=stream)
                 continue
             seen[key] = folder
             runs.append({**record, "method": variant, "group": None, "config": f"{variant}/{_config(record)}"})
+        if label and len(methods) > 1:
+            raise CompareError(
+                f"{str(folder)!r}={label}: the folder holds runs of several methods ({', '.join(sorted(methods))}); a "
+                "label names the variant of one method's runs: leave this folder unlabelled"
+            )
     return runs
 
 
