@@ -51,6 +51,24 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def check_saved_rank(saved_rank: int, saved_world: int, engine: str) -> None:
+    """A state saved per rank (one file each) is loaded by the same rank of as many processes; else a ``ValueError``
+    naming both."""
+    rank, world = rank_and_world()
+    if (saved_rank, saved_world) != (rank, world):
+        raise ValueError(
+            f"Invalid state_dict: saved by rank {saved_rank} of {saved_world}, loaded by rank {rank} of {world}; "
+            f"resume BlockLLM under {engine} with the same number of processes, each rank its own file"
+        )
+
+
 def collective_device(reference: torch.device) -> torch.device:
     """The device a collective must run on: the current CUDA device for NCCL, the CPU for gloo."""
     if dist.get_backend() == "nccl":

@@ -26,11 +26,10 @@ Nothing here imports FSDP: it reads the DTensor's mesh and placements.
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from .blockllm import BlockLLM
-from .distributed import all_reduce_sum_
+from .distributed import all_reduce_sum_, check_saved_rank, rank_and_world
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
 from .settings import invalid_value
@@ -176,22 +175,11 @@ class FsdpBlockLLM(BlockLLM):
         saved = state_dict.get(FSDP_STATE_KEY)
         if saved is None:
             raise ValueError("Invalid state_dict: it was not saved by FsdpBlockLLM (no shard states)")
-        rank, world = _rank_and_world()
-        if (saved["rank"], saved["world_size"]) != (rank, world):
-            raise ValueError(
-                f"Invalid state_dict: saved by rank {saved['rank']} of {saved['world_size']}, loaded by rank {rank} "
-                f"of {world}; resume BlockLLM under FSDP2 with the same number of processes, each rank its own file"
-            )
+        check_saved_rank(saved["rank"], saved["world_size"], "FSDP2")
         return super()._unpack_state_dict(state_dict)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _add_rank(optimizer: FsdpBlockLLM, state_dict: dict[str, Any]) -> None:
     """The rank and world size whose shards the state holds, checked when it is loaded."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     state_dict[FSDP_STATE_KEY] = {"rank": rank, "world_size": world}

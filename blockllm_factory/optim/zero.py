@@ -48,7 +48,7 @@ from typing import Any, Protocol
 import torch
 
 from .blockllm import BlockLLM
-from .distributed import all_reduce_sum_, is_distributed
+from .distributed import all_reduce_sum_, check_saved_rank, rank_and_world
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
 from .settings import invalid_value
@@ -83,14 +83,6 @@ class Fragment:
     partition_start: int
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if is_distributed():
-        import torch.distributed as dist
-
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def find_fragment(param: torch.nn.Parameter) -> Fragment | None:
     """This rank's fragment of a parameter wrapped by a DeepSpeed ZeRO optimizer (None: no coordinate here)."""
     if hasattr(param, "_hp_mapping"):  # ZeRO-1/2: DeepSpeed's lp-to-hp fragment mapping
@@ -113,7 +105,7 @@ def find_fragment(param: torch.nn.Parameter) -> Fragment | None:
             )
         rank = optimizer._get_param_partition_rank(param) if hasattr(optimizer, "_get_param_partition_rank") else None
         if rank is None:
-            rank = _rank_and_world()[0]
+            rank = rank_and_world()[0]
         start = int(rank) * int(partition_numel)
         numel = max(0, min(int(partition_numel), int(param.ds_numel) - start))
         return Fragment(block_start=start, numel=numel, partition_start=int(offset)) if numel else None
@@ -264,7 +256,7 @@ class ZeroBlockLLM(BlockLLM):
         selected = list(self.kept_coordinates)
         squared_norms: dict[str, torch.Tensor] = {}
         shares: dict[str, float] = {}
-        world = _rank_and_world()[1]
+        world = rank_and_world()[1]
         probed_outside = dict(self._probe_slices)
         self._probe_slices.clear()  # the hooks hold this dict
         for name in dict.fromkeys([*selected, *self.probed_blocks]):
@@ -367,7 +359,7 @@ class ZeroBlockLLM(BlockLLM):
         return self._state_dict_through_hooks(self._fragment_state_dict)
 
     def _fragment_state_dict(self) -> dict[str, Any]:
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         params = self.param_by_name
         blocks = {name: dict(self.state[params[name]]) for name in self.block_names if self.state.get(params[name])}
         group = {key: value for key, value in self.param_groups[0].items() if key not in ("params", "param_names")}
@@ -394,12 +386,7 @@ class ZeroBlockLLM(BlockLLM):
         zero = state_dict.get(ZERO_STATE_KEY)
         if zero is None:
             raise ValueError("Invalid state_dict: it was not saved by ZeroBlockLLM (no fragment states)")
-        rank, world = _rank_and_world()
-        if zero["world_size"] != world or zero["rank"] != rank:
-            raise ValueError(
-                f"Invalid state_dict: saved by rank {zero['rank']} of {zero['world_size']}, loaded by rank {rank} of "
-                f"{world}; resume BlockLLM under DeepSpeed ZeRO with the same number of processes"
-            )
+        check_saved_rank(zero["rank"], zero["world_size"], "DeepSpeed ZeRO")
         if ("partition" in zero) != (self._partitions is not None):
             raise ValueError(
                 "Invalid state_dict: saved with DeepSpeed ZeRO partitions of "
@@ -433,7 +420,7 @@ def _probe_slice_hook(slices: dict[str, tuple[torch.Tensor, int]], name: str):
         grad, param.grad = param.grad, None
         if grad is None:
             return
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         flat = grad.detach().reshape(-1)
         per_rank = -(-flat.numel() // world)
         numel = max(0, min(per_rank, flat.numel() - rank * per_rank))
