@@ -32,6 +32,7 @@ from .blockllm import BlockLLM
 from .distributed import all_reduce_sum_, check_saved_rank, rank_and_world
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
+from .selection import Block, cut_mask
 from .settings import invalid_value
 
 FSDP_STATE_KEY = "blockllm_fsdp"
@@ -157,9 +158,8 @@ class FsdpBlockLLM(BlockLLM):
             state: dict[str, Any] = {"step": 0}
             selected = weights
             if name in full_grads:
-                # The whole-tensor top-k one process cuts (selection.py's cut_mask), on the same averaged gradient.
-                mask = torch.zeros(sizes[name], dtype=torch.bool, device=weights.device)
-                mask[torch.topk(full_grads[name].abs(), kept[name], sorted=False).indices] = True
+                # The mask one process cuts, on the same averaged gradient.
+                mask = cut_mask(full_grads[name], [(Block(name, name, 0, sizes[name]), kept[name])])  # whole tensors
                 state["mask"] = pack_mask(mask)
                 selected = weights[mask.narrow(0, offset, weights.numel())]
             state["exp_avg"] = torch.zeros(selected.numel(), dtype=torch.float32, device=weights.device)

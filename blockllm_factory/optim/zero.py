@@ -51,6 +51,7 @@ from .blockllm import BlockLLM
 from .distributed import all_reduce_sum_, check_saved_rank, rank_and_world
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
+from .selection import Block, cut_mask
 from .settings import invalid_value
 
 ZERO_STATE_KEY = "blockllm_zero"
@@ -344,8 +345,7 @@ class ZeroBlockLLM(BlockLLM):
             local = 0 if fragment is None else fragment.numel
             state: dict[str, Any] = {"step": 0}
             if name in full_grads:
-                mask = torch.zeros(sizes[name], dtype=torch.bool, device=partition.device)
-                mask[torch.topk(full_grads[name].abs(), kept[name], sorted=False).indices] = True
+                mask = cut_mask(full_grads[name], [(Block(name, name, 0, sizes[name]), kept[name])])  # whole tensors
                 state["mask"] = pack_mask(mask)
                 if fragment is not None:
                     local = int(mask.narrow(0, fragment.block_start, fragment.numel).sum())
