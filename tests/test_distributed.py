@@ -15,12 +15,13 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 from helpers import CLI, exit_rank, reselecting_config, run_logged, spawn_ranks
-from test_optim import TinyLM, lm_loss
+from test_optim import TinyLM, lm_loss, make_batches
 from torch import nn
 
 from blockllm_factory._files import BENCH_OUT_ENV
@@ -43,6 +44,9 @@ ENGINES = {
     "zero2": {"deepspeed": str(ZERO2)},
     "zero3": {"deepspeed": str(ZERO3)},
     "zero3_bf16": {"deepspeed": str(ZERO3), "bf16": True},
+    # 8-bit moments through LLaMA-Factory's `optim`; the tiny model's fragments are under bitsandbytes' 4096-entry
+    # minimum, so they stay fp32 and the run must equal DDP's (the 8-bit codes: test_zero_optimizer_keeps_8bit_...)
+    "zero2_8bit": {"deepspeed": str(ZERO2), "optim": "adamw_bnb_8bit"},
 }
 STEPS = 8
 DDP_STEPS = 12
@@ -381,7 +385,7 @@ def test_two_ranks_make_the_same_selections_and_end_with_equal_weights(distribut
     assert_ranks_agree(dumps)
 
 
-@pytest.mark.parametrize("engine_name", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("engine_name", ["zero1", "zero2", "zero3", "zero2_8bit"])
 def test_deepspeed_trains_like_ddp(distributed_runs, engine_name):
     """Same recipe, same data (fp32): ZeRO's partitioned measurement and update reproduce DDP's run up to rounding."""
     reference = distributed_runs["ddp"]["dumps"][0]
@@ -397,6 +401,8 @@ def test_deepspeed_trains_like_ddp(distributed_runs, engine_name):
     assert changed > 0
     if engine_name == "zero3":
         assert_zero3_partitions_hold_the_selection_only(distributed_runs["zero3"]["dumps"])
+    if engine_name == "zero2_8bit":
+        assert "8-bit moments" in distributed_runs[engine_name]["log"]
 
 
 def assert_zero3_partitions_hold_the_selection_only(dumps: list[dict]) -> None:
@@ -589,3 +595,70 @@ def test_zero3_partitions_start_with_one_placeholder_and_probed_tensors_are_meas
     plain = ZeroBlockLLM(_decay_groups(model), lr=1e-2, sparsity=0.8, seed=3).state_dict()
     with pytest.raises(ValueError, match="partitions of every trainable tensor, loaded with the selection only"):
         optimizer.load_state_dict(plain)
+
+
+class _OneRankZero12:
+    """DeepSpeed ZeRO-1/2 as seen by its client optimizer, one rank and no DeepSpeed: the trainable tensors flattened
+    into one fp32 partition, each tensor's ``_hp_mapping`` pointing at its place there, the gradient reduced into the
+    partition's ``.grad`` (zeros where none was produced), ``step()`` called on the partition, and the partition
+    copied back into the weights."""
+
+    def __init__(self, optimizer: ZeroBlockLLM) -> None:
+        self.optimizer = optimizer
+        self.params = list(optimizer.param_by_name.values())
+        self.partition = torch.cat([param.detach().reshape(-1) for param in self.params]).clone()
+        offset = 0
+        for param in self.params:
+            numel = param.numel()
+            param._hp_mapping = SimpleNamespace(
+                lp_fragment_address=SimpleNamespace(start=0, numel=numel),
+                hp_fragment_address=SimpleNamespace(start=offset),
+            )
+            offset += numel
+        optimizer.param_groups[0]["params"] = [self.partition]
+
+    def step(self) -> None:
+        grads = [torch.zeros(param.numel()) if param.grad is None else param.grad.reshape(-1) for param in self.params]
+        self.partition.grad = torch.cat(grads)
+        self.optimizer.step()
+        with torch.no_grad():
+            for param, values in zip(self.params, self.partition.split([param.numel() for param in self.params])):
+                param.copy_(values.view_as(param))
+
+
+def test_zero_optimizer_keeps_8bit_moments_and_trains_like_one_process():
+    """``optim_bits=8`` under DeepSpeed ZeRO: the selected coordinates' moments are bitsandbytes' 8-bit codes, and on
+    one rank (fragments are whole tensors, so the 8-bit blocks fall where one process puts them) the run matches
+    BlockLLM's one-process 8-bit run: same selections, weights to rounding."""
+    pytest.importorskip("bitsandbytes")
+    settings = {"lr": 1e-2, "sparsity": 0.8, "seed": 3, "block_size": 0, "patience": 2, "optim_bits": 8}
+    runs = []
+    for zero in (False, True):
+        torch.manual_seed(0)
+        model = TinyLM(width=64, depth=2)
+        if zero:
+            optimizer = ZeroBlockLLM(_decay_groups(model), **settings)
+            engine = _OneRankZero12(optimizer)
+        else:
+            optimizer = BlockLLM(_decay_groups(model), **settings)
+            engine = optimizer
+        for step, tokens in enumerate(make_batches(6)):
+            model.zero_grad(set_to_none=True)
+            loss = lm_loss(model, tokens)
+            loss.backward()
+            optimizer.record_loss(loss.item() + (1.0 if step == 3 else 0.0))  # a stall at step 4: a reselection
+            engine.step()
+        runs.append((model, optimizer))
+    (reference, one_process), (model, zero) = runs
+    assert [event["names"] for event in zero.selection_events] == [
+        event["names"] for event in one_process.selection_events
+    ]
+    assert len(zero.selection_events) >= 2
+    eight_bit = [state for state in zero.state.values() if "exp_avg_q" in state]
+    assert eight_bit and all(state["exp_avg_q"].dtype == torch.uint8 for state in eight_bit)
+    assert all("exp_avg" not in state for state in eight_bit)  # no fp32 moment kept between steps
+    for (name, weight), (_, expected) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-5, msg=name)
+    torch.manual_seed(0)
+    start = TinyLM(width=64, depth=2)
+    assert any(not torch.equal(weight, initial) for weight, initial in zip(model.parameters(), start.parameters()))

@@ -609,9 +609,6 @@ def _cases(assets, tmp_path, monkeypatch):
         "adapter_only_argument": parse(lora_rank=16),
         "fsdp": parse(fsdp="full_shard"),
         "optim": parse(optim="sgd"),
-        "optim_8bit_deepspeed": lambda: __import__("blockllm_factory.hf.engine", fromlist=["check_optim"]).check_optim(
-            SimpleNamespace(optim="adamw_bnb_8bit", deepspeed=_ZERO2)
-        ),
         "half_patched": lambda: _half_patched(monkeypatch),
         "version": lambda: check_llamafactory_version("0.9.4"),
         "use_mca": lambda: check_training_setup(None, SimpleNamespace(use_mca=True), None),
@@ -648,7 +645,6 @@ def _cases(assets, tmp_path, monkeypatch):
         "zero_outside_deepspeed": lambda: ZeroBlockLLM(_tiny_named_params()).step(),
         "zero_max_grad_norm": lambda: ZeroBlockLLM(_tiny_named_params(), max_grad_norm=-1.0),
         "zero_compact_gradients": lambda: ZeroBlockLLM(_tiny_named_params(), compact_gradients=True),
-        "zero_optim_bits": lambda: ZeroBlockLLM(_tiny_named_params(), optim_bits=8),
         "zero_block_size": lambda: ZeroBlockLLM(_tiny_named_params(), block_size=64),
         "zero_master": lambda: ZeroBlockLLM(_tiny_named_params(), master="compensated"),
         "optimizer_score": lambda: BlockLLM(_tiny_named_params(), score="size"),

@@ -180,11 +180,6 @@ def check_optim(training_args, method: str = LLAMAFACTORY_METHOD) -> None:
             f"use one of {', '.join(FP32_OPTIMS)} (fp32 Adam moments) or {', '.join(EIGHT_BIT_OPTIMS)} (8-bit "
             "moments through bitsandbytes)."
         )
-    if name in EIGHT_BIT_OPTIMS and engine_of(training_args).deepspeed:
-        raise ValueError(
-            f"`optim: {name}` cannot be combined with {method} under DeepSpeed ZeRO (its optimizer "
-            "states live in DeepSpeed's fp32 partitions); use adamw_torch, or train without `deepspeed`."
-        )
     if name in EIGHT_BIT_OPTIMS:
         try:
             import bitsandbytes  # noqa: F401

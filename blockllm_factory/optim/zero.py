@@ -20,6 +20,8 @@ layout of ``param._z3_optimizer`` for ZeRO-3).
   (each coordinate is one rank's value plus zeros, so it is bit-identical everywhere), and so the same mask. The mask
   (one bit per coordinate) is kept whole; Adam moments exist only for the selected coordinates of this rank's
   fragment.
+  With ``optim_bits=8`` those moments are block-wise 8-bit (quantization.py), quantised per fragment and decoded for
+  the fragment's update only, as in one process.
 * Update: masked AdamW on the fragment of the fp32 partition, in place; DeepSpeed propagates it to the model weights.
   DeepSpeed's fp32 partition is the master copy, so BlockLLM keeps no master of its own here.
 * DeepSpeed must call ``step()`` once per optimizer step, so the optimizer shows it one parameter group (weight decay
@@ -51,6 +53,7 @@ from .blockllm import BlockLLM
 from .distributed import all_reduce_sum_, check_saved_rank, rank_and_world
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
+from .quantization import decode_moments_into, encode_moments_from, quantized, zero_moments_
 from .selection import Block, cut_mask
 from .settings import invalid_value
 
@@ -145,10 +148,6 @@ class ZeroBlockLLM(BlockLLM):
                 "block_size",
                 "0 (whole tensors) under DeepSpeed ZeRO (row-group blocks are not served there)",
                 kwargs["block_size"],
-            )
-        if kwargs.get("optim_bits", 32) != 32:
-            raise invalid_value(
-                "optim_bits", "32 under DeepSpeed ZeRO (8-bit moments are not served there)", kwargs["optim_bits"]
             )
         if kwargs.get("master", "fp32") != "fp32":
             raise invalid_value(
@@ -300,11 +299,19 @@ class ZeroBlockLLM(BlockLLM):
             grad = partition.grad.narrow(0, fragment.partition_start, fragment.numel)
             if clip is not None:
                 grad.mul_(clip)
+            eight_bit = "exp_avg_q" in state
+            if eight_bit:  # decoded for this fragment's update only; the codes are what stays between steps
+                local = state["exp_avg_q"].numel()
+                exp_avg = torch.empty(local, dtype=torch.float32, device=grad.device)
+                exp_avg_sq = torch.empty(local, dtype=torch.float32, device=grad.device)
+                decode_moments_into(state, exp_avg, exp_avg_sq)
+            else:
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             masked_adamw_(
                 partition.data.narrow(0, fragment.partition_start, fragment.numel),
                 grad,
-                state["exp_avg"],
-                state["exp_avg_sq"],
+                exp_avg,
+                exp_avg_sq,
                 mask,
                 None,
                 step=state["step"],
@@ -314,6 +321,8 @@ class ZeroBlockLLM(BlockLLM):
                 eps=group["eps"],
                 weight_decay=self._weight_decay[name],
             )
+            if eight_bit:
+                encode_moments_from(state, exp_avg, exp_avg_sq)
 
     def _clip_coefficient(self, selected_names: list[str]) -> float | None:
         """torch's clip_grad_norm_ factor for the selected blocks, from the norms all ranks agreed on this step."""
@@ -349,8 +358,13 @@ class ZeroBlockLLM(BlockLLM):
                 state["mask"] = pack_mask(mask)
                 if fragment is not None:
                     local = int(mask.narrow(0, fragment.block_start, fragment.numel).sum())
-            state["exp_avg"] = torch.zeros(local, dtype=torch.float32, device=partition.device)
-            state["exp_avg_sq"] = torch.zeros(local, dtype=torch.float32, device=partition.device)
+            if self.optim_bits == 8 and quantized(local):
+                # Quantised per fragment: bitsandbytes' blocks of 256 start at this rank's first selected coordinate
+                # of the block, so the codes (not the decisions) differ from one process's.
+                zero_moments_(state, local, partition.device)
+            else:
+                state["exp_avg"] = torch.zeros(local, dtype=torch.float32, device=partition.device)
+                state["exp_avg_sq"] = torch.zeros(local, dtype=torch.float32, device=partition.device)
             self.state[params[name]] = state
 
     # ------------------------------------------------------------------ checkpointing (one file per rank)
