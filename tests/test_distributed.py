@@ -93,7 +93,12 @@ if _directory:
             "partition": list(getattr(optimizer, "partition_names", [])),
             "fp32_partition_numel": sum(
                 flat.numel()
-                for attribute in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups")
+                # ZeRO-3, ZeRO-1/2, ZeRO-1 with bf16 weights and fp32 gradient accumulation (BF16_Optimizer)
+                for attribute in (
+                    "fp32_partitioned_groups_flat",
+                    "single_partition_of_fp32_groups",
+                    "fp32_groups_flat_partition",
+                )
                 for flat in getattr(stage3, attribute, ())
             ),
         }

@@ -1,16 +1,17 @@
 """DeepSpeed ZeRO-1/2 partitions of BlockLLM's selection only: the rebuild ``ZeroBlockLLM`` asks for when its selection
 changes (:class:`blockllm_factory.optim.zero.PartitionRebuilder`).
 
-DeepSpeed's ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``; with bf16 weights ZeRO-1 is ``BF16_Optimizer``) flattens
-the parameters of its groups into one bit16 buffer (each parameter's ``.data`` a view into it), keeps this rank's
-slice of it as an fp32 master partition with a gradient partition, links each parameter to its fragment of the fp32
-partition (``_hp_mapping``, which ``ZeroBlockLLM`` reads) and hooks each parameter's gradient. Built over every
-eligible tensor (BlockLLM's first step probes them all), that is 4 + 4 bytes per eligible parameter divided by the
-processes, whatever BlockLLM selected. All of it is built inline in the optimizer's constructor (there is no method
-that rebuilds one group, as ZeRO-3 has), so the rebuild runs DeepSpeed's own constructor path again, through the
-engine (``_configure_zero_optimizer``, or ``_configure_bf16_optimizer`` for ``BF16_Optimizer``), with the client
-optimizer's group holding the selected tensors, and the new optimizer's state becomes the old object's: the engine,
-accelerate's wrapper and the Trainer keep holding the same object, so nothing has to be re-pointed. Around that:
+DeepSpeed's ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``; ZeRO-1 with bf16 weights and fp32 gradient accumulation,
+``data_types.grad_accum_dtype: fp32``, is ``BF16_Optimizer``) flattens the parameters of its groups into one bit16
+buffer (each parameter's ``.data`` a view into it), keeps this rank's slice of it as an fp32 master partition with a
+gradient partition, links each parameter to its fragment of the fp32 partition (``_hp_mapping``, which ``ZeroBlockLLM``
+reads) and hooks each parameter's gradient. Built over every eligible tensor (BlockLLM's first step probes them all),
+that is 4 + 4 bytes per eligible parameter divided by the processes, whatever BlockLLM selected. All of it is built
+inline in the optimizer's constructor (there is no method that rebuilds one group, as ZeRO-3 has), so the rebuild runs
+DeepSpeed's own constructor path again, through the engine (``_configure_zero_optimizer``, or
+``_configure_bf16_optimizer`` for ``BF16_Optimizer``), with the client optimizer's group holding the selected tensors,
+and the new optimizer's state becomes the old object's: the engine, accelerate's wrapper and the Trainer keep holding
+the same object, so nothing has to be re-pointed. Around that:
 
 * the fp32 partition's last update is copied into the weights and all-gathered first (``update_lp_params``:
   DeepSpeed would do it after the client's ``step()`` returns, and the rebuild runs inside that step);
@@ -55,7 +56,8 @@ def _bit16_groups(optimizer) -> list[list[torch.nn.Parameter]]:
 
 
 class Zero12Partitions:
-    """The :class:`~blockllm_factory.optim.zero.PartitionRebuilder` of DeepSpeed ZeRO-1/2 (one parameter group)."""
+    """The :class:`~blockllm_factory.optim.zero.PartitionRebuilder` of DeepSpeed ZeRO-1/2 (one parameter group: the
+    client shows DeepSpeed one)."""
 
     checkpoints_all_weights = True  # every rank holds whole weights; DeepSpeed's checkpoint saves them
 
