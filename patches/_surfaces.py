@@ -69,7 +69,8 @@ _TRAINER_API = (
         "DistributedDataParallel._set_params_and_buffers_to_ignore_for_model",
         ("module", "params_and_buffers_to_ignore"),
     ),
-    Surface("accelerate", "Accelerator", attributes=("scaler",)),
+    Surface("accelerate", "Accelerator.prepare", ("self",)),  # wrapped: DeepSpeed's engine handed to zero12.py
+    Surface("accelerate", "Accelerator", attributes=("scaler", "deepspeed_engine_wrapped")),
     Surface("llamafactory.extras.logging", "get_logger", ("name",)),
 )
 
@@ -191,14 +192,30 @@ SURFACES: dict[str, tuple[str, tuple[Surface, ...]]] = {
     ),
 }
 
-# What blockllm_factory/optim/zero.py, blockllm_factory/hf/deepspeed_config.py and blockllm_factory/hf/zero3.py use
-# inside DeepSpeed.
+# What blockllm_factory/optim/zero.py, blockllm_factory/hf/deepspeed_config.py, blockllm_factory/hf/zero3.py and
+# blockllm_factory/hf/zero12.py use inside DeepSpeed.
 ZERO3_MODULE, ZERO3 = "deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3"
+ZERO12_MODULE, ZERO12 = "deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"
+BF16_MODULE, BF16 = "deepspeed.runtime.bf16_optimizer", "BF16_Optimizer"  # ZeRO-1 with bf16 weights
 DEEPSPEED_SURFACES = (
     Surface("deepspeed", "init_distributed"),
     Surface(
-        "deepspeed.utils.tensor_fragment", "tensor_fragment", fields=("lp_fragment_address", "hp_fragment_address")
+        "deepspeed.utils.tensor_fragment",
+        "tensor_fragment",
+        fields=("lp_fragment_address", "hp_fragment_address", "hp_fragment"),
     ),
+    # ZeRO-1/2's partitions rebuilt to BlockLLM's selection (blockllm_factory/hf/zero12.py): the engine's own
+    # constructor path of its optimizer, re-run.
+    Surface("deepspeed.runtime.engine", "DeepSpeedEngine._configure_zero_optimizer", ("self", "optimizer")),
+    Surface("deepspeed.runtime.engine", "DeepSpeedEngine._configure_bf16_optimizer", ("self", "optimizer")),
+    Surface("deepspeed.runtime.engine", "DeepSpeedEngine", attributes=("optimizer",)),
+    *(
+        Surface(module, f"{name}.{method}", parameters)
+        for module, name in ((ZERO12_MODULE, ZERO12), (BF16_MODULE, BF16))
+        for method, parameters in (("update_lp_params", ("self",)), ("load_state_dict", ("self", "state_dict_list")))
+    ),
+    Surface(ZERO12_MODULE, ZERO12, attributes=("bit16_groups", "_grad_acc_hooks", "dp_process_group", "optimizer")),
+    Surface(BF16_MODULE, BF16, attributes=("bf16_groups", "_grad_acc_hooks", "dp_process_group", "optimizer")),
     Surface("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3.get_param_id", ("self", "param")),
     Surface("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups"),
     *(

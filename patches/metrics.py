@@ -599,7 +599,8 @@ class BenchMetricsCallback(TrainerCallback):
         for param in params:
             # A ZeRO-3 parameter holds no storage outside forward and backward: its size is DeepSpeed's ds_numel.
             partitioned = hasattr(param, "ds_numel")
-            key = id(param) if partitioned else param.untyped_storage().data_ptr()
+            # Tied weights share their data pointer; views into one flat buffer (DeepSpeed ZeRO-1/2) do not.
+            key = id(param) if partitioned else (param.data_ptr(), param.numel())
             if key not in seen:  # tied weights count once
                 seen.add(key)
                 total += int(param.ds_numel) if partitioned else param.numel()

@@ -451,6 +451,20 @@ def test_the_callback_reports_which_tensors_changed_with_tied_weights_once(tmp_p
     assert figures["parameter_dtypes"] == {"float32": sum(p.numel() for p in model.parameters())}
 
 
+def test_parameters_count_tied_weights_once_and_views_of_one_flat_buffer_each():
+    """DeepSpeed ZeRO-1/2 points every weight it trains into one flat buffer: those views are distinct parameters (the
+    per-rank floor counts them), while a tied weight is one."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 16), torch.nn.Linear(16, 8))
+    model[2].weight = model[0].weight
+    params = list(model.parameters())  # 5 distinct tensors: 128 + 8 + 128 + 16 + 8 coordinates
+    flat = torch.cat([param.detach().reshape(-1) for param in params])
+    offset = 0
+    for param in params:
+        param.data = flat.narrow(0, offset, param.numel()).view_as(param)
+        offset += param.numel()
+    assert metrics.BenchMetricsCallback._count_parameters(list(model.parameters())) == 288
+
+
 def test_a_run_that_raises_still_writes_its_figures_and_the_error(monkeypatch, tmp_path):
     out = tmp_path / "m.json"
     monkeypatch.setenv(metrics.BENCH_OUT_ENV, str(out))

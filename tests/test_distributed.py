@@ -95,7 +95,16 @@ if _directory:
             "weights": weights,
             # ZeRO: the tensors DeepSpeed's partitions hold, and the size of this rank's fp32 partition
             "partition": list(getattr(optimizer, "partition_names", [])),
-            "fp32_partition_numel": sum(flat.numel() for flat in getattr(stage3, "fp32_partitioned_groups_flat", ())),
+            "fp32_partition_numel": sum(
+                flat.numel()
+                # ZeRO-3, ZeRO-1/2, ZeRO-1 with bf16 weights and fp32 gradient accumulation (BF16_Optimizer)
+                for attribute in (
+                    "fp32_partitioned_groups_flat",
+                    "single_partition_of_fp32_groups",
+                    "fp32_groups_flat_partition",
+                )
+                for flat in getattr(stage3, attribute, ())
+            ),
         }
         os.makedirs(_directory, exist_ok=True)
         torch.save(record, os.path.join(_directory, f"rank{trainer.args.process_index}.pt"))
@@ -399,20 +408,23 @@ def test_deepspeed_trains_like_ddp(distributed_runs, engine_name):
         int((dump["weights"][name] != weight).sum()) for name, weight in _initial_weights(distributed_runs).items()
     )
     assert changed > 0
-    if engine_name == "zero3":
-        assert_zero3_partitions_hold_the_selection_only(distributed_runs["zero3"]["dumps"])
+    stage = 2 if engine_name == "zero2_8bit" else int(engine_name[-1])
+    assert_partitions_hold_the_selection_only(distributed_runs[engine_name]["dumps"], stage=stage)
     if engine_name == "zero2_8bit":
         assert "8-bit moments" in distributed_runs[engine_name]["log"]
 
 
-def assert_zero3_partitions_hold_the_selection_only(dumps: list[dict]) -> None:
-    """ZeRO-3's fp32 (and gradient) partitions were rebuilt to the last selection: each rank's fp32 partition is its
+def assert_partitions_hold_the_selection_only(dumps: list[dict], stage: int = 3) -> None:
+    """DeepSpeed's fp32 (and gradient) partitions were rebuilt to the last selection: each rank's fp32 partition is its
     share (DeepSpeed's padded half) of the selected tensors, not of every eligible one."""
     for dump in dumps:
         selected = dump["events"][-1]["names"]
         assert dump["partition"] == selected
         shapes = {name: dump["weights"][name].numel() for name in selected}
-        assert dump["fp32_partition_numel"] == sum(-(-numel // 2) for numel in shapes.values())
+        if stage == 3:  # each tensor cut in halves, padded to whole halves
+            assert dump["fp32_partition_numel"] == sum(-(-numel // 2) for numel in shapes.values())
+        else:  # ZeRO-1/2: one flat buffer of the tensors, padded to a multiple of 2 x 2 ranks, cut in halves
+            assert dump["fp32_partition_numel"] == -(-sum(shapes.values()) // 4) * 2
         eligible = sum(
             weight.numel() for name, weight in dump["weights"].items() if "embed" not in name and "lm_head" not in name
         )
@@ -429,7 +441,7 @@ def test_zero3_with_bf16_weights_trains_and_ranks_agree(distributed_runs):
     }
     selected = {name for event in dump["events"][:-1] for name in event["names"]}
     assert changed and changed <= selected  # only blocks BlockLLM selected moved
-    assert_zero3_partitions_hold_the_selection_only(distributed_runs["zero3_bf16"]["dumps"])
+    assert_partitions_hold_the_selection_only(distributed_runs["zero3_bf16"]["dumps"])
     assert all(torch.isfinite(weight).all() for weight in dump["weights"].values())
 
 
@@ -513,10 +525,10 @@ def test_the_engine_is_decided_once_from_the_arguments_and_every_part_reads_it(t
     assert [engine.probe_measurement for engine in (single, ddp, zero2, zero3)] == [
         "hooks",
         "averaged",
-        "partitions",
+        "scattered",
         "scattered",
     ]
-    assert [engine.rebuilds_partitions for engine in (single, ddp, zero2, zero3)] == [False, False, False, True]
+    assert [engine.rebuilds_partitions for engine in (single, ddp, zero2, zero3)] == [False, False, True, True]
     assert [engine.own_masters for engine in (single, ddp, zero3)] == [True, True, False]
     assert [engine.clips_in_optimizer for engine in (single, ddp, zero3)] == [False, False, True]
     assert [engine.loss_in_backward for engine in (single, ddp, zero3)] == [False, False, True]
@@ -561,6 +573,8 @@ def test_zero_optimizer_shows_deepspeed_one_group_and_resumes_through_torchs_loa
 
 class _RecordingRebuild:
     """A PartitionRebuilder without DeepSpeed: records what the optimizer asks for (one process)."""
+
+    checkpoints_all_weights = False
 
     def __init__(self) -> None:
         self.rebuilt: list[list[str]] = []

@@ -65,12 +65,9 @@ class Engine:
     def probe_measurement(self) -> str:
         """Where probed blocks are measured: ``hooks`` during backward (one process), ``averaged`` after BlockLLM's
         all-reduce of the hooks' gradients (DDP, :class:`blockllm_factory.optim.distributed.GradientAverager`),
-        ``partitions`` on DeepSpeed's reduced gradient partitions (ZeRO-1/2, ``ZeroBlockLLM``), ``scattered`` by
-        ``ZeroBlockLLM``'s hooks, each probed gradient reduce-scattered into this rank's slice (ZeRO-3, whose
-        partitions hold the selected tensors only)."""
-        if self.rebuilds_partitions:
-            return "scattered"
-        return {SINGLE: "hooks", DDP: "averaged", DEEPSPEED: "partitions"}[self.kind]
+        ``scattered`` by ``ZeroBlockLLM``'s hooks, each probed gradient reduce-scattered into this rank's slice
+        (DeepSpeed ZeRO-1/2/3, whose partitions hold the selected tensors only)."""
+        return {SINGLE: "hooks", DDP: "averaged", DEEPSPEED: "scattered"}[self.kind]
 
     @property
     def own_masters(self) -> bool:
@@ -86,10 +83,10 @@ class Engine:
 
     @property
     def rebuilds_partitions(self) -> bool:
-        """Under ZeRO-3 the engine's fp32 and gradient partitions hold the selected tensors only, rebuilt when the
-        selection changes (:mod:`.zero3`); probed tensors are measured by the optimizer's own hooks. ZeRO-1/2 keep
-        partitions of every eligible tensor."""
-        return self.deepspeed and self.zero_stage == 3
+        """Under DeepSpeed ZeRO-1/2/3 the engine's fp32 and gradient partitions hold the selected tensors only, rebuilt
+        when the selection changes (:mod:`.zero3`, :mod:`.zero12`); probed tensors are measured by the optimizer's own
+        hooks."""
+        return self.deepspeed
 
     @property
     def loss_in_backward(self) -> bool:
@@ -156,10 +153,14 @@ def blockllm_optimizer_class(training_args):
 
         # The optimizer clips over the selected blocks itself; DeepSpeed's clipping is off (see deepspeed_config.py).
         options = {"max_grad_norm": float(training_args.max_grad_norm or 0.0)}
-        if decided.rebuilds_partitions:
+        if decided.rebuilds_partitions and decided.zero_stage == 3:
             from .zero3 import Zero3Partitions
 
             options["partitions"] = Zero3Partitions()
+        elif decided.rebuilds_partitions:
+            from .zero12 import Zero12Partitions
+
+            options["partitions"] = Zero12Partitions()  # handed DeepSpeed's engine by the wiring (hf/wiring.py)
         return functools.partial(ZeroBlockLLM, **options)
     from blockllm_factory.optim import BlockLLM
 

@@ -17,7 +17,8 @@ needs added, wherever the Trainer comes from (LLaMA-Factory's stage trainers thr
   after the backward of each optimizer step's last micro-step (the selection's blocks and the probed tensors, one
   all-reduce); under fp16 loss scaling (GradScaler) probed gradients are measured scaled, so BlockLLM divides by the
   scale; a step the scaler (or DeepSpeed's overflow check) skipped is reported to BlockLLM, which keeps states and
-  selection.
+  selection; under DeepSpeed ZeRO-1/2 the rebuild of its partitions is handed DeepSpeed's engine once accelerate has
+  created it.
 
 ``logger`` is any object with ``info_rank0`` and ``warning_rank0`` (LLaMA-Factory's logger, or :func:`rank0_logger`).
 """
@@ -185,6 +186,8 @@ def connect(trainer, optimizer, logger, plot: bool = False) -> None:
         _measure_before_clipping(trainer)
         if engine_of(trainer.args).averages_gradients:
             _average_instead_of_ddp(trainer)
+        if engine_of(trainer.args).rebuilds_partitions:
+            _hand_deepspeed_engine_to_partitions(trainer)
     attach_engine(trainer, optimizer, logger)
 
 
@@ -250,6 +253,26 @@ def _average_instead_of_ddp(trainer) -> None:
         return result
 
     accelerator.backward = backward_then_average
+
+
+def _hand_deepspeed_engine_to_partitions(trainer) -> None:
+    """Under DeepSpeed ZeRO-1/2 the rebuild of the partitions re-runs the engine's own constructor path of its
+    optimizer (:mod:`.zero12`), so it is handed the engine as soon as accelerate has created it, before a checkpoint
+    is loaded into it. Installed once per trainer (before accelerate prepares: the Trainer creates the optimizer
+    first); ZeRO-3's rebuild finds its optimizer through the parameters and takes nothing."""
+    accelerator = trainer.accelerator
+    prepare = accelerator.prepare
+
+    @functools.wraps(prepare)
+    def prepare_then_hand_over(*args, **kwargs):
+        result = prepare(*args, **kwargs)
+        wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+        attach = getattr(getattr(trainer._blockllm_optimizer, "partitions", None), "attach", None)
+        if wrapped is not None and attach is not None:
+            attach(wrapped.engine)
+        return result
+
+    accelerator.prepare = prepare_then_hand_over
 
 
 def install_loss_feed(trainer) -> None:

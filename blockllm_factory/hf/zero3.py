@@ -57,6 +57,8 @@ class Zero3Partitions:
     """The :class:`~blockllm_factory.optim.zero.PartitionRebuilder` of DeepSpeed ZeRO-3 (one parameter group, one
     sub-group: ``sub_group_size`` is checked at parse time)."""
 
+    checkpoints_all_weights = False  # DeepSpeed's ZeRO-3 checkpoint restores the weights of its partitions only
+
     def rebuild(self, params: Mapping[str, torch.nn.Parameter]) -> None:
         wanted = list(params.values())
         stage3 = _stage3(wanted)

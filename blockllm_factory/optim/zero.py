@@ -27,15 +27,15 @@ layout of ``param._z3_optimizer`` for ZeRO-3).
 * DeepSpeed must call ``step()`` once per optimizer step, so the optimizer shows it one parameter group (weight decay
   stays per block) and, under ZeRO-3, DeepSpeed must not cut that group into sub-groups (``sub_group_size`` at least
   the number of trainable parameters, checked on the first step).
-* ZeRO-1/2: parameters are registered with DeepSpeed once, when it wraps the model: every eligible block requires grad
-  then (the first step probes them all). Afterwards BlockLLM only flips ``requires_grad``; DeepSpeed reduces the
-  gradients that were produced and gives zeros for the rest, which the optimizer never reads.
-* ZeRO-3, with ``partitions`` (a :class:`PartitionRebuilder`): the engine's partitions hold only the tensors with
-  selected blocks (before the first selection, one placeholder: the smallest tensor), rebuilt through
+* Without ``partitions``: parameters are registered with DeepSpeed once, when it wraps the model: every eligible block
+  requires grad then (the first step probes them all). Afterwards BlockLLM only flips ``requires_grad``; DeepSpeed
+  reduces the gradients that were produced and gives zeros for the rest, which the optimizer never reads.
+* With ``partitions`` (a :class:`PartitionRebuilder`; ZeRO-1/2/3 in the harness): the engine's partitions hold only
+  the tensors with selected blocks (before the first selection, one placeholder: the smallest tensor), rebuilt through
   ``partitions.rebuild`` from the extension point ``_arrange_trainable`` whenever the selection changes or a state is
   loaded. Probed tensors outside the partitions are measured by this optimizer's own hooks (each gradient
-  reduce-scattered into this rank's slice), and a checkpoint names the partition and keeps this rank's weight shards of
-  the tensors trained earlier, which the engine's checkpoint of its partitions does not hold.
+  reduce-scattered into this rank's slice), and a checkpoint names the partition and, where the engine's checkpoint
+  holds only its partitions' weights (ZeRO-3), keeps this rank's weight shards of the tensors trained earlier.
 * Checkpoints: DeepSpeed saves each rank's ``state_dict()`` in its own file; it holds the run state (the same on every
   rank) and this rank's fragment states, and is loaded on a run with the same number of ranks.
 
@@ -62,8 +62,13 @@ ZERO_STATE_KEY = "blockllm_zero"
 
 class PartitionRebuilder(Protocol):
     """What an engine that can rebuild its partitions offers ZeroBlockLLM (DeepSpeed ZeRO-3:
-    ``blockllm_factory/hf/zero3.py``). The engine keeps fp32 master and gradient partitions only for the parameters
-    last handed to :meth:`rebuild`; every other parameter is a frozen weight to it (only its shard of the weights)."""
+    ``blockllm_factory/hf/zero3.py``; ZeRO-1/2: ``blockllm_factory/hf/zero12.py``). The engine keeps fp32 master and
+    gradient partitions only for the parameters last handed to :meth:`rebuild`; every other parameter is a frozen
+    weight to it (its shard of the weights under ZeRO-3, the whole weight under ZeRO-1/2)."""
+
+    checkpoints_all_weights: bool
+    """Whether the engine's checkpoint holds the weights of every parameter (ZeRO-1/2); if not (ZeRO-3: only those in
+    its partitions), ZeroBlockLLM's state keeps this rank's :meth:`shard` of the tensors trained earlier."""
 
     def rebuild(self, params: Mapping[str, torch.nn.Parameter]) -> None:
         """From now on the partitions hold exactly ``params`` (same order on every rank; called on every rank alike).
@@ -159,7 +164,7 @@ class ZeroBlockLLM(BlockLLM):
         self.max_grad_norm = float(max_grad_norm)
         self.set_probe_hooks(False)  # DeepSpeed consumes the gradients; norms come from its partitions
         self._fragments: dict[str, Fragment | None] | None = None
-        # With ``partitions`` (ZeRO-3): the engine's partitions hold the tensors with selected blocks only; probed
+        # With ``partitions``: the engine's partitions hold the tensors with selected blocks only; probed
         # tensors outside them are measured by this optimizer's hooks (reduce-scattered, this rank's slice kept).
         self._probe_handles_outside: list[Any] = []
         self._probe_slices: dict[str, tuple[torch.Tensor, int]] = {}
@@ -172,6 +177,11 @@ class ZeroBlockLLM(BlockLLM):
             # smallest tensor, probed there like the others.
             self._placeholder = min(self.block_names, key=lambda name: sizes[name])
             self._arrange_trainable(list(self.probed_blocks))
+
+    @property
+    def partitions(self) -> PartitionRebuilder | None:
+        """The engine's rebuild of its partitions (None: the engine keeps partitions of every trainable tensor)."""
+        return self._partitions
 
     @property
     def partition_names(self) -> list[str]:
@@ -214,7 +224,7 @@ class ZeroBlockLLM(BlockLLM):
             self._fragments = {name: find_fragment(params[name]) for name in self.partition_names}
         return self._fragments
 
-    # ------------------------------------------------------------------ partitions of the selection only (ZeRO-3)
+    # ------------------------------------------------------------------ partitions of the selection only
     def _arrange_trainable(self, trainable: list[str]) -> None:
         """Under ``partitions``: the engine's partitions are rebuilt to hold the tensors with selected blocks (whole
         tensors under DeepSpeed: block names are tensor names), and probed tensors outside them get this optimizer's
@@ -383,11 +393,10 @@ class ZeroBlockLLM(BlockLLM):
             # earlier and frozen since are this rank's shards, saved here (and the partition, rebuilt on load).
             trained = {name for event in self.selection_events for name in event["names"]}
             zero["partition"] = list(self._partition_names)
-            zero["shards"] = {
-                name: self._partitions.shard(params[name]).clone()
-                for name in self.block_names
-                if name in trained and name not in self._partition_names
-            }
+            outside = [name for name in self.block_names if name in trained and name not in self._partition_names]
+            if self._partitions.checkpoints_all_weights:  # ZeRO-1/2: whole weights, in the engine's checkpoint
+                outside = []
+            zero["shards"] = {name: self._partitions.shard(params[name]).clone() for name in outside}
         return {
             "state": {},
             "param_groups": [{**group, "params": []}],
