@@ -50,9 +50,9 @@ _RUNTIME_STATE = (
 _BASE_OPTIMIZER_STATE = "base_optimizer_state"  # deepspeed.checkpoint.constants.BASE_OPTIMIZER_STATE
 
 
-def _bit16_groups(optimizer) -> list[list[torch.nn.Parameter]]:
-    groups = getattr(optimizer, "bit16_groups", None)  # DeepSpeedZeroOptimizer
-    return groups if groups is not None else optimizer.bf16_groups  # BF16_Optimizer
+def _bit16_groups(zero_optimizer) -> list[list[torch.nn.Parameter]]:
+    groups = getattr(zero_optimizer, "bit16_groups", None)  # DeepSpeedZeroOptimizer
+    return groups if groups is not None else zero_optimizer.bf16_groups  # BF16_Optimizer
 
 
 class Zero12Partitions:
@@ -74,22 +74,22 @@ class Zero12Partitions:
         self._engine = deepspeed_engine
         self._wrap_load(deepspeed_engine.optimizer)
 
-    def _wrap_load(self, optimizer) -> None:
-        load = type(optimizer).load_state_dict.__get__(optimizer)
+    def _wrap_load(self, zero_optimizer) -> None:
+        load = type(zero_optimizer).load_state_dict.__get__(zero_optimizer)
 
         def load_rebuilt_first(state_dict_list, *args, **kwargs):
             if state_dict_list:
                 import torch.distributed as dist
 
-                rank = dist.get_rank(group=optimizer.dp_process_group)
+                rank = dist.get_rank(group=zero_optimizer.dp_process_group)
                 self._loading = True  # the weights are the checkpoint's: nothing to copy from the old fp32 partition
                 try:
-                    optimizer.optimizer.load_state_dict(state_dict_list[rank][_BASE_OPTIMIZER_STATE])
+                    zero_optimizer.optimizer.load_state_dict(state_dict_list[rank][_BASE_OPTIMIZER_STATE])
                 finally:
                     self._loading = False
             return load(state_dict_list, *args, **kwargs)
 
-        optimizer.load_state_dict = load_rebuilt_first
+        zero_optimizer.load_state_dict = load_rebuilt_first
 
     def rebuild(self, params: Mapping[str, torch.nn.Parameter]) -> None:
         if self._engine is None:
