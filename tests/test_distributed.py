@@ -44,6 +44,8 @@ ENGINES = {
     "zero2": {"deepspeed": str(ZERO2)},
     "zero3": {"deepspeed": str(ZERO3)},
     "zero3_bf16": {"deepspeed": str(ZERO3), "bf16": True},
+    # DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16): a rebuild carries the staying tensors' fp32 values over
+    "zero1_bf16": {"deepspeed": str(ZERO1), "bf16": True},
     # 8-bit moments through LLaMA-Factory's `optim`; the tiny model's fragments are under bitsandbytes' 4096-entry
     # minimum, so they stay fp32 and the run must equal DDP's (the 8-bit codes: test_zero_optimizer_keeps_8bit_...)
     "zero2_8bit": {"deepspeed": str(ZERO2), "optim": "adamw_bnb_8bit"},
@@ -431,17 +433,19 @@ def assert_partitions_hold_the_selection_only(dumps: list[dict], stage: int = 3)
         assert dump["fp32_partition_numel"] < eligible // 4
 
 
-def test_zero3_with_bf16_weights_trains_and_ranks_agree(distributed_runs):
+@pytest.mark.parametrize("engine_name", ["zero3_bf16", "zero1_bf16"])
+def test_zero_with_bf16_weights_trains_and_ranks_agree(distributed_runs, engine_name):
     """bf16 weights with DeepSpeed's fp32 partitions as masters: the update goes to the partition and reaches the
-    weights (bf16 compute changes the gradients, so the coordinates picked differ from the fp32 run's)."""
-    dump = distributed_runs["zero3_bf16"]["dumps"][0]
+    weights (bf16 compute changes the gradients, so the coordinates picked differ from the fp32 run's). ZeRO-1 with
+    bf16 is DeepSpeed's BF16_Optimizer, whose rebuild gathers the staying tensors' fp32 values (hf/zero12.py)."""
+    dump = distributed_runs[engine_name]["dumps"][0]
     initial = _initial_weights(distributed_runs)
     changed = {
         name for name, weight in dump["weights"].items() if not torch.equal(weight, initial[name].bfloat16().float())
     }
     selected = {name for event in dump["events"][:-1] for name in event["names"]}
     assert changed and changed <= selected  # only blocks BlockLLM selected moved
-    assert_partitions_hold_the_selection_only(distributed_runs["zero3_bf16"]["dumps"])
+    assert_partitions_hold_the_selection_only(distributed_runs[engine_name]["dumps"], stage=int(engine_name[4]))
     assert all(torch.isfinite(weight).all() for weight in dump["weights"].values())
 
 

@@ -153,14 +153,11 @@ def blockllm_optimizer_class(training_args):
 
         # The optimizer clips over the selected blocks itself; DeepSpeed's clipping is off (see deepspeed_config.py).
         options = {"max_grad_norm": float(training_args.max_grad_norm or 0.0)}
-        if decided.rebuilds_partitions and decided.zero_stage == 3:
+        if decided.rebuilds_partitions:
             from .zero3 import Zero3Partitions
+            from .zero12 import Zero12Partitions  # handed DeepSpeed's engine by the wiring (hf/wiring.py)
 
-            options["partitions"] = Zero3Partitions()
-        elif decided.rebuilds_partitions:
-            from .zero12 import Zero12Partitions
-
-            options["partitions"] = Zero12Partitions()  # handed DeepSpeed's engine by the wiring (hf/wiring.py)
+            options["partitions"] = Zero3Partitions() if decided.zero_stage == 3 else Zero12Partitions()
         return functools.partial(ZeroBlockLLM, **options)
     from blockllm_factory.optim import BlockLLM
 

@@ -39,6 +39,8 @@ from collections.abc import Mapping
 
 import torch
 
+from blockllm_factory.optim.distributed import assemble_whole
+
 # Changed by DeepSpeed's optimizer while training (not by its constructor): kept across a rebuild.
 _RUNTIME_STATE = (
     "loss_scaler",
@@ -106,7 +108,7 @@ class Zero12Partitions:
         old_params = [param for group in _bit16_groups(old) for param in group]
         if not self._loading:  # inside DeepSpeed's step: this step's update into the weights, on every rank
             old.update_lp_params()
-        kept = self._gather_staying_fp32(old, old_params, wanted) if not self._loading else None
+        kept = self._gather_staying_fp32(old, old_params, wanted) if not self._loading else {}
         for handle in old._grad_acc_hooks:
             handle.remove()
         old._grad_acc_hooks = []
@@ -133,36 +135,27 @@ class Zero12Partitions:
         # One state for both objects: the engine, accelerate's wrapper and the Trainer hold `old`; the gradient hooks
         # DeepSpeed just registered call `fresh`.
         old.__dict__ = fresh.__dict__
-        if kept is not None:
-            values, offsets = kept
-            for param in wanted:
-                mapping = getattr(param, "_hp_mapping", None)
-                if mapping is not None and id(param) in offsets:
-                    start = offsets[id(param)] + int(mapping.lp_fragment_address.start)
-                    mapping.hp_fragment.data.copy_(values.narrow(0, start, int(mapping.lp_fragment_address.numel)))
+        for param in wanted:
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is not None and id(param) in kept:
+                start, numel = int(mapping.lp_fragment_address.start), int(mapping.lp_fragment_address.numel)
+                mapping.hp_fragment.data.copy_(kept[id(param)].narrow(0, start, numel))
 
     @staticmethod
-    def _gather_staying_fp32(old, old_params, wanted) -> tuple[torch.Tensor, dict[int, int]] | None:
-        """The fp32 values of the tensors that stay in the partitions, whole on every rank (None with fp32 weights:
-        the weights are the values)."""
+    def _gather_staying_fp32(old, old_params, wanted) -> dict[int, torch.Tensor]:
+        """The fp32 values of the half-precision tensors that stay in the partitions, whole and flat on every rank, by
+        ``id`` of the parameter (none with fp32 weights: the weights are the values)."""
         staying = {id(param) for param in wanted}
         params = [param for param in old_params if id(param) in staying and param.dtype != torch.float32]
         if not params:
-            return None
-        import torch.distributed as dist
-
-        offsets, total = {}, 0
-        for param in params:
-            offsets[id(param)] = total
-            total += param.numel()
-        values = torch.zeros(total, dtype=torch.float32, device=params[0].device)
-        for param in params:
-            mapping = param._hp_mapping
-            if mapping is not None:
-                start = offsets[id(param)] + int(mapping.lp_fragment_address.start)
-                values.narrow(0, start, int(mapping.lp_fragment_address.numel)).copy_(mapping.hp_fragment.data)
-        dist.all_reduce(values, group=old.dp_process_group)  # one rank's value plus zeros per coordinate
-        return values, offsets
+            return {}
+        pieces = [
+            (index, int(param._hp_mapping.lp_fragment_address.start), param._hp_mapping.hp_fragment.data)
+            for index, param in enumerate(params)
+            if param._hp_mapping is not None
+        ]
+        whole = assemble_whole([param.numel() for param in params], pieces, params[0].device, old.dp_process_group)
+        return {id(param): values for param, values in zip(params, whole)}
 
     def shard(self, param: torch.nn.Parameter) -> torch.Tensor:
         return param.data.view(-1)  # every rank holds the whole weight

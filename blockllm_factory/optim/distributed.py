@@ -16,7 +16,9 @@ Under DDP the gradients themselves are averaged by :class:`GradientAverager` rat
 hold and send every eligible weight's gradient): only the selection and the probed tensors cross the wire.
 """
 
+import itertools
 import math
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -85,17 +87,33 @@ def synchronize(vector: torch.Tensor) -> torch.Tensor:
     return reduced
 
 
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over all ranks of a tensor (moved to the collective's device and back if needed)."""
+def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place sum over all ranks (of ``group``) of a tensor (moved to the collective's device and back if needed)."""
     if not is_distributed():
         return tensor
     device = collective_device(tensor.device)
     if device == tensor.device:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         return tensor
     moved = tensor.to(device)
-    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
     return tensor.copy_(moved)
+
+
+def assemble_whole(
+    sizes: Sequence[int], pieces: Iterable[tuple[int, int, torch.Tensor]], device: torch.device, group=None
+) -> list[torch.Tensor]:
+    """Whole fp32 tensors on every rank from the pieces the ranks hold (each coordinate on exactly one rank).
+
+    ``pieces`` are this rank's ``(tensor index, start within the tensor, values)``; they are written into one zero
+    buffer of all the tensors, and one all-reduce sums the ranks' buffers (a coordinate's value plus zeros). Returns a
+    flat view of the buffer for each of ``sizes``."""
+    offsets = list(itertools.accumulate(sizes, initial=0))
+    buffer = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+    for index, start, values in pieces:
+        buffer.narrow(0, offsets[index] + start, values.numel()).copy_(values.reshape(-1))
+    all_reduce_sum_(buffer, group)
+    return [buffer.narrow(0, offset, size) for offset, size in zip(offsets, sizes)]
 
 
 def unpack_measurements(block_names: list[str], vector: torch.Tensor) -> tuple[dict[str, float], float | None]:

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import torch
 
 from .blockllm import BlockLLM
-from .distributed import all_reduce_sum_, check_saved_rank, rank_and_world
+from .distributed import assemble_whole, check_saved_rank, rank_and_world
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
 from .quantization import decode_moments_into, encode_moments_from, quantized, zero_moments_
@@ -348,17 +348,13 @@ class ZeroBlockLLM(BlockLLM):
         masked = [name for name in names if kept[name] < sizes[name]]
         full_grads: dict[str, torch.Tensor] = {}
         if masked:
-            buffer = torch.zeros(sum(sizes[name] for name in masked), dtype=torch.float32, device=partition.device)
-            offset = 0
-            for name in masked:
-                fragment = fragments[name]
-                if fragment is not None:
-                    buffer.narrow(0, offset + fragment.block_start, fragment.numel).copy_(
-                        partition.grad.narrow(0, fragment.partition_start, fragment.numel)
-                    )
-                full_grads[name] = buffer.narrow(0, offset, sizes[name])
-                offset += sizes[name]
-            all_reduce_sum_(buffer)
+            pieces = [
+                (index, fragment.block_start, partition.grad.narrow(0, fragment.partition_start, fragment.numel))
+                for index, fragment in enumerate(fragments[name] for name in masked)
+                if fragment is not None
+            ]
+            whole = assemble_whole([sizes[name] for name in masked], pieces, partition.device)
+            full_grads = dict(zip(masked, whole))
         for name in names:
             fragment = fragments[name]
             local = 0 if fragment is None else fragment.numel
@@ -391,11 +387,12 @@ class ZeroBlockLLM(BlockLLM):
         if self._partitions is not None:
             # The engine's checkpoint holds its partitions (the selected tensors); the weights of tensors trained
             # earlier and frozen since are this rank's shards, saved here (and the partition, rebuilt on load).
-            trained = {name for event in self.selection_events for name in event["names"]}
+            # ZeRO-1/2 keep whole weights, all of them in the engine's checkpoint: no shards to save.
             zero["partition"] = list(self._partition_names)
-            outside = [name for name in self.block_names if name in trained and name not in self._partition_names]
-            if self._partitions.checkpoints_all_weights:  # ZeRO-1/2: whole weights, in the engine's checkpoint
-                outside = []
+            outside = []
+            if not self._partitions.checkpoints_all_weights:
+                trained = {name for event in self.selection_events for name in event["names"]}
+                outside = [name for name in self.block_names if name in trained and name not in self._partition_names]
             zero["shards"] = {name: self._partitions.shard(params[name]).clone() for name in outside}
         return {
             "state": {},
