@@ -34,7 +34,9 @@ SUMMARY_KEYS = (
     "peak_phase",
     "peak_step",
     "peak_storage_bytes_after_first_step",
+    "peak_largest",
 )
+LARGEST = 16  # the largest storages at the peak, listed in the summary: what a category's bytes are made of
 
 
 class _Record:
@@ -185,4 +187,9 @@ class StorageTracker(TorchDispatchMode):
             "peak_phase": self.peak_phase,
             "peak_step": None if self.peak_step is None else self.peak_step + 1,  # 1: the first step
             "peak_storage_bytes_after_first_step": self.later_peak or None,
+            # [bytes, category, phase created in, step created in (1: the first)], largest first
+            "peak_largest": [
+                [record.nbytes, record.kind(), record.phase, None if record.step is None else record.step + 1]
+                for record in sorted(self._peak_records, key=lambda record: -record.nbytes)[:LARGEST]
+            ],
         }

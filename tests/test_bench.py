@@ -346,6 +346,11 @@ def test_the_callback_measures_adamw_from_its_live_tensors(tmp_path):
         parts[key] for key in ("activations", "loss_path", "temporaries", "other")
     )
     assert figures["peak_phase"] == "optimizer" and figures["peak_step"] in (1, 2, 3)
+    # The largest storages at the peak, largest first: the first layer's weight (32 x 16 fp32) is among them, a weight.
+    largest = figures["peak_largest"]
+    assert [entry[0] for entry in largest] == sorted((entry[0] for entry in largest), reverse=True)
+    assert sum(entry[0] for entry in largest) <= figures["peak_storage_bytes"]
+    assert [32 * 16 * 4, "weights"] in [entry[:2] for entry in largest]
 
 
 def test_the_callback_counts_optimizer_held_copies_as_master_weights(tmp_path):
