@@ -29,7 +29,7 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from .blockllm import BlockLLM
-from .distributed import all_reduce_sum_, check_saved_rank, rank_and_world
+from .distributed import assemble_whole, check_saved_rank, rank_and_world
 from .functional import masked_adamw_
 from .masks import pack_mask, unpack_mask
 from .selection import Block, cut_mask
@@ -143,15 +143,10 @@ class FsdpBlockLLM(BlockLLM):
         masked = [name for name in names if kept[name] < sizes[name]]
         full_grads: dict[str, torch.Tensor] = {}
         if masked:
-            device = local_shard(params[masked[0]].grad)[0].device
-            buffer = torch.zeros(sum(sizes[name] for name in masked), dtype=torch.float32, device=device)
-            start = 0
-            for name in masked:
-                shard, offset = local_shard(params[name].grad)
-                buffer.narrow(0, start + offset, shard.numel()).copy_(shard)
-                full_grads[name] = buffer.narrow(0, start, sizes[name])
-                start += sizes[name]
-            all_reduce_sum_(buffer)
+            shards = [local_shard(params[name].grad) for name in masked]
+            pieces = [(index, offset, shard) for index, (shard, offset) in enumerate(shards)]
+            whole = assemble_whole([sizes[name] for name in masked], pieces, shards[0][0].device)
+            full_grads = dict(zip(masked, whole))
         for name in names:
             param = params[name]
             weights, offset = local_shard(param.data)
