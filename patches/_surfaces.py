@@ -52,6 +52,7 @@ _TRAINER_API = (
     Surface("transformers", "Trainer._get_grad_norm", ("self", "model")),
     Surface("transformers", "Trainer", attributes=("args", "model", "model_wrapped", "optimizer", "accelerator")),
     Surface("transformers", "Trainer._save_optimizer_and_scheduler", ("self", "output_dir")),
+    Surface("transformers", "Trainer.save_model", ("self", "output_dir")),  # patches/trainer.py, _save_together
     Surface("transformers", "Trainer.add_callback", ("self", "callback")),
     Surface("transformers", "Trainer.remove_callback", ("self", "callback")),
     Surface("transformers", "TrainerCallback.on_pre_optimizer_step"),

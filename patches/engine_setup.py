@@ -11,6 +11,12 @@ Plain DDP (``FORCE_TORCHRUN=1 NPROC_PER_NODE=N llamafactory-cli train``):
   selection, ``ddp_find_unused_parameters`` is still set to true (an explicit ``false`` is refused), a static graph is
   refused, and reentrant gradient checkpointing (whose forward inside backward DDP's search for unused parameters
   cannot see) is switched to the non-reentrant kind (``use_reentrant_gc: false``) with a log line.
+* DeepSpeed ZeRO-3: reentrant gradient checkpointing is switched to the non-reentrant kind too. In the backward pass a
+  reentrant checkpoint recomputes its layer before the layer's own backward has begun, so DeepSpeed (0.19) attributes
+  the frozen weights it gathers for that recomputation to the enclosing model and releases them only when the whole
+  backward pass ends: BlockLLM freezes most tensors of every layer, so every layer's gathered frozen weights were
+  held at once. Non-reentrant checkpointing recomputes inside the layer's backward, which releases them layer by layer
+  (docs/distributed.md, "ZeRO-3 and gradient checkpointing").
 * Resuming on CPU needs torch to accept the storage location ``cpu:0`` (``blockllm_factory/hf/serialization.py``,
   registered by ``check_ddp``, shared with the Trainer front).
 
@@ -38,7 +44,7 @@ def run_engine():
 def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
     """Refuses what BlockLLM cannot serve across processes and sets what it needs; errors name the argument."""
     global _RUN_ENGINE
-    from blockllm_factory.hf.engine import DDP, check_ddp, engine_of
+    from blockllm_factory.hf.engine import check_ddp, engine_of
 
     # FSDP refused; DDP: its search for unused parameters, resume on CPU (shared with the Trainer front).
     check_ddp(training_args)
@@ -47,14 +53,20 @@ def check_distributed_setup(model_args, finetuning_args, training_args) -> None:
         from blockllm_factory.hf.deepspeed_config import prepare_deepspeed
 
         prepare_deepspeed(training_args, finetuning_args)
-        return
-    if decided.kind != DDP:
-        return
-    if not model_args.disable_gradient_checkpointing and model_args.use_reentrant_gc:
-        from llamafactory.extras import logging
+    use_non_reentrant_checkpointing(model_args, decided)
 
-        model_args.use_reentrant_gc = False
-        logging.get_logger(__name__).info_rank0(
-            "BlockLLM under DDP: `use_reentrant_gc` set to false (reentrant checkpointing hides parameters from "
-            "DDP's search for unused ones)."
-        )
+
+def use_non_reentrant_checkpointing(model_args, decided) -> None:
+    """Switches reentrant gradient checkpointing to the non-reentrant kind, with a log line, where the engine needs
+    it (:attr:`blockllm_factory.hf.engine.Engine.non_reentrant_checkpointing`: DDP and DeepSpeed ZeRO-3)."""
+    reason = decided.non_reentrant_checkpointing
+    if reason is None or model_args.disable_gradient_checkpointing or not model_args.use_reentrant_gc:
+        return
+    from llamafactory.extras import logging
+
+    from ._surfaces import PARSER
+
+    model_args.use_reentrant_gc = False
+    logging.get_logger(PARSER).info_rank0(  # under `llamafactory`, whose handler LLaMA-Factory sets: the line shows
+        f"BlockLLM under {decided.describe()}: `use_reentrant_gc` set to false ({reason})."
+    )

@@ -442,6 +442,7 @@ class BenchMetricsCallback(TrainerCallback):
     # ------------------------------------------------------------------ every storage, and a CUDA snapshot
     def _start_storages(self, model: Any) -> None:
         tracker = self.storages = StorageTracker(self.device.type)
+        tracker.names = {key: names[0] for key, names in self.param_names.items()}
         for buffer in model.buffers():
             tracker.tag(buffer, "weights")
 
@@ -538,15 +539,22 @@ class BenchMetricsCallback(TrainerCallback):
         parameters = _Storages(tracker=self.storages, category="weights")
         for param in self.params:
             parameters.add(param)
-        masters = _Storages(exclude=self.param_ptrs, tracker=self.storages, category="masters")
+            # Under DeepSpeed ZeRO-3 a parameter's storage is empty outside its module's forward and backward; what
+            # the rank holds of it is its shard, ``ds_tensor`` (views into DeepSpeed's flat buffer of the trained
+            # group's shards, or a tensor of its own).
+            shard = getattr(param, "ds_tensor", None)
+            if isinstance(shard, torch.Tensor):
+                parameters.add(shard)
+        weights = self.param_ptrs | parameters.seen  # the parameters' storages and the ZeRO-3 shards'
+        masters = _Storages(exclude=weights, tracker=self.storages, category="masters")
         held: list[Any] = []  # optimizer-held parameters that are not the model's (fp32 master copies)
         for item in self.chain:
             for group in getattr(item, "param_groups", None) or ():
                 for param in group.get("params", ()):
-                    if hasattr(param, "untyped_storage") and param.untyped_storage().data_ptr() not in self.param_ptrs:
+                    if hasattr(param, "untyped_storage") and param.untyped_storage().data_ptr() not in weights:
                         held.append(param)
                         masters.add(param)
-        states = _Storages(exclude=self.param_ptrs | masters.seen, tracker=self.storages, category="optimizer_state")
+        states = _Storages(exclude=weights | masters.seen, tracker=self.storages, category="optimizer_state")
         visited: set[int] = set()
         for item in self.chain:
             state = _state_of(item)
@@ -643,7 +651,11 @@ class BenchMetricsCallback(TrainerCallback):
             "parameter_dtypes": self.parameter_dtypes,
             # per parameter tensor: its names, size, and whether its values changed during training (None: unknown)
             "parameters": [
-                {"names": self.param_names.get(id(p), []), "numel": p.numel(), "changed": self.changed.get(id(p))}
+                {
+                    "names": self.param_names.get(id(p), []),
+                    "numel": int(getattr(p, "ds_numel", p.numel())),  # a ZeRO-3 parameter's own numel() is 0
+                    "changed": self.changed.get(id(p)),
+                }
                 for p in self.params
             ]
             if self.changed

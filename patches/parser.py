@@ -33,7 +33,11 @@ def check_training_setup(model_args, finetuning_args, training_args) -> None:
     check_optimizer_values(training_args)
     from llamafactory.extras import logging
 
-    logger = logging.get_logger(__name__)
+    from ._surfaces import PARSER
+
+    # Named as the patched module: LLaMA-Factory sets its handler and level on its own `llamafactory` logger only, so
+    # a logger named after this file would drop its info lines.
+    logger = logging.get_logger(PARSER)
     # A checkpoint whose save was interrupted, or that cannot resume exactly, is never resumed from: checkpoints.py.
     if getattr(finetuning_args, "stage", None) != "rm":  # LLaMA-Factory never resumes reward models (value head)
         from .checkpoints import check_resume_checkpoint

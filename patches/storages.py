@@ -40,7 +40,7 @@ LARGEST = 16  # the largest storages at the peak, listed in the summary: what a 
 
 
 class _Record:
-    __slots__ = ("nbytes", "phase", "step", "category", "saved", "ref")
+    __slots__ = ("nbytes", "phase", "step", "category", "saved", "ref", "name")
 
     def __init__(self, nbytes: int, phase: str, step: int | None) -> None:
         self.nbytes = nbytes
@@ -49,6 +49,7 @@ class _Record:
         self.category: str | None = None  # one of TRACKED once tagged
         self.saved = False  # saved by autograd for the backward pass
         self.ref: Any = None
+        self.name: str | None = None  # the parameter whose data it was when first seen as one (a gathered weight)
 
     def kind(self) -> str:
         if self.category is not None:
@@ -81,6 +82,9 @@ class StorageTracker(TorchDispatchMode):
         self._pending = False  # a new peak whose live set is not kept yet
         self._hooks: Any = None
         self.active = False
+        # id(parameter) -> its name, set by the callback: a storage seen as a parameter's data is listed by that name
+        # (under ZeRO-3 a gathered weight's storage is a new one at each gather)
+        self.names: dict[int, str] = {}
 
     # ------------------------------------------------------------------ counting
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -112,6 +116,8 @@ class StorageTracker(TorchDispatchMode):
                 self._keep_peak()
             self._grow(nbytes - record.nbytes)
             record.nbytes = nbytes
+        if record.name is None and self.names:
+            record.name = self.names.get(id(tensor))
         return record
 
     def _grow(self, delta: int) -> None:
@@ -187,9 +193,15 @@ class StorageTracker(TorchDispatchMode):
             "peak_phase": self.peak_phase,
             "peak_step": None if self.peak_step is None else self.peak_step + 1,  # 1: the first step
             "peak_storage_bytes_after_first_step": self.later_peak or None,
-            # [bytes, category, phase created in, step created in (1: the first)], largest first
+            # [bytes, category, phase made in, step made in (1: the first), parameter name or None], largest first
             "peak_largest": [
-                [record.nbytes, record.kind(), record.phase, None if record.step is None else record.step + 1]
+                [
+                    record.nbytes,
+                    record.kind(),
+                    record.phase,
+                    None if record.step is None else record.step + 1,
+                    record.name,
+                ]
                 for record in sorted(self._peak_records, key=lambda record: -record.nbytes)[:LARGEST]
             ],
         }

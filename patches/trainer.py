@@ -37,6 +37,27 @@ def attach(trainer, logger) -> None:
     connect(trainer, optimizer, logger, plot=bool(trainer.finetuning_args.plot_loss))
     if first:
         _record_checkpoints(trainer)
+        _save_together(trainer)
+
+
+def _save_together(trainer) -> None:
+    """Across processes, every rank leaves ``save_model`` once the model is written (LLaMA-Factory's stages call it on
+    every rank; rank 0 writes alone). A rank that went on would reach the end of its process first, and a rank that
+    aborts in torch's teardown there (a rare gloo flake, docs/distributed.md "Known flake") made torchrun stop rank 0
+    while it was still writing the model. Not installed by the Trainer front: user code may call ``save_model`` on
+    rank 0 only, where a barrier would never return."""
+    original_save = trainer.save_model
+
+    @functools.wraps(original_save)
+    def save_model_then_wait(*args, **kwargs):
+        result = original_save(*args, **kwargs)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        return result
+
+    trainer.save_model = save_model_then_wait
 
 
 def _record_checkpoints(trainer) -> None:

@@ -346,11 +346,12 @@ def test_the_callback_measures_adamw_from_its_live_tensors(tmp_path):
         parts[key] for key in ("activations", "loss_path", "temporaries", "other")
     )
     assert figures["peak_phase"] == "optimizer" and figures["peak_step"] in (1, 2, 3)
-    # The largest storages at the peak, largest first: the first layer's weight (32 x 16 fp32) is among them, a weight.
+    # The largest storages at the peak, largest first: the first layer's weight (32 x 16 fp32) is among them, a weight,
+    # listed by its parameter's name.
     largest = figures["peak_largest"]
     assert [entry[0] for entry in largest] == sorted((entry[0] for entry in largest), reverse=True)
     assert sum(entry[0] for entry in largest) <= figures["peak_storage_bytes"]
-    assert [32 * 16 * 4, "weights"] in [entry[:2] for entry in largest]
+    assert [32 * 16 * 4, "weights", "0.weight"] in [[entry[0], entry[1], entry[4]] for entry in largest]
 
 
 def test_the_callback_counts_optimizer_held_copies_as_master_weights(tmp_path):
@@ -962,6 +963,31 @@ def test_the_zero3_goal_compares_every_ranks_peak_with_badams_and_with_its_floor
     assert [goal.status for _, listed, _ in report.goals([badam, block], names) for goal in listed] == ["missed"]
     ddp = _record("blockllm", "blockllm", engine={"kind": "ddp", "world_size": 2}, ranks=ranks(900, 500))
     assert [goal.status for _, listed, _ in report.goals([badam, ddp], names) for goal in listed] == ["not measured"]
+
+
+def test_the_zero3_rank_floor_counts_one_gathered_layer_as_the_issue_does():
+    """Per rank under ZeRO-3: the weights' shard, the selection's share of master, moments and gradient, and one whole
+    layer (the largest), gathered for its forward and backward; DDP holds every weight and gathers nothing."""
+    parameters = [
+        {"names": ["model.embed_tokens.weight"], "numel": 500},
+        {"names": ["model.layers.0.mlp.up_proj.weight"], "numel": 60},
+        {"names": ["model.layers.0.input_layernorm.weight"], "numel": 4},
+        {"names": ["model.layers.1.mlp.up_proj.weight"], "numel": 90},
+        {"names": ["model.norm.weight"], "numel": 4},
+    ]
+    assert report.largest_layer(parameters) == 90 and report.largest_layer(parameters[:1]) is None
+    record = {"kind": "blockllm", "total_parameters": 1000, "eligible_parameters": 800, "sparsity": 0.95}
+    zero3 = {
+        **record,
+        "engine": {"kind": "deepspeed", "world_size": 2, "zero_stage": 3},
+        "largest_layer_parameters": 90,
+    }
+    targets = report.rank_targets(zero3, {})
+    # 4 B x 1000 / 2 + 0.05 x (4 + 8 + 4) B x 800 / 2 + 4 B x 90
+    assert targets["rank_floor_bytes"] == 2000 + 320 + 360
+    assert targets["rank_floor_formula"].endswith("+ 4 B x 90 (one gathered layer)")
+    ddp = {**record, "engine": {"kind": "ddp", "world_size": 2}, "largest_layer_parameters": 90}
+    assert report.rank_targets(ddp, {})["rank_floor_bytes"] == 4000 + 480  # 4 B x 1000 + 0.05 x (8 + 4) B x 800
 
 
 def test_goals_say_when_the_run_did_not_use_the_stated_sparsity():

@@ -351,6 +351,8 @@ def test_each_rank_reports_its_all_storage_peak_and_the_bytes_it_sent_per_step(d
     and the bytes it handed to collectives at every optimizer step (patches/collectives.py), for the report."""
     ranks = read_ranks(_metrics(distributed_runs["root"], engine_name))
     assert [rank["rank"] for rank in ranks] == [0, 1]
+    # Both engines train with non-reentrant checkpointing, and say so (Engine.non_reentrant_checkpointing).
+    assert "`use_reentrant_gc` set to false" in distributed_runs[engine_name]["log"]
     eligible = ranks[0]["eligible_parameters"]
     for rank in ranks:
         assert rank["engine"]["kind"] == ("ddp" if engine_name == "ddp" else "deepspeed")
@@ -378,6 +380,10 @@ def test_each_rank_reports_its_all_storage_peak_and_the_bytes_it_sent_per_step(d
             assert all(step >= 2 * 4 * eligible // 2 for step in sent)
             by_op = rank["collective_bytes_by_op"]
             assert by_op["_allgather_base_"] >= STEPS * 2 * 4 * eligible // 2 and by_op["_reduce_scatter_base_"] > 0
+            # Each rank holds its half of every weight as DeepSpeed's shards (ds_tensor): counted as weights, not
+            # as temporaries, in the tracked figures and at the peak.
+            assert rank["parameter_bytes"] >= 4 * eligible // 2
+            assert rank["peak_composition"]["weights"] >= 4 * eligible // 2
     # The ranks send the same, except what rank 0 broadcasts (DDP its buffers at each forward, DeepSpeed more).
     first, second = (rank["collective_bytes_per_step"] for rank in ranks)
     broadcast = ranks[0]["collective_bytes_by_op"].get("broadcast_", 0)
@@ -508,6 +514,45 @@ def test_ddp_setup_looks_for_unused_parameters_and_uses_non_reentrant_checkpoint
     assert model_args.use_reentrant_gc is False
 
 
+def test_zero3_setup_uses_non_reentrant_checkpointing_and_zero2_keeps_the_users_choice():
+    """ZeRO-3 only: reentrant recomputation makes DeepSpeed hold every gathered frozen weight to the backward's end
+    (a real ZeRO-3 run logs the switch: test_each_rank_reports_...)."""
+    from blockllm_factory.hf.engine import DEEPSPEED, SINGLE, Engine
+    from blockllm_factory.patches.engine_setup import use_non_reentrant_checkpointing
+
+    for engine, reentrant in (
+        (Engine(DEEPSPEED, 2, 3), False),
+        (Engine(DEEPSPEED, 2, 2), True),
+        (Engine(SINGLE), True),
+    ):
+        model_args = _Args(disable_gradient_checkpointing=False, use_reentrant_gc=True)
+        use_non_reentrant_checkpointing(model_args, engine)
+        assert model_args.use_reentrant_gc is reentrant, engine
+    # Without gradient checkpointing there is nothing to switch.
+    model_args = _Args(disable_gradient_checkpointing=True, use_reentrant_gc=True)
+    use_non_reentrant_checkpointing(model_args, Engine(DEEPSPEED, 2, 3))
+    assert model_args.use_reentrant_gc is True
+
+
+def test_llamafactory_trainers_leave_save_model_together_across_processes(monkeypatch):
+    """Rank 0 writes the model alone: every rank waits for it before going on (patches/trainer.py, the gloo teardown
+    flake of docs/distributed.md), and one process does not wait at all."""
+    import torch.distributed as dist
+
+    from blockllm_factory.patches.trainer import _save_together
+
+    calls = []
+    trainer = SimpleNamespace(save_model=lambda output_dir=None: calls.append(("save", output_dir)) or "saved")
+    _save_together(trainer)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda *args, **kwargs: calls.append(("barrier", None)))
+    for world, expected in ((2, [("save", "out"), ("barrier", None)]), (1, [("save", "out")])):
+        calls.clear()
+        monkeypatch.setattr(dist, "get_world_size", lambda *args, world=world: world)
+        assert trainer.save_model("out") == "saved"
+        assert calls == expected
+
+
 def test_the_engine_is_decided_once_from_the_arguments_and_every_part_reads_it(tmp_path):
     from transformers import TrainingArguments
 
@@ -549,6 +594,29 @@ def test_the_engine_is_decided_once_from_the_arguments_and_every_part_reads_it(t
 
 
 # ---------------------------------------------------------------------------------------------------- ZeRO optimizer
+def test_a_probed_slice_is_reduced_to_its_norm_at_the_steps_last_micro_step():
+    """ZeRO's probe hook outside the partitions: micro-steps add into the slice, the last one reduces it to its squared
+    norm at once (a step probing every tensor then holds one slice at a time), and a slice left over from a step that
+    never reached step() is started afresh, not added to."""
+    from blockllm_factory.optim.zero import _probe_slice_hook, _squared_norm
+
+    param = nn.Parameter(torch.zeros(3))
+    slices: dict = {}
+    hook = _probe_slice_hook(slices, "w", micro_steps=2)
+    first, second = torch.tensor([1.0, 2.0, 2.0]), torch.tensor([1.0, 0.0, 2.0])
+    param.grad = first.clone()
+    hook(param)
+    assert param.grad is None and slices["w"][0].shape == (3,) and slices["w"][1:] == [3, 1]
+    param.grad = second.clone()
+    hook(param)
+    assert slices["w"][0].dim() == 0 and slices["w"][2] == 2
+    torch.testing.assert_close(slices["w"][0], (first + second).square().sum())
+    assert _squared_norm(slices["w"][0]) is slices["w"][0]
+    param.grad = second.clone()  # the next step's first micro-step, the last one never measured
+    hook(param)
+    assert torch.equal(slices["w"][0], second) and slices["w"][2] == 1
+
+
 def _decay_groups(model: nn.Module) -> list[dict]:
     named = list(model.named_parameters())
     return [

@@ -243,6 +243,31 @@ def test_ddp_arguments_let_the_trainer_load_its_optimizer_state_on_cpu(monkeypat
     assert torch.equal(load()["moment"], torch.arange(4.0))
 
 
+@pytest.mark.parametrize(("stage", "reentrant"), [(2, True), (3, False)])
+def test_the_trainer_front_checkpoints_non_reentrantly_under_zero3(tmp_path, stage, reentrant):
+    """As the LLaMA-Factory front does (docs/distributed.md, "ZeRO-3 and gradient checkpointing"): under ZeRO-3 a
+    reentrant checkpoint would keep every gathered frozen weight to the end of the backward pass; ZeRO-1/2 keep the
+    user's choice."""
+    from types import SimpleNamespace
+
+    from blockllm_factory.hf import BlockLLMConfig
+    from blockllm_factory.hf.trainer import check_training_arguments
+
+    config = {"zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+    arguments = _training_args(tmp_path).to_dict()
+    arguments.update(
+        optim="adamw_torch",
+        deepspeed=config,
+        hf_deepspeed_config=SimpleNamespace(config=config),
+        fsdp="",
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
+    )
+    args = SimpleNamespace(**arguments)
+    check_training_arguments(args, BlockLLMConfig())
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": reentrant}
+
+
 @pytest.mark.parametrize(
     ("case", "settings"),
     [("blockllm_sparsity", {"blockllm_sparsity": 1.5}), ("blockllm_patience", {"blockllm_patience": 0})],

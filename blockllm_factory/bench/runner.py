@@ -180,6 +180,7 @@ def _record(run: Run, status: str, error: str | None, metrics: dict[str, Any], w
             "wall_time_s": round(wall, 1),
             "sparsity": sparsity,
             "trained": report.describe_trained(metrics.get("parameters")),
+            "largest_layer_parameters": report.largest_layer(metrics.get("parameters")),
         }
     )
     record["trains"] = record["trained"]["summary"] if record["trained"] else None

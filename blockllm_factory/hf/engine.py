@@ -93,6 +93,22 @@ class Engine:
         """DeepSpeed steps inside ``accelerator.backward``, before the Trainer's callbacks: the loss is fed there."""
         return self.deepspeed
 
+    @property
+    def non_reentrant_checkpointing(self) -> str | None:
+        """Why this engine needs non-reentrant gradient checkpointing (None where reentrant is fine): DDP's search for
+        unused parameters cannot see a reentrant checkpoint's forward inside the backward pass; under ZeRO-3 a
+        reentrant checkpoint recomputes its layer before the layer's backward begins, so DeepSpeed attributes the
+        frozen weights it gathers for it to the enclosing model and releases them only when the whole backward pass
+        ends (docs/distributed.md, "ZeRO-3 and gradient checkpointing")."""
+        if self.kind == DDP:
+            return "reentrant checkpointing hides parameters from DDP's search for unused ones"
+        if self.deepspeed and self.zero_stage == 3:
+            return (
+                "with reentrant checkpointing DeepSpeed keeps every frozen weight it gathers for the backward pass's "
+                "recomputation until the whole backward pass ends"
+            )
+        return None
+
     def keeps_half_precision_weights(self, dtype) -> bool:
         """Whether bf16/fp16 weights stay in half precision with BlockLLM's masters for the selection: where BlockLLM
         owns the masters, for bf16, and for fp16 only with compact gradients (an fp32 buffer the GradScaler can
@@ -152,7 +168,11 @@ def blockllm_optimizer_class(training_args):
         from blockllm_factory.optim.zero import ZeroBlockLLM
 
         # The optimizer clips over the selected blocks itself; DeepSpeed's clipping is off (see deepspeed_config.py).
-        options = {"max_grad_norm": float(training_args.max_grad_norm or 0.0)}
+        options = {
+            "max_grad_norm": float(training_args.max_grad_norm or 0.0),
+            # a probed gradient's slice is reduced to its norm at the step's last backward pass
+            "micro_steps": max(1, int(getattr(training_args, "gradient_accumulation_steps", 1) or 1)),
+        }
         if decided.rebuilds_partitions:
             from .zero3 import Zero3Partitions
             from .zero12 import Zero12Partitions  # handed DeepSpeed's engine by the wiring (hf/wiring.py)

@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from .config import BlockLLMConfig
 from .deepspeed_config import prepare_deepspeed
-from .engine import DDP, check_ddp, check_optim, check_optimizer_values, engine_of
+from .engine import check_ddp, check_optim, check_optimizer_values, engine_of
 from .optimizer import build_optimizer
 from .serialization import check_state_files
 from .wiring import connect, find_blockllm, rank0_logger
@@ -25,19 +25,22 @@ logger = rank0_logger(__name__)
 
 def check_training_arguments(args, config: BlockLLMConfig) -> None:
     """Refuses the training arguments BlockLLM cannot serve through the Trainer front, naming the argument; sets what
-    BlockLLM needs under DeepSpeed (its clipping off: BlockLLM clips) and DDP (DDP's search for unused parameters,
-    non-reentrant gradient checkpointing)."""
+    BlockLLM needs under DeepSpeed (its clipping off: BlockLLM clips) and DDP (DDP's search for unused parameters), and
+    non-reentrant gradient checkpointing under DDP and ZeRO-3 (``Engine.non_reentrant_checkpointing``)."""
     check_optim(args, METHOD)
     check_optimizer_values(args)  # the YAML path's messages: `learning_rate` must be ..., not `lr`
     check_ddp(args, METHOD)
     decided = engine_of(args)  # decided once for these arguments; the optimizer and the wiring read the same
     if decided.deepspeed:
         prepare_deepspeed(args, config, METHOD)
-    elif decided.kind == DDP and args.gradient_checkpointing:
+    reason = decided.non_reentrant_checkpointing  # DDP and ZeRO-3: the engine says why
+    if reason is not None and args.gradient_checkpointing:
         kwargs = dict(args.gradient_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant", False):
-            # Reentrant checkpointing runs the forward again inside backward, where DDP's search cannot see it.
-            logger.info_rank0("BlockLLM under DDP: gradient checkpointing switched to `use_reentrant: False`.")
+            logger.info_rank0(
+                f"BlockLLM under {decided.describe()}: gradient checkpointing switched to `use_reentrant: False` "
+                f"({reason})."
+            )
         args.gradient_checkpointing_kwargs = {**kwargs, "use_reentrant": False}
 
 

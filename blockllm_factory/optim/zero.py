@@ -135,11 +135,18 @@ class ZeroBlockLLM(BlockLLM):
     """
 
     def __init__(
-        self, params, max_grad_norm: float = 0.0, partitions: PartitionRebuilder | None = None, **kwargs: Any
+        self,
+        params,
+        max_grad_norm: float = 0.0,
+        partitions: PartitionRebuilder | None = None,
+        micro_steps: int = 1,
+        **kwargs: Any,
     ) -> None:
         self._partitions: PartitionRebuilder | None = None  # set after BlockLLM's set-up (which arranges once)
         if not max_grad_norm >= 0.0:
             raise invalid_value("max_grad_norm", "a number >= 0 (0: no clipping)", max_grad_norm)
+        if not (isinstance(micro_steps, int) and micro_steps >= 1):
+            raise invalid_value("micro_steps", "an integer >= 1 (backward passes per optimizer step)", micro_steps)
         # What DeepSpeed's partitions cannot serve, refused before BlockLLM's own checks (settings.py).
         if kwargs.get("compact_gradients"):
             raise invalid_value(
@@ -167,7 +174,9 @@ class ZeroBlockLLM(BlockLLM):
         # With ``partitions``: the engine's partitions hold the tensors with selected blocks only; probed
         # tensors outside them are measured by this optimizer's hooks (reduce-scattered, this rank's slice kept).
         self._probe_handles_outside: list[Any] = []
-        self._probe_slices: dict[str, tuple[torch.Tensor, int]] = {}
+        # name -> [this rank's summed slice (its squared norm after the step's last micro-step), numel, micro-steps]
+        self._probe_slices: dict[str, list[Any]] = {}
+        self.micro_steps = micro_steps
         self._pending_shards: dict[str, torch.Tensor] = {}
         self._partition_names: list[str] = []
         if partitions is not None:
@@ -255,7 +264,7 @@ class ZeroBlockLLM(BlockLLM):
         self._probe_slices.clear()
         for name in self.probed_blocks:
             if name not in wanted:
-                hook = _probe_slice_hook(self._probe_slices, name)
+                hook = _probe_slice_hook(self._probe_slices, name, self.micro_steps)
                 self._probe_handles_outside.append(params[name].register_post_accumulate_grad_hook(hook))
 
     # ------------------------------------------------------------------ measurement and update on fragments
@@ -271,8 +280,8 @@ class ZeroBlockLLM(BlockLLM):
         self._probe_slices.clear()  # the hooks hold this dict
         for name in dict.fromkeys([*selected, *self.probed_blocks]):
             if name in probed_outside:  # the summed slice of this rank, averaged over ranks as DeepSpeed averages
-                values, numel = probed_outside[name]
-                squared_norms[name] = torch.linalg.vector_norm(values, dtype=torch.float32).square() / world**2
+                values, numel, _ = probed_outside[name]
+                squared_norms[name] = _squared_norm(values) / world**2
                 shares[name] = numel / sizes[name]
                 continue
             fragment = fragments.get(name)
@@ -430,11 +439,21 @@ class ZeroBlockLLM(BlockLLM):
         return [settings], states
 
 
-def _probe_slice_hook(slices: dict[str, tuple[torch.Tensor, int]], name: str):
+def _squared_norm(values: torch.Tensor) -> torch.Tensor:
+    """A slice's squared norm in fp32 (a 0-dim tensor already is one: the hook reduced it at the last micro-step)."""
+    if values.dim() == 0:
+        return values
+    return torch.linalg.vector_norm(values, dtype=torch.float32).square()
+
+
+def _probe_slice_hook(slices: dict[str, list[Any]], name: str, micro_steps: int = 1):
     """Post-accumulate-grad hook of a probed tensor outside the engine's partitions: its gradient is summed across
     ranks into this rank's slice (one reduce-scatter, as DeepSpeed reduces the gradients it owns), added to what the
     step's earlier micro-steps left there, and freed. Rank r keeps coordinates [r * p, (r + 1) * p), p = ceil(n /
-    world)."""
+    world). At the step's last micro-step (``micro_steps`` backward passes a step) the slice is reduced to its squared
+    norm at once, so that a step probing many tensors (the first probes them all) holds one slice at a time rather
+    than a slice of every probed tensor until the step; a tensor that got fewer gradients keeps its slice, and the
+    step reduces it."""
 
     def hook(param: torch.Tensor) -> None:
         grad, param.grad = param.grad, None
@@ -454,9 +473,12 @@ def _probe_slice_hook(slices: dict[str, tuple[torch.Tensor, int]], name: str):
             dist.reduce_scatter_tensor(piece, padded, op=dist.ReduceOp.SUM)
             piece = piece.float()
         held = slices.get(name)
-        if held is None:
-            slices[name] = (piece if piece.data_ptr() != flat.data_ptr() else piece.clone(), numel)
+        if held is None or held[0].dim() == 0:  # a reduced one is of a step that never reached step() (e.g. skipped)
+            held = slices[name] = [piece if piece.data_ptr() != flat.data_ptr() else piece.clone(), numel, 0]
         else:
             held[0].add_(piece)
+        held[2] += 1
+        if held[2] == micro_steps:
+            held[0] = _squared_norm(held[0])
 
     return hook
