@@ -109,12 +109,16 @@ def parse_logged(tiny_llamafactory_assets, tmp_path_factory):
                     records.append(record.getMessage())
 
         handler = Collect()
-        logger = logging.getLogger("blockllm_factory")
-        logger.addHandler(handler)
+        # The parse-time patches log under LLaMA-Factory's own logger (patches/parser.py), the optimizer factory under
+        # blockllm_factory's.
+        loggers = [logging.getLogger("blockllm_factory"), logging.getLogger("llamafactory")]
+        for logger in loggers:
+            logger.addHandler(handler)
         try:
             parse_args(tiny_llamafactory_assets, output_dir, **overrides)
         finally:
-            logger.removeHandler(handler)
+            for logger in loggers:
+                logger.removeHandler(handler)
         return records
 
     return run
