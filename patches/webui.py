@@ -45,7 +45,12 @@ def apply_top(module) -> None:
 
 # The numeric settings the panel shows as sliders: (minimum, maximum, step). A new numeric setting names its range here
 # (widget_spec refuses one that does not); every other kind of widget follows from the settings table.
-SLIDERS = {"sparsity": (0, 0.995, 0.005), "probe_blocks": (0, 64, 1), "coverage": (1, 16, 0.5)}
+SLIDERS = {
+    "sparsity": (0, 0.995, 0.005),
+    "probe_blocks": (0, 64, 1),
+    "coverage": (1, 16, 0.5),
+    "reselect_warmup": (0, 100, 1),
+}
 # Settings the runner reads only when another setting has a value: probe_blocks serves the sampled probe only.
 READ_ONLY_WITH = {"probe_blocks": ("probe", "sample")}
 PANEL_ROW = 6  # elements per row of the accordion ("Use BlockLLM" first)

@@ -148,6 +148,44 @@ BLOCKLLM_LOCALES: dict[str, dict[str, dict[str, str]]] = {
             "info": "1（既定、論文）: 予算分のブロック。c > 1: c 倍のブロック、各上位 1/c。",
         },
     },
+    "blockllm_reselect_warmup": {
+        "en": {
+            "label": "Warm-up after reselection",
+            "info": "0 (default, paper): none; W: a new selection's rate ramps up over its first W steps.",
+        },
+        "ru": {
+            "label": "Разогрев после перевыбора",
+            "info": "0 (по умолчанию, статья): нет; W: темп нового выбора растёт за первые W шагов.",
+        },
+        "zh": {"label": "重选后预热", "info": "0（默认，论文）：无；W：新选择的学习率在前 W 步线性升高。"},
+        "ko": {
+            "label": "재선택 후 워밍업",
+            "info": "0(기본값, 논문): 없음; W: 새 선택의 학습률이 처음 W 스텝 동안 증가.",
+        },
+        "ja": {
+            "label": "再選択後のウォームアップ",
+            "info": "0（既定、論文）: なし。W: 新しい選択の学習率を最初の W ステップで上げる。",
+        },
+    },
+    "blockllm_reselect_until": {
+        "en": {
+            "label": "Reselect until",
+            "info": "0 (default, paper): no limit; N: last step that may reselect; 0.75: not in the last quarter.",
+        },
+        "ru": {
+            "label": "Перевыбор до",
+            "info": "0 (по умолч., статья): без предела; N: последний шаг перевыбора; 0.75: не в последней четверти.",
+        },
+        "zh": {"label": "重选截止", "info": "0（默认，论文）：不限；N：最后可重选的步；0.75：最后四分之一不重选。"},
+        "ko": {
+            "label": "재선택 마감",
+            "info": "0(기본값, 논문): 제한 없음; N: 재선택 가능한 마지막 스텝; 0.75: 마지막 1/4 제외.",
+        },
+        "ja": {
+            "label": "再選択の期限",
+            "info": "0（既定、論文）: 無制限。N: 再選択できる最後のステップ。0.75: 最後の四分の一は再選択しない。",
+        },
+    },
     "blockllm_master": {
         "en": {
             "label": "Masters",

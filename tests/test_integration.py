@@ -341,7 +341,9 @@ def test_frozen_norms_never_train(llamafactory_train, tiny_llamafactory_assets):
 
 def test_patience_as_a_share_of_a_run_given_in_epochs(llamafactory_train):
     # No max_steps: the Trainer computes the run's steps from the epochs and the data before it creates the optimizer.
-    result = llamafactory_train({"max_steps": -1, "num_train_epochs": 1, "blockllm_patience": 0.25}, name="share")
+    # The reselection settings ride along: a share of the run resolved the same way, and a warm-up, both logged.
+    overrides = {"blockllm_patience": 0.25, "blockllm_reselect_until": 0.5, "blockllm_reselect_warmup": 2}
+    result = llamafactory_train({"max_steps": -1, "num_train_epochs": 1, **overrides}, name="share")
     assert_ok(result)
     (total,) = {
         int(steps.replace(",", "")) for steps in re.findall(r"Total optimization steps = ([\d,]+)", result.log)
@@ -350,3 +352,6 @@ def test_patience_as_a_share_of_a_run_given_in_epochs(llamafactory_train):
     assert total > 4
     assert f"`blockllm_patience: 0.25` of {total} optimizer steps is {steps} steps" in result.log
     assert f"Using BlockLLM optimizer: sparsity 0.95, patience {steps}," in result.log
+    until = round(0.5 * total)
+    assert f"`blockllm_reselect_until: 0.5` of {total} optimizer steps is {until} steps" in result.log
+    assert f"reselections until step {until}, warm-up after reselection 2 steps," in result.log

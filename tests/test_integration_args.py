@@ -25,6 +25,8 @@ DEFAULTS_AND_VALUES = {
     "block_size": ("head", 0),
     "norms": ("select", "always"),
     "coverage": (1.0, 4.0),
+    "reselect_warmup": (0, 5),
+    "reselect_until": (0, 90),
     "master": ("fp32", "compensated"),
 }
 
@@ -109,6 +111,8 @@ BAD_VALUES = [
     ("score", "size"),
     ("block_size", -1),
     ("coverage", 0.5),
+    ("reselect_warmup", -1),
+    ("reselect_until", -1),
     ("block_size", 0.5),
     ("norms", "train"),
     ("master", "fp16"),

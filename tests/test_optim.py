@@ -171,6 +171,61 @@ def test_no_reselection_while_loss_keeps_falling():
     assert optimizer.selection["reselections"] == 0
 
 
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
+def test_reselect_warmup_ramps_only_the_updates_after_a_reselection(compact):
+    """``reselect_warmup=W``: the first selection is untouched (bit for bit), and the k-th update of a later selection
+    moves the weights k/W as far as without the ramp (same weights, gradients and fresh moments until then)."""
+    warmup = 4
+    torch.manual_seed(0)
+    models = {0: TinyLM()}
+    models[warmup] = copy.deepcopy(models[0])
+    settings = {"lr": 1e-2, "sparsity": 0.9, "patience": 3, "compact_gradients": compact}
+    optimizers = {
+        value: BlockLLM(model.named_parameters(), reselect_warmup=value, **settings) for value, model in models.items()
+    }
+    batches = make_batches(30)
+    offsets = [float(value) for value in torch.rand(30, generator=torch.Generator().manual_seed(1))]
+    before = {}
+    for index, tokens in enumerate(batches):
+        before = {value: flat_params(model) for value, model in models.items()}
+        for value in (0, warmup):
+            train_step(models[value], optimizers[value], tokens, loss_offset=offsets[index])
+        steps = [state["step"] for state in optimizers[0].state.values() if "step" in state]
+        if optimizers[0].selection["reselections"] and steps and max(steps) == 1:
+            break  # the first update of the second selection has just run
+        for name, param in models[0].named_parameters():  # first selection: the ramp never applies
+            assert torch.equal(param, dict(models[warmup].named_parameters())[name]), (index, name)
+    else:
+        pytest.fail("no reselection in 30 steps")
+    assert optimizers[warmup].selection["names"] == optimizers[0].selection["names"]
+    moved = 0
+    for name, param in models[0].named_parameters():
+        plain = param.detach() - before[0][name]
+        ramped = dict(models[warmup].named_parameters())[name].detach() - before[warmup][name]
+        assert torch.equal(ramped != 0, plain != 0), name
+        torch.testing.assert_close(ramped, plain / warmup, rtol=1e-4, atol=1e-7)
+        moved += int((plain != 0).sum())
+    assert moved > 0
+    assert optimizers[warmup].param_groups[0]["lr"] == 1e-2  # the group's rate, as the scheduler sees it, unchanged
+
+
+def test_reselect_until_keeps_the_selection_after_that_step():
+    """The loss rule fires under a noisy loss; with ``reselect_until=N`` no selection is made after step N, and up to
+    it the run is the one without the limit."""
+    runs = {}
+    for until in (0, 12):
+        torch.manual_seed(0)
+        model = TinyLM()
+        optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, patience=3, reselect_until=until)
+        noise = torch.Generator().manual_seed(1)
+        for tokens in make_batches(40):
+            train_step(model, optimizer, tokens, loss_offset=float(torch.rand((), generator=noise)))
+        runs[until] = [event["step"] for event in optimizer.selection_events]
+    assert any(step > 12 for step in runs[0])  # without the limit it reselects later too
+    assert runs[12] == [step for step in runs[0] if step <= 12] and len(runs[12]) > 1
+    assert max(runs[12]) <= 12
+
+
 def test_visit_frequency_changes_the_pick():
     names = ["a", "b", "c"]
     norms = {"a": 3.0, "b": 2.0, "c": 1.0}

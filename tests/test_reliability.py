@@ -563,10 +563,10 @@ def _not_blockllm_trainer():
 
 
 def _patience_share_without_run_length():
-    from blockllm_factory.hf.optimizer import resolve_patience
+    from blockllm_factory.hf.optimizer import resolve_steps
 
     # The factory called outside a Trainer (which tells it the run's steps), on a run given in epochs.
-    resolve_patience(0.1, SimpleNamespace(max_steps=-1), logger=None)
+    resolve_steps("patience", 0.1, SimpleNamespace(max_steps=-1), logger=None)
 
 
 _ZERO2 = {"zero_optimization": {"stage": 2}}  # a DeepSpeed config as a dict: the engine decision reads its stage
@@ -593,6 +593,8 @@ def _cases(assets, tmp_path, monkeypatch):
         "blockllm_block_size": parse(blockllm_block_size=-1),
         "blockllm_norms": parse(blockllm_norms="train"),
         "blockllm_coverage": parse(blockllm_coverage=0.5),
+        "blockllm_reselect_warmup": parse(blockllm_reselect_warmup=-1),
+        "blockllm_reselect_until": parse(blockllm_reselect_until=-1),
         "blockllm_master": parse(blockllm_master="fp16"),
         "deepspeed_master": lambda: check_distributed_setup(
             None,

@@ -5,11 +5,12 @@ Shared by both fronts: LLaMA-Factory's optimizer factory (``patches/optimizer.py
 lr, betas, eps and weight decay come from the training arguments, and the parameters the caller names as not decayed
 (biases and norm weights) go in a group without weight decay. Every parameter that requires grad is handed over,
 although BlockLLM freezes most of them at its first step; HF schedulers then drive ``param_groups[i]["lr"]`` as for
-any torch optimizer. Two YAML-only values become numbers here: ``blockllm_block_size: head`` (from the model's
-config) and a ``blockllm_patience`` in (0, 1) (that share of the run's optimizer steps, which the Trainer knows).
+any torch optimizer. YAML-only values become numbers here: ``blockllm_block_size: head`` (from the model's config)
+and a ``blockllm_patience`` or ``blockllm_reselect_until`` in (0, 1) (that share of the run's optimizer steps, which
+the Trainer knows).
 """
 
-from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD, YAML_SETTINGS, steps_from_share
+from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD, SETTINGS, YAML_SETTINGS, steps_from_share
 
 from .engine import blockllm_optimizer_class, engine_of, optim_bits
 
@@ -49,24 +50,22 @@ def resolve_block_size(block_size, model, deepspeed_zero: bool, logger) -> int:
     return size
 
 
-def resolve_patience(patience, training_args, logger, total_steps: int | None = None) -> int:
-    """``blockllm_patience`` as optimizer steps: an integer stays; a share in (0, 1) becomes that share of the run's
-    steps (``total_steps``, the Trainer's, else ``max_steps``), logged once; refused when the run's length is
-    unknown."""
-    if isinstance(patience, int):
-        return patience
+def resolve_steps(name: str, value, training_args, logger, total_steps: int | None = None) -> int:
+    """A setting that also takes a share of the run (``blockllm_patience``, ``blockllm_reselect_until``) as optimizer
+    steps: an integer stays; a share in (0, 1) becomes that share of the run's steps (``total_steps``, the Trainer's,
+    else ``max_steps``), logged once; refused when the run's length is unknown."""
+    if isinstance(value, int):
+        return value
+    field = SETTINGS[name].field
     if not (isinstance(total_steps, int) and total_steps > 0):
         total_steps = training_args.max_steps if getattr(training_args, "max_steps", -1) > 0 else None
     if total_steps is None:
         raise ValueError(
-            f"`blockllm_patience: {patience}` is a share of the run, but the run's number of optimizer steps is not "
-            "known where the optimizer is created; set `max_steps`, or give `blockllm_patience` as a number of "
-            "optimizer steps (an integer >= 1)."
+            f"`{field}: {value}` is a share of the run, but the run's number of optimizer steps is not known where "
+            f"the optimizer is created; set `max_steps`, or give `{field}` as {SETTINGS[name].allowed}."
         )
-    steps = steps_from_share(patience, total_steps)
-    logger.info_rank0(
-        f"BlockLLM patience: `blockllm_patience: {patience}` of {total_steps:,} optimizer steps is {steps} steps."
-    )
+    steps = steps_from_share(value, total_steps)
+    logger.info_rank0(f"BlockLLM {name}: `{field}: {value}` of {total_steps:,} optimizer steps is {steps} steps.")
     return steps
 
 
@@ -87,10 +86,13 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
     # DeepSpeed ZeRO wraps a variant that works on its partitions (see engine.py, optim/zero.py).
     decided = engine_of(training_args)
     block_size = resolve_block_size(settings.blockllm_block_size, model, decided.deepspeed, logger)
-    patience = resolve_patience(settings.blockllm_patience, training_args, logger, total_steps)
-    # Every YAML setting flows through by name from the settings table; two are resolved to numbers above.
+    patience = resolve_steps("patience", settings.blockllm_patience, training_args, logger, total_steps)
+    reselect_until = resolve_steps(
+        "reselect_until", settings.blockllm_reselect_until, training_args, logger, total_steps
+    )
+    # Every YAML setting flows through by name from the settings table; three are resolved to numbers above.
     blockllm_settings = {setting.name: getattr(settings, setting.field) for setting in YAML_SETTINGS}
-    blockllm_settings.update(block_size=block_size, patience=patience)
+    blockllm_settings.update(block_size=block_size, patience=patience, reselect_until=reselect_until)
     optimizer = blockllm_optimizer_class(training_args)(
         [group for group in param_groups if group["params"]],
         lr=training_args.learning_rate,
@@ -108,7 +110,9 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
     logger.info_rank0(
         f"Using BlockLLM optimizer: sparsity {settings.blockllm_sparsity}, patience {patience}, probe "
         f"{settings.blockllm_probe}{probed}, score "
-        f"{settings.blockllm_score}, blocks of {blocks}, coverage {settings.blockllm_coverage}, norms "
+        f"{settings.blockllm_score}, blocks of {blocks}, coverage {settings.blockllm_coverage}, "
+        f"reselections {f'until step {reselect_until}' if reselect_until else 'whenever the loss rule fires'}, "
+        f"warm-up after reselection {settings.blockllm_reselect_warmup} steps, norms "
         f"{settings.blockllm_norms}, "
         f"budget {optimizer.budget:,} of "
         f"{optimizer.eligible_numel:,} coordinates per step; "

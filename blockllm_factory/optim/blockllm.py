@@ -125,6 +125,16 @@ class BlockLLM(Optimizer):
             rounded. ``"compensated"``: a compensation buffer in the weights' dtype (2 bytes a coordinate): each step
             updates weight + compensation in fp32, writes the rounded weight and keeps the rounding error as the new
             compensation (Kahan-style summation, as torch-optimi does). fp32 weights need neither.
+        coverage: how many budgets' worth of blocks a selection picks in rank order: 1 (the paper) fills the budget
+            with whole blocks; c > 1 picks blocks until c budgets are filled and keeps the top 1/c of each block's
+            coordinates by gradient magnitude (the same budget over c times as many blocks).
+        reselect_warmup: W > 0 ramps the learning rate of every selection after the first linearly over its first W
+            updates (its k-th update uses k/W of the group's rate, for k < W): the moments of a new selection start
+            from zero, so without it Adam's first updates of the new blocks are full-size steps in the gradient's
+            sign. 0 (the paper): no ramp. The first selection follows the scheduler's warm-up alone.
+        reselect_until: N > 0: the last optimizer step (counted from 1) at which the loss rule may revisit the
+            selection; the selection then stays to the end of the run (with ``probe="exact"`` a rule fired at step N
+            still reselects at N + 1, after its measuring step). 0 (the paper): no limit.
 
     Engines and subclasses: what an engine adapter (DDP's communication hook, ``distributed.py``; the Trainer wiring)
     may use is listed once, in ``interface.py`` (:class:`~blockllm_factory.optim.interface.BlockLLMEngine`), and so are
@@ -154,6 +164,8 @@ class BlockLLM(Optimizer):
         norms: str = DEFAULTS["norms"],
         master: str = DEFAULTS["master"],
         coverage: float = DEFAULTS["coverage"],
+        reselect_warmup: int = DEFAULTS["reselect_warmup"],
+        reselect_until: int = DEFAULTS["reselect_until"],
     ) -> None:
         # Every argument is checked before any parameter or state is touched (settings.py: one message per setting;
         # the keywords are the table's settings, a test compares them).
@@ -181,6 +193,8 @@ class BlockLLM(Optimizer):
         self.norms = norms
         self.master = master
         self.coverage = float(coverage)
+        self.reselect_warmup = reselect_warmup
+        self.reselect_until = reselect_until
 
         self._param_by_name: dict[str, torch.nn.Parameter] = {}
         # Parameter name -> index of its group: torch's load_state_dict replaces the group dicts, not their order.
@@ -421,6 +435,8 @@ class BlockLLM(Optimizer):
 
         fired = self._loss_rule(mean_loss) if mean_loss is not None else self._no_loss_rule()
         self._run.step += 1
+        if self.reselect_until and self._run.step > self.reselect_until:
+            fired = False  # the loss rule keeps its window; the selection stays to the end of the run
         if not self._run.selected:
             self._reselect("initial")
         elif self._run.reselect_after_probe:
@@ -539,7 +555,14 @@ class BlockLLM(Optimizer):
                 )
             )
         carrier_grad = None if self.gradient_carrier is None else self.gradient_carrier.grad
-        flat_states.update_(items, self.param_groups, carrier_grad)
+        flat_states.update_(items, self.param_groups, self.update_lr, carrier_grad)
+
+    def update_lr(self, group: dict[str, Any], step: int) -> float:
+        """The rate of a selected tensor's ``step``-th update since its selection (from 1): the group's, ramped over
+        the first ``reselect_warmup`` updates of a selection after the first. Every engine's update reads it."""
+        if self.reselect_warmup and self._run.reselections and step < self.reselect_warmup:
+            return group["lr"] * step / self.reselect_warmup
+        return group["lr"]
 
     @staticmethod
     def _block_numel(param: torch.nn.Parameter) -> int:

@@ -142,20 +142,24 @@ class FlatStates:
             state[key] = view
 
     def update_(
-        self, items: list[Item], groups: list[dict[str, Any]], carrier_grad: torch.Tensor | None = None
+        self,
+        items: list[Item],
+        groups: list[dict[str, Any]],
+        lr: Callable[[dict[str, Any], int], float],
+        carrier_grad: torch.Tensor | None = None,
     ) -> None:
         """The AdamW step of ``items``: one chain per chunk of tensors that are adjacent in a class and share a step
-        count (all of a class, except after a skipped first step or a tensor without gradient). ``carrier_grad``
-        holds the compact gradients at the slots' offsets."""
+        count (all of a class, except after a skipped first step or a tensor without gradient). ``lr(group, step)``
+        is the rate of a chunk's update; ``carrier_grad`` holds the compact gradients at the slots' offsets."""
         items = sorted(items, key=lambda item: self.slots[item.name].start)
         chunk: list[Item] = []
         for item in items:
             if chunk and not self._extends(chunk, item):
-                self._update_chunk(chunk, groups, carrier_grad)
+                self._update_chunk(chunk, groups, lr, carrier_grad)
                 chunk = []
             chunk.append(item)
         if chunk:
-            self._update_chunk(chunk, groups, carrier_grad)
+            self._update_chunk(chunk, groups, lr, carrier_grad)
 
     def _extends(self, chunk: list[Item], item: Item) -> bool:
         last, slot = self.slots[chunk[-1].name], self.slots[item.name]
@@ -169,7 +173,11 @@ class FlatStates:
         )
 
     def _update_chunk(
-        self, chunk: list[Item], groups: list[dict[str, Any]], carrier_grad: torch.Tensor | None
+        self,
+        chunk: list[Item],
+        groups: list[dict[str, Any]],
+        lr: Callable[[dict[str, Any], int], float],
+        carrier_grad: torch.Tensor | None,
     ) -> None:
         first = self.slots[chunk[0].name]
         key, owner = first.key, self.classes[first.key]
@@ -221,7 +229,7 @@ class FlatStates:
             exp_avg,
             exp_avg_sq,
             step=chunk[0].state["step"],
-            lr=group["lr"],
+            lr=lr(group, chunk[0].state["step"]),
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],

@@ -129,7 +129,7 @@ class FsdpBlockLLM(BlockLLM):
                 mask,
                 state.get("master"),
                 step=state["step"],
-                lr=group["lr"],
+                lr=self.update_lr(group, state["step"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],

@@ -245,6 +245,29 @@ _SETTINGS = (
         "until the budget is filled) or c > 1 (blocks until c budgets are filled, each keeping its top 1/c "
         "coordinates by gradient magnitude: the same budget spread over c times as many blocks).",
     ),
+    Setting(
+        "reselect_warmup",
+        int,
+        0,
+        "an integer >= 0 (optimizer steps)",
+        _integer_at_least(0),
+        "Optimizer steps W over which a new selection's learning rate ramps up after a reselection: its k-th update "
+        "uses k/W of the rate for k < W (its moments start from zero, so Adam's first steps are full-size steps in "
+        "the gradient's sign). 0 (the default and the paper): none. The first selection is left to the run's own "
+        "warm-up (`warmup_steps`).",
+    ),
+    Setting(
+        "reselect_until",
+        int,
+        0,
+        "an integer >= 0 (the last optimizer step that may reselect; 0: no limit)",
+        _integer_at_least(0),
+        "The last optimizer step at which the loss rule may revisit the selection; later the selection stays to the "
+        "end of the run (a new selection late in a decaying schedule starts from zero moments at a rate too small to "
+        "move it). An integer N >= 1 is a step; a number in (0, 1) is that share of the run's optimizer steps (0.75: "
+        "no reselection in the last quarter). 0 (the default and the paper): no limit.",
+        share_of_run=True,
+    ),
     _choice(
         "master",
         MASTERS,

@@ -334,7 +334,7 @@ class ZeroBlockLLM(BlockLLM):
                 mask,
                 None,
                 step=state["step"],
-                lr=group["lr"],
+                lr=self.update_lr(group, state["step"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
