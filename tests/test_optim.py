@@ -185,7 +185,7 @@ def test_reselect_warmup_ramps_only_the_updates_after_a_reselection(compact):
     }
     batches = make_batches(30)
     offsets = [float(value) for value in torch.rand(30, generator=torch.Generator().manual_seed(1))]
-    before = {}
+    ramped_params = dict(models[warmup].named_parameters())
     for index, tokens in enumerate(batches):
         before = {value: flat_params(model) for value, model in models.items()}
         for value in (0, warmup):
@@ -194,14 +194,14 @@ def test_reselect_warmup_ramps_only_the_updates_after_a_reselection(compact):
         if optimizers[0].selection["reselections"] and steps and max(steps) == 1:
             break  # the first update of the second selection has just run
         for name, param in models[0].named_parameters():  # first selection: the ramp never applies
-            assert torch.equal(param, dict(models[warmup].named_parameters())[name]), (index, name)
+            assert torch.equal(param, ramped_params[name]), (index, name)
     else:
         pytest.fail("no reselection in 30 steps")
     assert optimizers[warmup].selection["names"] == optimizers[0].selection["names"]
     moved = 0
     for name, param in models[0].named_parameters():
         plain = param.detach() - before[0][name]
-        ramped = dict(models[warmup].named_parameters())[name].detach() - before[warmup][name]
+        ramped = ramped_params[name].detach() - before[warmup][name]
         assert torch.equal(ramped != 0, plain != 0), name
         torch.testing.assert_close(ramped, plain / warmup, rtol=1e-4, atol=1e-7)
         moved += int((plain != 0).sum())
