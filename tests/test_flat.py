@@ -9,7 +9,6 @@ from test_optim import TinyLM, assert_resume_is_bit_identical, lm_loss, make_bat
 from blockllm_factory.optim import BlockLLM
 from blockllm_factory.optim.flat import COMPENSATION_KEY
 from blockllm_factory.optim.functional import masked_adamw_
-from blockllm_factory.optim.masks import unpack_mask
 from blockllm_factory.optim.quantization import decode_moments_into, encode_moments_from
 
 
@@ -22,7 +21,7 @@ def _two_groups(model: torch.nn.Module) -> list[dict]:
     ]
 
 
-def _per_tensor_step(param, state, grad, compact, group) -> tuple[torch.Tensor, dict]:
+def _per_tensor_step(param, state, mask, grad, compact, group) -> tuple[torch.Tensor, dict]:
     """The per-tensor update (functional.masked_adamw_, 8-bit moments decoded and encoded per tensor), on copies."""
     data, state = param.detach().clone(), copy.deepcopy(state)
     quantized = "exp_avg_q" in state
@@ -37,7 +36,7 @@ def _per_tensor_step(param, state, grad, compact, group) -> tuple[torch.Tensor, 
         grad,
         state["exp_avg"],
         state["exp_avg_sq"],
-        unpack_mask(state["mask"], param.numel()) if "mask" in state else None,
+        mask,
         state.get("master"),
         compensation=state.get(COMPENSATION_KEY),
         compact_grad=compact,
@@ -84,7 +83,9 @@ def test_flat_update_is_bit_identical_to_the_per_tensor_update(dtype, options):
     for name, param in params.items():
         if optimizer.state.get(param):
             grad = optimizer.compact_gradient(name) if compact else param.grad
-            expected[name] = _per_tensor_step(param, optimizer.state[param], grad.clone(), compact, groups[name])
+            expected[name] = _per_tensor_step(
+                param, optimizer.state[param], optimizer.coordinate_mask(name), grad.clone(), compact, groups[name]
+            )
     optimizer.step()
 
     assert len(expected) >= 4 and optimizer.selection["reselections"] == 0

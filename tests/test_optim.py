@@ -143,7 +143,8 @@ def test_bf16_weights_keep_fp32_master_only_for_selected_coordinates():
     for name in optimizer.selection["names"]:
         param = dict(model.named_parameters())[name]
         state = optimizer.state[param]
-        mask = unpack_mask(state["mask"], param.numel()) if "mask" in state else torch.ones(param.numel(), dtype=bool)
+        mask = optimizer.coordinate_mask(name)
+        mask = torch.ones(param.numel(), dtype=bool) if mask is None else mask
         assert torch.equal(param.detach().view(-1)[mask], state["master"].to(torch.bfloat16))
 
 
@@ -567,6 +568,15 @@ def test_mask_packing_round_trip():
         bits = pack_mask(mask)
         assert bits.numel() == math.ceil(numel / 8)
         assert torch.equal(unpack_mask(bits, numel), mask)
+    # Over the spans of a tensor's selected blocks only: the bits cover the spans, the coordinates outside read False.
+    mask = torch.rand(1000, generator=generator) > 0.5
+    ranges = [(0, 64), (128, 200), (600, 1000)]
+    inside = torch.zeros(1000, dtype=torch.bool)
+    for start, stop in ranges:
+        inside[start:stop] = True
+    bits = pack_mask(mask, ranges)
+    assert bits.numel() == math.ceil((64 + 72 + 400) / 8)
+    assert torch.equal(unpack_mask(bits, 1000, ranges), mask & inside)
 
 
 def test_norm_table_holds_unclipped_norms_when_measured_before_clipping():
@@ -629,12 +639,15 @@ def test_row_group_blocks_spread_the_budget_over_more_tensors():
         own = [block for block in blocks.values() if block.param == name]
         assert state["exp_avg"].numel() == sum(kept.get(block.name, 0) for block in own)
         if "mask" in state:
-            mask = unpack_mask(state["mask"], params[name].numel())
+            mask = rows.coordinate_mask(name)
             allowed = torch.zeros_like(mask)
             for block in own:
                 if block.name in kept:
                     allowed[block.start : block.stop] = True
             assert not (mask & ~allowed).any()
+            # The packed mask holds one bit per coordinate of the selected blocks, not of the whole tensor.
+            assert state["mask"].numel() == math.ceil(sum(block.numel for block in own if block.name in kept) / 8)
+            assert int(mask.sum()) == state["exp_avg"].numel()
 
 
 @pytest.mark.parametrize("norms", ["select", "always", "frozen"])
@@ -656,6 +669,39 @@ def test_row_group_blocks_resume_bit_identical(compact, norms):
         )
 
     assert_resume_is_bit_identical(build, 14, 6)
+
+
+def test_a_checkpoint_with_whole_tensor_masks_resumes_bit_identical():
+    """Checkpoints written before masks covered the selected blocks only held one bit per coordinate of the whole
+    tensor: they load (the masks are packed again over the selected blocks) and the run goes on as if unbroken."""
+
+    def build(model, seed):
+        return BlockLLM(
+            model.named_parameters(), lr=1e-2, sparsity=0.9, patience=2, seed=seed, block_size=64, coverage=4
+        )
+
+    blocks = build(TinyLM(), 0).blocks
+    converted = []
+
+    def as_whole_tensor_masks(state_dict):
+        names = [name for group in state_dict["param_groups"] for name in group.get("param_names", [])]
+        indices = [index for group in state_dict["param_groups"] for index in group["params"]]
+        name_of = dict(zip(indices, names))
+        selected = state_dict["blockllm"]["selected"]
+        for index, state in state_dict["state"].items():
+            if "mask" not in state:
+                continue
+            name = name_of[index]
+            own = sorted((block for block in blocks.values() if block.param == name), key=lambda block: block.start)
+            ranges = [(block.start, block.stop) for block in own if block.name in selected]
+            numel = own[-1].stop
+            if sum(stop - start for start, stop in ranges) < numel:
+                state["mask"] = pack_mask(unpack_mask(state["mask"], numel, ranges))
+                converted.append(name)
+        return state_dict
+
+    assert_resume_is_bit_identical(build, 12, 7, convert=as_whole_tensor_masks)
+    assert converted  # partly selected tensors were there, so the old layout was really exercised
 
 
 def test_size_normalised_score_removes_the_bias_toward_large_blocks():

@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 from .carrier import GradientCarrier, is_carrier_group
 from .distributed import GradientAverager, squared_norms_vector, synchronize, unpack_measurements
 from .flat import ClassKey, FlatStates, Item, Slot, weight_kind
-from .masks import pack_mask, unpack_mask
+from .masks import pack_mask, packed_size, span_numel, unpack_mask
 from .quantization import check_available, quantized, zero_moments_
 from .run_state import RUN_STATE_KEY, RunState
 from .selection import (
@@ -550,7 +550,7 @@ class BlockLLM(Optimizer):
                     name=name,
                     param=param,
                     state=state,
-                    mask=functools.partial(_unpacked_mask, state, param.numel()),
+                    mask=functools.partial(self.coordinate_mask, name),
                     grad=None if compact else param.grad,
                 )
             )
@@ -669,7 +669,7 @@ class BlockLLM(Optimizer):
         state: dict[str, Any] = {"step": 0}
         mask = cut_mask(grad, [(block, self._run.selected[block.name]) for block in self._selected_by_param[name]])
         if mask is not None:
-            state["mask"] = pack_mask(mask)
+            state["mask"] = pack_mask(mask, self._mask_ranges(name))
         if self._slots[name].key.quantized:
             # Straight to 8-bit: fp32 zeros for the whole new selection at once would be the states' peak.
             zero_moments_(state, keep, param.device)
@@ -691,10 +691,40 @@ class BlockLLM(Optimizer):
         return self._flat
 
     def _selected_weights(self, name: str) -> torch.Tensor:
-        param = self._param_by_name[name]
-        state = self.state[param]
-        flat = param.data.reshape(-1)
-        return flat[unpack_mask(state["mask"], param.numel())] if "mask" in state else flat
+        flat = self._param_by_name[name].data.reshape(-1)
+        mask = self.coordinate_mask(name)
+        return flat if mask is None else flat[mask]
+
+    def coordinate_mask(self, name: str) -> torch.Tensor | None:
+        """The flat bool mask of the coordinates of parameter ``name`` that the selection trains (the top-k of its
+        selected blocks), unpacked for one use; None while the selection trains all of the tensor or none of it, or
+        before its first gradient has cut the mask. Stored packed over the selected blocks only (masks.py)."""
+        state = self.state.get(self._param_by_name[name])
+        if not state or "mask" not in state:
+            return None
+        return unpack_mask(state["mask"], self._param_numel(name), self._mask_ranges(name))
+
+    def _mask_ranges(self, name: str) -> list[tuple[int, int]] | None:
+        """The flat spans a mask of ``name`` is packed over: its selected blocks' ranges; None when they are the
+        whole tensor (then the mask covers it, as under the whole-tensor engines)."""
+        ranges = _ranges(self._selected_by_param[name])
+        return None if ranges == [(0, self._param_numel(name))] else ranges
+
+    def _param_numel(self, name: str) -> int:
+        return self._param_blocks[name][-1].stop
+
+    def _repack_whole_tensor_masks(self) -> None:
+        """After a load: a checkpoint written by an earlier build, before masks covered the selected blocks only,
+        holds whole-tensor masks; they are packed again over the selected blocks. The two layouts differ in length
+        wherever the blocks do not cover the tensor (by at least one unselected block)."""
+        for name in self._selected_by_param:
+            state = self.state.get(self._param_by_name[name])
+            ranges = self._mask_ranges(name)
+            if not state or "mask" not in state or ranges is None:
+                continue
+            bits, numel = state["mask"], self._param_numel(name)
+            if bits.numel() == packed_size(numel) != packed_size(span_numel(ranges)):
+                state["mask"] = pack_mask(unpack_mask(bits, numel), ranges)
 
     def _layout_key(self, name: str, keep: int) -> ClassKey:
         param = self._param_by_name[name]
@@ -723,11 +753,9 @@ class BlockLLM(Optimizer):
         param = self._param_by_name[name]
         if not self.state.get(param):
             self._init_param_state(name, grad)
-        state = self.state[param]
         values = grad.reshape(-1)
-        if "mask" in state:
-            values = values[unpack_mask(state["mask"], param.numel())]
-        self._carrier.add_(name, values)
+        mask = self.coordinate_mask(name)
+        self._carrier.add_(name, values if mask is None else values[mask])
 
     def average_gradients_across_ranks(self) -> None:
         """Engine switch for data parallelism without DDP (the model is not wrapped, or its BlockLLM weights are left
@@ -1022,6 +1050,7 @@ def _finish_load(optimizer: BlockLLM) -> None:
     optimizer._loading = None
     optimizer.state.update(states)
     optimizer._load_run_state(run)
+    optimizer._repack_whole_tensor_masks()
 
 
 def _ranges(blocks: list[Block]) -> list[tuple[int, int]]:
@@ -1033,10 +1062,6 @@ def _ranges(blocks: list[Block]) -> list[tuple[int, int]]:
         else:
             ranges.append((block.start, block.stop))
     return ranges
-
-
-def _unpacked_mask(state: dict[str, Any], numel: int) -> torch.Tensor | None:
-    return unpack_mask(state["mask"], numel) if "mask" in state else None
 
 
 def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None]:

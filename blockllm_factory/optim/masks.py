@@ -1,8 +1,18 @@
-"""Bit-packed coordinate masks: one bit per coordinate of a selected block, so that a mask costs |block| / 8 bytes."""
+"""Bit-packed coordinate masks: one bit per coordinate of a tensor's selected blocks, so that a mask costs the
+selected blocks' size / 8 bytes, whatever the size of the tensor they belong to.
+
+``ranges`` are the flat ``[start, stop)`` spans of the selected blocks of one tensor, in increasing order: the mask is
+packed over their coordinates only (the others are never trained). Without ``ranges`` it covers the whole tensor
+(whole-tensor blocks: the ZeRO and FSDP engines, and a tensor whose blocks are all selected).
+"""
+
+from collections.abc import Sequence
 
 import torch
 
 _SHIFTS_CACHE: dict[torch.device, torch.Tensor] = {}
+
+Ranges = Sequence[tuple[int, int]]
 
 
 def _shifts(device: torch.device) -> torch.Tensor:
@@ -12,15 +22,38 @@ def _shifts(device: torch.device) -> torch.Tensor:
     return shifts
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Packs a flat bool tensor into uint8 words, least significant bit first."""
-    flat = mask.reshape(-1).to(torch.uint8)
+def packed_size(numel: int) -> int:
+    """The bytes of a packed mask over ``numel`` coordinates."""
+    return -(-numel // 8)
+
+
+def span_numel(ranges: Ranges) -> int:
+    return sum(stop - start for start, stop in ranges)
+
+
+def pack_mask(mask: torch.Tensor, ranges: Ranges | None = None) -> torch.Tensor:
+    """Packs a flat bool tensor (of a whole tensor's coordinates) into uint8 words, least significant bit first; with
+    ``ranges``, only the coordinates inside them."""
+    flat = mask.reshape(-1)
+    if ranges is not None:
+        flat = torch.cat([flat[start:stop] for start, stop in ranges])
+    flat = flat.to(torch.uint8)
     padding = (-flat.numel()) % 8
     if padding:
         flat = torch.cat([flat, flat.new_zeros(padding)])
     return (flat.view(-1, 8) << _shifts(flat.device)).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack_mask(bits: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`: the flat bool mask of ``numel`` coordinates."""
-    return ((bits.unsqueeze(1) >> _shifts(bits.device)) & 1).view(-1)[:numel].bool()
+def unpack_mask(bits: torch.Tensor, numel: int, ranges: Ranges | None = None) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: the flat bool mask of the whole tensor's ``numel`` coordinates (False outside
+    ``ranges``)."""
+    span = numel if ranges is None else span_numel(ranges)
+    bools = ((bits.unsqueeze(1) >> _shifts(bits.device)) & 1).view(-1)[:span].bool()
+    if ranges is None:
+        return bools
+    mask = torch.zeros(numel, dtype=torch.bool, device=bits.device)
+    offset = 0
+    for start, stop in ranges:
+        mask[start:stop] = bools[offset : offset + stop - start]
+        offset += stop - start
+    return mask
