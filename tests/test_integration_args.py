@@ -189,6 +189,25 @@ def test_the_builder_passes_every_setting_of_the_table(parse, monkeypatch):
     assert passed["seed"] == 1234 and passed["norms"] == "always" and passed["lr"] == training_args.learning_rate
 
 
+@pytest.mark.parametrize("probe", ["sample", "exact"])
+def test_the_log_line_says_when_the_last_reselection_can_happen(parse, probe):
+    """``blockllm_reselect_until: N`` stops the loss rule after step N; the exact probe acts on a rule fired at step N
+    one step later (its measuring step), and the log line says so rather than "until step N" alone."""
+    from types import SimpleNamespace
+
+    from blockllm_factory.hf import optimizer as builder
+
+    lines = []
+    _, _, training_args, finetuning_args, *_ = parse(blockllm_reselect_until=13, blockllm_probe=probe)
+    logger = SimpleNamespace(info_rank0=lines.append, warning_rank0=lines.append)
+    builder.build_optimizer(nn.Linear(8, 8), training_args, finetuning_args, {"weight"}, logger)
+    (line,) = [line for line in lines if line.startswith("Using BlockLLM optimizer")]
+    if probe == "exact":
+        assert "reselections until step 13 (the exact probe's: a rule fired at step 13 reselects at 14), " in line
+    else:
+        assert "reselections until step 13, warm-up" in line
+
+
 def test_lora_defaults_written_out_explicitly_are_accepted(parse):
     # e.g. a YAML copied from a LoRA recipe that only restates the defaults
     assert parse(lora_rank=8, lora_target="all", lora_dropout=0.0)[3].finetuning_type == "blockllm"

@@ -107,11 +107,16 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
     blocks = f"{block_size:,} coordinates" if block_size else "whole tensors"
     blocks += f" (`blockllm_block_size: {settings.blockllm_block_size}`)"
     probed = f" ({settings.blockllm_probe_blocks} blocks)" if settings.blockllm_probe == "sample" else ""
+    reselections = f"until step {reselect_until}" if reselect_until else "whenever the loss rule fires"
+    if reselect_until and settings.blockllm_probe == "exact":  # the exact probe reselects one step after the rule
+        reselections += (
+            f" (the exact probe's: a rule fired at step {reselect_until} reselects at {reselect_until + 1})"
+        )
     logger.info_rank0(
         f"Using BlockLLM optimizer: sparsity {settings.blockllm_sparsity}, patience {patience}, probe "
         f"{settings.blockllm_probe}{probed}, score "
         f"{settings.blockllm_score}, blocks of {blocks}, coverage {settings.blockllm_coverage}, "
-        f"reselections {f'until step {reselect_until}' if reselect_until else 'whenever the loss rule fires'}, "
+        f"reselections {reselections}, "
         f"warm-up after reselection {settings.blockllm_reselect_warmup} steps, norms "
         f"{settings.blockllm_norms}, "
         f"budget {optimizer.budget:,} of "
