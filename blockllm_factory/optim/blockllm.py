@@ -260,6 +260,7 @@ class BlockLLM(Optimizer):
         # Set by average_gradients_across_ranks (data parallelism without DDP): the hooks' gradients, averaged once a
         # step before they are measured and compacted (distributed.py).
         self._averager: GradientAverager | None = None
+        self._averaged_kept: set[str] = set()  # tensors whose kept coordinates alone are averaged (_kept_only)
         self._warned_nonfinite = False
         self._warned_no_loss = False
         self._loading: tuple[dict[torch.nn.Parameter, dict[str, Any]], dict[str, Any]] | None = None  # see load
@@ -664,15 +665,27 @@ class BlockLLM(Optimizer):
     def _init_param_state(self, name: str, grad: torch.Tensor) -> None:
         """Cuts a newly selected tensor's top-k mask (per selected block) from its first gradient and creates its
         compact states: views of the selection's flat buffers (flat.py), 8-bit moments apart."""
-        param = self._param_by_name[name]
-        keep = self._param_keep[name]
+        self._fill_state(name, self._cut_state(name, grad)[0])
+
+    def _cut_state(self, name: str, grad: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """A newly selected tensor's state before its moments: the step count and the packed top-k mask cut from
+        ``grad`` (also returned unpacked; None when the selection trains the whole tensor)."""
         state: dict[str, Any] = {"step": 0}
         mask = cut_mask(grad, [(block, self._run.selected[block.name]) for block in self._selected_by_param[name]])
         if mask is not None:
             state["mask"] = pack_mask(mask, self._mask_ranges(name))
+        return state, mask
+
+    def _fill_state(self, name: str, state: dict[str, Any]) -> None:
+        """Adds the compact states to a state from :meth:`_cut_state`: views of the selection's flat buffers
+        (flat.py), 8-bit moments apart, and makes it the tensor's state."""
+        param = self._param_by_name[name]
+        mask = None
+        if "mask" in state:
+            mask = unpack_mask(state["mask"], self._param_numel(name), self._mask_ranges(name))
         if self._slots[name].key.quantized:
             # Straight to 8-bit: fp32 zeros for the whole new selection at once would be the states' peak.
-            zero_moments_(state, keep, param.device)
+            zero_moments_(state, self._param_keep[name], param.device)
         flat = param.data.reshape(-1)
         self._flat_states().init_state(name, state, flat if mask is None else flat[mask])
         self.state[param] = state
@@ -743,6 +756,9 @@ class BlockLLM(Optimizer):
         grad = param.grad
         param.grad = None
         if self._averager is not None:  # measured and compacted once averaged across ranks (reduce_gradients)
+            if name in self._averaged_kept:  # the mask is cut: its kept coordinates only cross the wire
+                mask = self.coordinate_mask(name)
+                grad = grad.reshape(-1) if mask is None else grad.reshape(-1)[mask]
             self._averager.add_(name, grad)
             return
         self.record_gradient_norms(name, grad)
@@ -762,10 +778,13 @@ class BlockLLM(Optimizer):
         out of DDP's reducer): the hooks collect, at every micro-step, the gradients of the selected and the probed
         blocks; :meth:`reduce_gradients` averages them across ranks in one all-reduce
         (:class:`~blockllm_factory.optim.distributed.GradientAverager`), then measures them, cuts the masks of a new
-        selection and fills the carrier, as the hooks do in one process. The one difference from one process: with
-        row-group blocks (``block_size``) one process measures every block of a tensor whose gradient it computes,
-        here only the selected and probed blocks are (the others' gradients would cross the wire); the others keep
-        their last norm. Needs ``compact_gradients``."""
+        selection and fills the carrier, as the hooks do in one process. After a selection's first step only the
+        kept coordinates of its blocks cross the wire (the budget, not ``coverage`` budgets' worth of whole blocks).
+        Two differences from one process follow, both in the norm table only: with row-group blocks
+        (``block_size``) one process measures every block of a tensor whose gradient it computes, here only the
+        selected and probed blocks are (the others' gradients would cross the wire; the others keep their last norm);
+        and a selected block whose mask keeps part of it is measured on its kept coordinates, from its selection's
+        second step on (one process measures it whole). The updates are the same. Needs ``compact_gradients``."""
         _check(self._carrier is not None, "average_gradients_across_ranks needs compact_gradients=True")
         self._averager = GradientAverager(self._carrier.parameter.dtype, self._carrier.parameter.device)
         self._set_trainable(probed=self._run.probed)
@@ -779,7 +798,16 @@ class BlockLLM(Optimizer):
         if averager is None or averager.reduced:
             return
         measured = self._averaged_blocks()
-        for name, values in averager.reduce().items():
+        reduced = averager.reduce()
+        # A new selection's states are made once the averaged buffer is freed: on its first step the buffer holds its
+        # blocks whole (coverage budgets' worth), and the moments would otherwise be allocated beside it.
+        fresh: dict[str, dict[str, Any]] = {}  # name -> its state from _cut_state (the mask packed)
+        values = grad = mask = None
+        for name, values in reduced.items():
+            if name in self._averaged_kept:  # the kept coordinates, in the order the carrier holds them
+                self._record_kept_norms(name, values)
+                self._carrier.add_(name, values)
+                continue
             param = self._param_by_name[name]
             grad = values
             if values.numel() != param.numel():  # some blocks of the tensor: in place, zeros elsewhere
@@ -794,10 +822,30 @@ class BlockLLM(Optimizer):
             ]
             for block, value in zip(measured[name], squared):
                 self.record_probe_norm(block.name, value)
-            if name in self._selected_by_param:
-                self._compact(name, grad.view(param.shape))
+            if name in self._selected_by_param and self.state.get(param):
+                self._compact(name, grad)
+            elif name in self._selected_by_param:
+                fresh[name], mask = self._cut_state(name, grad)
+                self._carrier.add_(name, grad.reshape(-1) if mask is None else grad.reshape(-1)[mask])
             else:  # probed only: a non-finite gradient must still reach a GradScaler
                 self._carrier.flag_nonfinite_(torch.stack(squared).sum())
+        del reduced, values, grad, mask  # the last views of the averaged buffer (and the last unpacked mask)
+        for name, state in fresh.items():
+            self._fill_state(name, state)
+
+    def _record_kept_norms(self, name: str, values: torch.Tensor) -> None:
+        """Records the squared norm of each selected block of ``name`` from its kept coordinates (``values``: the
+        tensor's masked gradient, its blocks' kept coordinates one block after another in flat order)."""
+        blocks = sorted(self._selected_by_param[name], key=lambda block: block.start)
+        counts = [self._run.selected[block.name] for block in blocks]
+        for block, chunk in zip(blocks, values.split(counts)):
+            self.record_probe_norm(block.name, torch.linalg.vector_norm(chunk, dtype=torch.float32).square())
+
+    def _kept_only(self) -> set[str]:
+        """Tensors whose kept coordinates alone are averaged across ranks: those with selected blocks whose mask is
+        cut (their state exists: not the first step of their selection) and none of whose blocks is probed."""
+        probed = {self._blocks[name].param for name in self._run.probed}
+        return {name for name in self._param_keep if name not in probed and self.state.get(self._param_by_name[name])}
 
     def _averaged_blocks(self) -> dict[str, list[Block]]:
         """The blocks whose gradients cross the wire under :meth:`average_gradients_across_ranks`, by tensor: the
@@ -888,7 +936,11 @@ class BlockLLM(Optimizer):
             self._flat = None
         probe_only = self.probe_only_parameters()
         if self._averager is not None:
-            ranges = {name: _ranges(blocks) for name, blocks in self._averaged_blocks().items()}
+            self._averaged_kept = self._kept_only()
+            ranges = {
+                name: [(0, self._param_keep[name])] if name in self._averaged_kept else _ranges(blocks)
+                for name, blocks in self._averaged_blocks().items()
+            }
             self._averager.arrange(ranges)
         trainable = set(self._selected_by_param) | probe_only
         for name, param in self._param_by_name.items():

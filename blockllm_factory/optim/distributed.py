@@ -140,12 +140,12 @@ class GradientAverager:
     """Data parallelism without DDP's buckets: BlockLLM's gradients averaged across ranks in one all-reduce a step.
 
     DDP would keep a bucket for every eligible weight and all-reduce all of it every step, whatever BlockLLM selected.
-    Instead BlockLLM's hooks hand this buffer, at every micro-step, the coordinates of the selected blocks (whole
-    blocks: the top-k mask of a new selection is cut from the averaged gradient) and of the probed blocks (the norm the
-    ranks agree on is the averaged gradient's), and free the dense gradient. After the optimizer step's last backward,
-    :meth:`reduce` averages the buffer across ranks; BlockLLM then measures, cuts masks and compacts as in one process.
-    Bytes per step: the selected blocks (the budget, plus the part of the selected blocks that the budget does not
-    keep, less than one block) and the probed blocks.
+    Instead BlockLLM's hooks hand this buffer, at every micro-step, the gradients of the selected blocks and of the
+    probed blocks (the norm the ranks agree on is the averaged gradient's), and free the dense gradient: on the first
+    step of a selection the selected blocks whole (the top-k mask is cut from the averaged gradient), on the later
+    steps only their kept coordinates (the mask is known). After the optimizer step's last backward, :meth:`reduce`
+    averages the buffer across ranks; BlockLLM then measures, cuts masks and compacts as in one process. Bytes per
+    step: the budget (a selection's first step: its blocks whole, ``coverage`` budgets' worth) and the probed blocks.
 
     The layout is set with the selection and the probes, which every rank decides alike (see the module docstring),
     so the buffer means the same on every rank; a rank that produced no gradient for a tensor adds zeros. One entry

@@ -288,6 +288,9 @@ class ZeroBlockLLM(BlockLLM):
             if fragment is None:
                 continue
             grad = partition.grad.narrow(0, fragment.partition_start, fragment.numel)
+            state = self.state.get(self.param_by_name[name])
+            if state and "mask" in state:  # measured on its kept coordinates, as under DDP (distributed.py)
+                grad = grad[unpack_mask(state["mask"], sizes[name]).narrow(0, fragment.block_start, fragment.numel)]
             squared_norms[name] = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
             shares[name] = fragment.numel / sizes[name]
         # Every selected block takes part in the update (and in the collective that cuts new masks), fragment or not.
