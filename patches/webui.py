@@ -48,7 +48,6 @@ def apply_top(module) -> None:
 SLIDERS = {
     "sparsity": (0, 0.995, 0.005),
     "probe_blocks": (0, 64, 1),
-    "coverage": (1, 16, 0.5),
     "reselect_warmup": (0, 100, 1),
 }
 # Settings the runner reads only when another setting has a value: probe_blocks serves the sampled probe only.

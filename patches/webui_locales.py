@@ -135,17 +135,27 @@ BLOCKLLM_LOCALES: dict[str, dict[str, dict[str, str]]] = {
     "blockllm_coverage": {
         "en": {
             "label": "Coverage",
-            "info": "1 (default, paper): blocks fill the budget; c > 1: c times the blocks, top 1/c each.",
+            "info": "auto (default): 4 with row blocks, 1 with whole tensors; 1 (paper): blocks fill the budget; "
+            "c > 1: c times the blocks, top 1/c each.",
         },
         "ru": {
             "label": "Охват",
-            "info": "1 (по умолчанию, статья): блоки до бюджета; c > 1: в c раз больше блоков, лучшие 1/c.",
+            "info": "auto (по умолчанию): 4 для блоков строк, 1 для целых тензоров; 1 (статья): блоки до бюджета; "
+            "c > 1: в c раз больше блоков, лучшие 1/c.",
         },
-        "zh": {"label": "覆盖倍数", "info": "1（默认，论文）：块填满预算；c > 1：c 倍的块，每块保留前 1/c。"},
-        "ko": {"label": "커버리지", "info": "1(기본값, 논문): 예산만큼 블록; c > 1: c배 블록, 각 상위 1/c."},
+        "zh": {
+            "label": "覆盖倍数",
+            "info": "auto（默认）：行块时为 4，整张量时为 1；1（论文）：块填满预算；c > 1：c 倍的块，每块保留前 1/c。",
+        },
+        "ko": {
+            "label": "커버리지",
+            "info": "auto(기본값): 행 블록이면 4, 전체 텐서면 1; 1(논문): 예산만큼 블록; "
+            "c > 1: c배 블록, 각 상위 1/c.",
+        },
         "ja": {
             "label": "カバレッジ",
-            "info": "1（既定、論文）: 予算分のブロック。c > 1: c 倍のブロック、各上位 1/c。",
+            "info": "auto（既定）: 行ブロックなら 4、テンソル全体なら 1。1（論文）: 予算分のブロック。"
+            "c > 1: c 倍のブロック、各上位 1/c。",
         },
     },
     "blockllm_reselect_warmup": {

@@ -24,7 +24,7 @@ DEFAULTS_AND_VALUES = {
     "score": ("norm_per_sqrt_size", "norm"),
     "block_size": ("head", 0),
     "norms": ("select", "always"),
-    "coverage": (1.0, 4.0),
+    "coverage": ("auto", 4.0),
     "reselect_warmup": (0, 5),
     "reselect_until": (0, 90),
     "master": ("fp32", "compensated"),
@@ -89,6 +89,9 @@ def test_command_line_form_and_help_text(tiny_llamafactory_assets, tmp_path):
         ({"blockllm_patience": "0.5x"}, r"`blockllm_patience` must be .* got '0.5x'"),
         ({"blockllm_block_size": "heads"}, r"`blockllm_block_size` must be `head` .* got 'heads'"),
         ({"blockllm_block_size": 0.5}, r"`blockllm_block_size` must be `head` .* got 0.5"),
+        ({"blockllm_coverage": "fourx"}, r"`blockllm_coverage` must be `auto` .* got 'fourx'"),
+        ({"blockllm_coverage": float("inf")}, r"`blockllm_coverage` must be `auto` .* got inf"),
+        ({"learning_rate": float("nan")}, r"`learning_rate` must be a number >= 0, got nan"),
         ({"lora_target": "q_proj", "use_dora": True}, r"lora_target='q_proj', use_dora=True"),
     ],
 )
@@ -259,3 +262,39 @@ def test_head_block_size_comes_from_the_models_config():
     assert "whole tensors" in logger.lines[-1]
     assert resolve_block_size("head", NS(config=NS()), False, logger) == 0  # no heads in the config: said
     assert "has no hidden_size" in logger.lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "coverage"),
+    [
+        ({}, 4.0),  # auto with head blocks (the stand-in config: 256 coordinates)
+        ({"blockllm_block_size": 0}, 1.0),  # auto with whole tensors: the paper's
+        ({"blockllm_block_size": 64}, 4.0),  # auto with any row groups
+        ({"blockllm_coverage": 2.5}, 2.5),  # a number stays
+        ({"blockllm_coverage": "1.5"}, 1.5),  # as typed on the command line or in the web UI
+    ],
+)
+def test_coverage_auto_is_four_with_row_groups_and_one_with_whole_tensors(parse, overrides, coverage):
+    """What the builder hands BlockLLM for ``blockllm_coverage``, and what its log line says."""
+    from types import SimpleNamespace
+
+    from blockllm_factory.hf import optimizer as builder
+
+    lines = []
+    logger = SimpleNamespace(info_rank0=lines.append, warning_rank0=lines.append)
+    _, model_args, training_args, finetuning_args, *_ = parse(**overrides)
+    model = nn.Linear(8, 8)
+    model.config = SimpleNamespace(hidden_size=32, num_attention_heads=4)
+    optimizer = builder.build_optimizer(model, training_args, finetuning_args, {"weight"}, logger)
+    assert optimizer.coverage == coverage
+    (line,) = [line for line in lines if line.startswith("Using BlockLLM optimizer")]
+    auto = " (`blockllm_coverage: auto`)" if "blockllm_coverage" not in overrides else ""
+    assert f"coverage {coverage:g}{auto}, " in line
+
+
+def test_coverage_auto_under_deepspeed_is_one():
+    """DeepSpeed's adapter selects whole tensors (``head`` -> 0), so ``auto`` resolves to the paper's 1 there."""
+    from blockllm_factory.hf.optimizer import resolve_coverage
+
+    assert resolve_coverage("auto", 0) == 1.0 and resolve_coverage("auto", 128 * 4096) == 4.0
+    assert resolve_coverage(2.0, 0) == 2.0

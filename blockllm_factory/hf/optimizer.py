@@ -5,12 +5,19 @@ Shared by both fronts: LLaMA-Factory's optimizer factory (``patches/optimizer.py
 lr, betas, eps and weight decay come from the training arguments, and the parameters the caller names as not decayed
 (biases and norm weights) go in a group without weight decay. Every parameter that requires grad is handed over,
 although BlockLLM freezes most of them at its first step; HF schedulers then drive ``param_groups[i]["lr"]`` as for
-any torch optimizer. YAML-only values become numbers here: ``blockllm_block_size: head`` (from the model's config)
-and a ``blockllm_patience`` or ``blockllm_reselect_until`` in (0, 1) (that share of the run's optimizer steps, which
-the Trainer knows).
+any torch optimizer. YAML-only values become numbers here: ``blockllm_block_size: head`` (from the model's config),
+``blockllm_coverage: auto`` (from the block size) and a ``blockllm_patience`` or ``blockllm_reselect_until`` in (0, 1)
+(that share of the run's optimizer steps, which the Trainer knows).
 """
 
-from blockllm_factory.optim.settings import BLOCK_SIZE_HEAD, SETTINGS, YAML_SETTINGS, steps_from_share
+from blockllm_factory.optim.settings import (
+    BLOCK_SIZE_HEAD,
+    COVERAGE_AUTO,
+    COVERAGE_ROW_GROUPS,
+    SETTINGS,
+    YAML_SETTINGS,
+    steps_from_share,
+)
 
 from .engine import blockllm_optimizer_class, engine_of, optim_bits
 
@@ -50,6 +57,15 @@ def resolve_block_size(block_size, model, deepspeed_zero: bool, logger) -> int:
     return size
 
 
+def resolve_coverage(coverage, block_size: int) -> float:
+    """``blockllm_coverage`` as a number: ``auto`` is COVERAGE_ROW_GROUPS (4) with row-group blocks (``block_size``
+    > 0, as resolved) and 1 (the paper) with whole tensors: coverage 4 was measured better with head blocks only,
+    and under DeepSpeed (whole tensors) the partitions would hold four budgets' worth of picked tensors whole."""
+    if coverage != COVERAGE_AUTO:
+        return coverage
+    return COVERAGE_ROW_GROUPS if block_size else 1.0
+
+
 def resolve_steps(name: str, value, training_args, logger, total_steps: int | None = None) -> int:
     """A setting that also takes a share of the run (``blockllm_patience``, ``blockllm_reselect_until``) as optimizer
     steps: an integer stays; a share in (0, 1) becomes that share of the run's steps (``total_steps``, the Trainer's,
@@ -86,13 +102,16 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
     # DeepSpeed ZeRO wraps a variant that works on its partitions (see engine.py, optim/zero.py).
     decided = engine_of(training_args)
     block_size = resolve_block_size(settings.blockllm_block_size, model, decided.deepspeed, logger)
+    coverage = resolve_coverage(settings.blockllm_coverage, block_size)
     patience = resolve_steps("patience", settings.blockllm_patience, training_args, logger, total_steps)
     reselect_until = resolve_steps(
         "reselect_until", settings.blockllm_reselect_until, training_args, logger, total_steps
     )
-    # Every YAML setting flows through by name from the settings table; three are resolved to numbers above.
+    # Every YAML setting flows through by name from the settings table; four are resolved to numbers above.
     blockllm_settings = {setting.name: getattr(settings, setting.field) for setting in YAML_SETTINGS}
-    blockllm_settings.update(block_size=block_size, patience=patience, reselect_until=reselect_until)
+    blockllm_settings.update(
+        block_size=block_size, coverage=coverage, patience=patience, reselect_until=reselect_until
+    )
     optimizer = blockllm_optimizer_class(training_args)(
         [group for group in param_groups if group["params"]],
         lr=training_args.learning_rate,
@@ -106,6 +125,9 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
     )
     blocks = f"{block_size:,} coordinates" if block_size else "whole tensors"
     blocks += f" (`blockllm_block_size: {settings.blockllm_block_size}`)"
+    covered = f"{coverage:g}"
+    if settings.blockllm_coverage == COVERAGE_AUTO:
+        covered += f" (`blockllm_coverage: {COVERAGE_AUTO}`)"
     probed = f" ({settings.blockllm_probe_blocks} blocks)" if settings.blockllm_probe == "sample" else ""
     reselections = f"until step {reselect_until}" if reselect_until else "whenever the loss rule fires"
     if reselect_until and settings.blockllm_probe == "exact":  # the exact probe reselects one step after the rule
@@ -115,7 +137,7 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
     logger.info_rank0(
         f"Using BlockLLM optimizer: sparsity {settings.blockllm_sparsity}, patience {patience}, probe "
         f"{settings.blockllm_probe}{probed}, score "
-        f"{settings.blockllm_score}, blocks of {blocks}, coverage {settings.blockllm_coverage}, "
+        f"{settings.blockllm_score}, blocks of {blocks}, coverage {covered}, "
         f"reselections {reselections}, "
         f"warm-up after reselection {settings.blockllm_reselect_warmup} steps, norms "
         f"{settings.blockllm_norms}, "

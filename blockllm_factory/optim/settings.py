@@ -21,6 +21,8 @@ MASTERS = ("fp32", "compensated")
 SHARE_OF_RUN = "a number in (0, 1) (that share of the run's optimizer steps)"
 MAX_PATIENCE = 10**9  # steps; a run never gets there, and Python's deque refuses a window above 2**63 - 1
 BLOCK_SIZE_HEAD = "head"  # `blockllm_block_size: head`, resolved from the model's config by patches/optimizer.py
+COVERAGE_AUTO = "auto"  # `blockllm_coverage: auto`: COVERAGE_ROW_GROUPS with row-group blocks, 1 with whole tensors
+COVERAGE_ROW_GROUPS = 4.0  # measured better with head blocks on the real model (docs/benchmarks.md, ninth round)
 
 
 def _is_real(value: Any) -> bool:
@@ -28,7 +30,7 @@ def _is_real(value: Any) -> bool:
 
 
 def _at_least(minimum: float) -> Callable[[Any], bool]:
-    return lambda value: _is_real(value) and value >= minimum
+    return lambda value: _is_real(value) and minimum <= value < float("inf")  # NaN and infinity are refused
 
 
 def _integer_at_least(minimum: int, maximum: int | None = None) -> Callable[[Any], bool]:
@@ -241,9 +243,13 @@ _SETTINGS = (
         1.0,
         "a number >= 1 (blocks picked per budget)",
         _at_least(1.0),
-        "How many budgets' worth of blocks a selection picks, in rank order: 1 (the default and the paper: blocks "
-        "until the budget is filled) or c > 1 (blocks until c budgets are filled, each keeping its top 1/c "
-        "coordinates by gradient magnitude: the same budget spread over c times as many blocks).",
+        "How many budgets' worth of blocks a selection picks, in rank order: `auto` (the default: 4 with row-group "
+        "blocks, `blockllm_block_size` head or N; 1 with whole tensors, block size 0 and under DeepSpeed), 1 (the "
+        "paper: blocks until the budget is filled) or c > 1 (blocks until c budgets are filled, each keeping its top "
+        "1/c coordinates by gradient magnitude: the same budget spread over c times as many blocks; measured better "
+        "on a real 30-layer model with head blocks, docs/algorithm.md).",
+        llamafactory_default=COVERAGE_AUTO,
+        named_values={COVERAGE_AUTO: "4 with row-group blocks, 1 with whole tensors; the default"},
     ),
     Setting(
         "reselect_warmup",
@@ -300,7 +306,7 @@ def check(name: str, value: Any, *, yaml: bool = False) -> Any:
     if yaml and (setting.named_values or setting.share_of_run) and isinstance(value, str):
         if value in setting.named_values:
             return value
-        value = _number_from_text(value, share=setting.share_of_run)
+        value = _number_from_text(value, decimals=setting.share_of_run or setting.type is float)
     if yaml and setting.share_of_run and _is_share(value):
         return float(value)
     if not setting.accepts(value):
@@ -308,13 +314,13 @@ def check(name: str, value: Any, *, yaml: bool = False) -> Any:
     return value
 
 
-def _number_from_text(text: str, share: bool) -> Any:
-    """Digits as an int; with ``share``, also a decimal number as a float (``0.1`` typed in the web UI). Anything
-    else stays text, for the check to refuse."""
+def _number_from_text(text: str, decimals: bool) -> Any:
+    """Digits as an int; with ``decimals`` (a share of the run, a coverage), also a decimal number as a float
+    (``0.1`` typed in the web UI). Anything else stays text, for the check to refuse."""
     stripped = text.strip()
     if stripped.isdigit():
         return int(stripped)
-    if share:
+    if decimals:
         try:
             return float(stripped)
         except ValueError:
