@@ -146,16 +146,8 @@ def _blockllm(probe: str, block_size: int, coverage: int = 1, averaged: bool = T
     BlockLLM averages its own gradients across ranks (one all-reduce a step), as the Trainer wiring switches it on."""
     torch.manual_seed(0)
     model = TinyLM(width=16, depth=3)
-    optimizer = BlockLLM(
-        model.named_parameters(),
-        lr=1e-2,
-        sparsity=0.8,
-        patience=1,
-        probe=probe,
-        seed=3,
-        block_size=block_size,
-        coverage=coverage,
-    )
+    settings = {"lr": 1e-2, "sparsity": 0.8, "patience": 1, "seed": 3}  # patience 1: frequent reselections
+    optimizer = BlockLLM(model.named_parameters(), probe=probe, block_size=block_size, coverage=coverage, **settings)
     if averaged:
         optimizer.average_gradients_across_ranks()
     return model, optimizer
