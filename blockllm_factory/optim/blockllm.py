@@ -665,7 +665,7 @@ class BlockLLM(Optimizer):
     def _init_param_state(self, name: str, grad: torch.Tensor) -> None:
         """Cuts a newly selected tensor's top-k mask (per selected block) from its first gradient and creates its
         compact states: views of the selection's flat buffers (flat.py), 8-bit moments apart."""
-        self._fill_state(name, self._cut_state(name, grad)[0])
+        self._fill_state(name, *self._cut_state(name, grad))
 
     def _cut_state(self, name: str, grad: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None]:
         """A newly selected tensor's state before its moments: the step count and the packed top-k mask cut from
@@ -676,13 +676,10 @@ class BlockLLM(Optimizer):
             state["mask"] = pack_mask(mask, self._mask_ranges(name))
         return state, mask
 
-    def _fill_state(self, name: str, state: dict[str, Any]) -> None:
-        """Adds the compact states to a state from :meth:`_cut_state`: views of the selection's flat buffers
-        (flat.py), 8-bit moments apart, and makes it the tensor's state."""
+    def _fill_state(self, name: str, state: dict[str, Any], mask: torch.Tensor | None) -> None:
+        """Adds the compact states to a state from :meth:`_cut_state` (``mask``: its mask unpacked): views of the
+        selection's flat buffers (flat.py), 8-bit moments apart, and makes it the tensor's state."""
         param = self._param_by_name[name]
-        mask = None
-        if "mask" in state:
-            mask = unpack_mask(state["mask"], self._param_numel(name), self._mask_ranges(name))
         if self._slots[name].key.quantized:
             # Straight to 8-bit: fp32 zeros for the whole new selection at once would be the states' peak.
             zero_moments_(state, self._param_keep[name], param.device)
@@ -712,7 +709,9 @@ class BlockLLM(Optimizer):
         """The flat bool mask of the coordinates of parameter ``name`` that the selection trains (the top-k of its
         selected blocks), unpacked for one use; None while the selection trains all of the tensor or none of it, or
         before its first gradient has cut the mask. Stored packed over the selected blocks only (masks.py)."""
-        state = self.state.get(self._param_by_name[name])
+        return self._unpacked_mask(name, self.state.get(self._param_by_name[name]))
+
+    def _unpacked_mask(self, name: str, state: dict[str, Any] | None) -> torch.Tensor | None:
         if not state or "mask" not in state:
             return None
         return unpack_mask(state["mask"], self._param_numel(name), self._mask_ranges(name))
@@ -831,7 +830,7 @@ class BlockLLM(Optimizer):
                 self._carrier.flag_nonfinite_(torch.stack(squared).sum())
         del reduced, values, grad, mask  # the last views of the averaged buffer (and the last unpacked mask)
         for name, state in fresh.items():
-            self._fill_state(name, state)
+            self._fill_state(name, state, self._unpacked_mask(name, state))
 
     def _record_kept_norms(self, name: str, values: torch.Tensor) -> None:
         """Records the squared norm of each selected block of ``name`` from its kept coordinates (``values``: the
