@@ -4,9 +4,10 @@ Called from :func:`.parser.check_training_setup`, before any weight is loaded. W
 read from its ``config.json`` and the headers of its ``*.safetensors`` files (names and shapes, no tensor data): for a
 local directory, or a Hugging Face hub model already in the local cache, or (online) the hub's header service.
 
-* ``train_from_scratch: true`` with ``blockllm_include_embeddings: false``: the randomly initialised input embeddings
-  and output head would never be trained. Refused.
-* ``resize_vocab: true`` with ``blockllm_include_embeddings: false``: the rows added for new tokens keep their initial
+* ``train_from_scratch: true`` with ``blockllm_include_embeddings: false`` (or ``auto`` where it means false: under
+  DDP, DeepSpeed or with ``blockllm_block_size: 0``): the randomly initialised input embeddings and output head would
+  never be trained. Refused.
+* ``resize_vocab: true`` with the embeddings left out as above: the rows added for new tokens keep their initial
   values. Warned.
 * ``freeze_vision_tower: false`` on a vision-language model whose tower holds blocks that BlockLLM never selects
   without ``blockllm_include_embeddings`` (patch and position embeddings): those stay frozen. Warned, naming them.
@@ -20,6 +21,8 @@ import math
 import os
 import struct
 from pathlib import Path
+
+from blockllm_factory.optim.settings import EMBEDDINGS_AUTO
 
 DEEPSPEED_DEFAULT_SUB_GROUP_SIZE = 1e9  # DeepSpeedZeroConfig.sub_group_size
 NAMES_SHOWN = 4
@@ -109,28 +112,52 @@ def model_type(model_args) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ embeddings
-def check_embeddings(model_args, finetuning_args, logger) -> None:
-    if finetuning_args.blockllm_include_embeddings:
+def includes_embeddings(finetuning_args, training_args=None) -> bool:
+    """Whether the run will train the embeddings and the head, as far as the arguments tell: ``true``, or ``auto`` in
+    one process with row-group blocks (blockllm_factory/hf/optimizer.py resolves ``auto`` with the model too: embedding
+    modules of other types than ``nn.Embedding`` / ``nn.Linear``, e.g. Gemma's scaled ones, make it false, and the
+    run's log line says so)."""
+    value = finetuning_args.blockllm_include_embeddings
+    if value != EMBEDDINGS_AUTO:
+        return bool(value)
+    if finetuning_args.blockllm_block_size == 0:
+        return False
+    if training_args is None:
+        return True
+    from blockllm_factory.hf.engine import SINGLE, engine_of
+
+    return engine_of(training_args).kind == SINGLE
+
+
+def _left_out(finetuning_args) -> str:
+    value = finetuning_args.blockllm_include_embeddings
+    if value == EMBEDDINGS_AUTO:
+        return f"`blockllm_include_embeddings: {EMBEDDINGS_AUTO}` (false under DDP, DeepSpeed and with whole tensors)"
+    return "`blockllm_include_embeddings: false`"
+
+
+def check_embeddings(model_args, finetuning_args, logger, training_args=None) -> None:
+    if includes_embeddings(finetuning_args, training_args):
         return
     if getattr(model_args, "train_from_scratch", False):
         raise ValueError(
-            "`train_from_scratch: true` with `blockllm_include_embeddings: false` would never train the randomly "
+            f"`train_from_scratch: true` with {_left_out(finetuning_args)} would never train the randomly "
             "initialised input embeddings and output head; set `blockllm_include_embeddings: true`."
         )
     if getattr(model_args, "resize_vocab", False):
         logger.warning_rank0(
-            "`resize_vocab: true` with `blockllm_include_embeddings: false`: BlockLLM never selects the input "
+            f"`resize_vocab: true` with {_left_out(finetuning_args)}: BlockLLM never selects the input "
             "embeddings or the output head, so rows added for new tokens keep their initial values; set "
             "`blockllm_include_embeddings: true` to train them."
         )
 
 
-def frozen_tower_blocks(model_args, finetuning_args) -> list[str] | None:
+def frozen_tower_blocks(model_args, finetuning_args, training_args=None) -> list[str] | None:
     """Vision-tower parameters that ``freeze_vision_tower: false`` asks to train but BlockLLM never selects.
 
     ``[]``: nothing to say; ``None``: a vision-language model whose files could not be read.
     """
-    if finetuning_args.freeze_vision_tower or finetuning_args.blockllm_include_embeddings:
+    if finetuning_args.freeze_vision_tower or includes_embeddings(finetuning_args, training_args):
         return []
     from llamafactory.model.model_utils.visual import COMPOSITE_MODELS
 
@@ -147,8 +174,8 @@ def frozen_tower_blocks(model_args, finetuning_args) -> list[str] | None:
     return [name for name in tensors if any(key in name for key in tower_keys) and is_embedding_name(name)]
 
 
-def check_vision_tower(model_args, finetuning_args, logger) -> None:
-    blocks = frozen_tower_blocks(model_args, finetuning_args)
+def check_vision_tower(model_args, finetuning_args, logger, training_args=None) -> None:
+    blocks = frozen_tower_blocks(model_args, finetuning_args, training_args)
     if blocks == []:
         return
     if blocks is None:  # the model's files could not be read
@@ -157,7 +184,7 @@ def check_vision_tower(model_args, finetuning_args, logger) -> None:
         more = f" and {len(blocks) - NAMES_SHOWN} more" if len(blocks) > NAMES_SHOWN else ""
         which = f"these vision-tower parameters: {', '.join(blocks[:NAMES_SHOWN])}{more}"
     logger.warning_rank0(
-        "`freeze_vision_tower: false` with `blockllm_include_embeddings: false`: BlockLLM never selects "
+        f"`freeze_vision_tower: false` with {_left_out(finetuning_args)}: BlockLLM never selects "
         f"{which}, so they stay frozen; set `blockllm_include_embeddings: true` to train them (the text embeddings "
         "and output head then become eligible too)."
     )
@@ -192,7 +219,7 @@ def check_zero3_sub_group_size(model_args, training_args, config: dict) -> None:
 
 def check_model_setup(model_args, finetuning_args, training_args, deepspeed_config: dict | None, logger) -> None:
     """Refuses or warns about the defaults above; errors name the argument, its value and what to set instead."""
-    check_embeddings(model_args, finetuning_args, logger)
+    check_embeddings(model_args, finetuning_args, logger, training_args)
     if deepspeed_config is not None:
         check_zero3_sub_group_size(model_args, training_args, deepspeed_config)
-    check_vision_tower(model_args, finetuning_args, logger)
+    check_vision_tower(model_args, finetuning_args, logger, training_args)

@@ -63,6 +63,8 @@ def widget_spec(setting) -> tuple[str, dict[str, Any]]:
     default = setting.yaml_default
     if setting.choices:
         return "Dropdown", {"choices": list(setting.choices), "value": default}
+    if setting.type is bool and setting.named_values:  # `auto`, true or false
+        return "Dropdown", {"choices": [*setting.named_values, "true", "false"], "value": str(default)}
     if setting.type is bool:
         return "Checkbox", {"value": default}
     if setting.named_values or setting.share_of_run:

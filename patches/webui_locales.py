@@ -78,11 +78,23 @@ BLOCKLLM_LOCALES: dict[str, dict[str, dict[str, str]]] = {
         "ja": {"label": "プローブブロック数", "info": "各ステップで測る未選択ブロックの数（sample 方式）。"},
     },
     "blockllm_include_embeddings": {
-        "en": {"label": "Include embeddings", "info": "Also train the input embeddings and the output head."},
-        "ru": {"label": "Включать эмбеддинги", "info": "Обучать также входные эмбеддинги и выходной слой."},
-        "zh": {"label": "包含词嵌入", "info": "同时训练输入词嵌入层和输出层。"},
-        "ko": {"label": "임베딩 포함", "info": "입력 임베딩과 출력 헤드도 학습합니다."},
-        "ja": {"label": "埋め込みを含める", "info": "入力埋め込みと出力ヘッドも学習します。"},
+        "en": {
+            "label": "Include embeddings",
+            "info": "Also train the embeddings and the output head: auto (default: in one process), true, false.",
+        },
+        "ru": {
+            "label": "Включать эмбеддинги",
+            "info": "Обучать также эмбеддинги и выходной слой: auto (по умолчанию: в одном процессе), true, false.",
+        },
+        "zh": {"label": "包含词嵌入", "info": "同时训练输入词嵌入层和输出层：auto（默认：单进程时是）、true、false。"},
+        "ko": {
+            "label": "임베딩 포함",
+            "info": "입력 임베딩과 출력 헤드도 학습합니다: auto(기본값: 단일 프로세스에서 예), true, false.",
+        },
+        "ja": {
+            "label": "埋め込みを含める",
+            "info": "入力埋め込みと出力ヘッドも学習します：auto（既定：単一プロセスでは有効）、true、false。",
+        },
     },
     "blockllm_score": {
         "en": {"label": "Ranking score", "info": "norm_per_sqrt_size (default, measured better) or norm (the paper)."},

@@ -1287,7 +1287,8 @@ def test_seeds_and_sweep_values_reach_the_training_and_the_report_keeps_them_all
     markdown = (shaped_runs.out / "report.md").read_text()
     assert "### Sweep" in markdown and "**best**" in markdown and "Floor: 2 B x" in markdown
     assert "peak tracked bytes within 10% of the floor" in markdown
-    assert summary["trained"]["embeddings"] is False and summary["trained"]["layers"]
+    # The default `blockllm_include_embeddings: auto` (one process, head blocks): the tied embedding is a block too.
+    assert summary["trained"]["embeddings"] is True and summary["trained"]["layers"]
     assert (shaped_runs.out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

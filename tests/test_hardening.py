@@ -89,7 +89,7 @@ def documented_triggers(assets, tmp_path, monkeypatch, parse) -> dict:
         "use_ray": lambda: _ray(assets, tmp_path, monkeypatch),
         "use_unsloth": parse(use_unsloth=True),
         "use_megatron_bridge": lambda: _launch(monkeypatch, {}, use_megatron_bridge=True),
-        "train_from_scratch": parse(train_from_scratch=True),
+        "train_from_scratch": parse(train_from_scratch=True, blockllm_include_embeddings=False),
         "zero3_sub_group_size_parse": lambda: _zero3_sub_group_size(assets),
     }
 
@@ -188,26 +188,30 @@ def test_a_run_that_ended_before_the_first_update_says_nothing_was_trained(steps
 
 
 def test_resize_vocab_without_embeddings_warns_and_with_them_does_not(parse_logged):
-    _assert_documented_warning("resize_vocab", parse_logged(resize_vocab=True))
-    assert not any(
-        "resize_vocab" in text for text in parse_logged(resize_vocab=True, blockllm_include_embeddings=True)
-    )
+    _assert_documented_warning("resize_vocab", parse_logged(resize_vocab=True, blockllm_include_embeddings=False))
+    for included in ({"blockllm_include_embeddings": True}, {}):  # true, and `auto` in one process with head blocks
+        assert not any("resize_vocab" in text for text in parse_logged(resize_vocab=True, **included))
+    # `auto` with whole tensors leaves them out, and the warning says why.
+    (warning,) = [text for text in parse_logged(resize_vocab=True, blockllm_block_size=0) if "resize_vocab" in text]
+    assert "`blockllm_include_embeddings: auto` (false under DDP, DeepSpeed and with whole tensors)" in warning
 
 
 def test_unfrozen_vision_tower_names_the_blocks_blockllm_never_selects(parse_logged, tiny_llava):
-    warnings = parse_logged(model_name_or_path=str(tiny_llava), freeze_vision_tower=False)
+    warnings = parse_logged(
+        model_name_or_path=str(tiny_llava), freeze_vision_tower=False, blockllm_include_embeddings=False
+    )
     _assert_documented_warning("freeze_vision_tower", warnings)
     (warning,) = [text for text in warnings if "freeze_vision_tower" in text]
     # The CLIP tower's class, patch and position embeddings: named like embeddings, so never eligible.
     assert "vision_tower.embeddings.patch_embedding.weight" in warning
     assert "vision_tower.embeddings.position_embedding.weight" in warning
     assert "encoder.layers" not in warning  # the tower's layers are eligible and train
-    # LLaMA-Factory's default (a frozen tower) and the embeddings made eligible say nothing.
+    # LLaMA-Factory's default (a frozen tower) and the embeddings made eligible (true, or `auto` in one process with
+    # head blocks) say nothing.
     assert not any("freeze_vision_tower" in text for text in parse_logged(model_name_or_path=str(tiny_llava)))
-    eligible = parse_logged(
-        model_name_or_path=str(tiny_llava), freeze_vision_tower=False, blockllm_include_embeddings=True
-    )
-    assert not any("freeze_vision_tower" in text for text in eligible)
+    for included in ({"blockllm_include_embeddings": True}, {}):
+        eligible = parse_logged(model_name_or_path=str(tiny_llava), freeze_vision_tower=False, **included)
+        assert not any("freeze_vision_tower" in text for text in eligible)
 
 
 def test_unfrozen_vision_tower_of_unreadable_files_still_warns(tiny_llava, tmp_path):

@@ -119,11 +119,12 @@ def _check_run(witness, fed, optimizer, max_steps):
     assert updated >= max_steps - 1  # every step after the first (which measures and selects) trained something
 
 
+@pytest.mark.parametrize("include_embeddings", [False, "auto"], ids=["frozen_embeddings", "default"])
 def test_trainer_trains_only_the_selection_and_feeds_the_loss_every_step(
-    tiny_llamafactory_assets, tmp_path, monkeypatch
+    tiny_llamafactory_assets, tmp_path, monkeypatch, include_embeddings
 ):
-    """The real Trainer with gradient accumulation, clipping by the selection's norm, gradient checkpointing (the
-    frozen embeddings make the layers' inputs need no grad) and compact gradients."""
+    """The real Trainer with gradient accumulation, clipping by the selection's norm, gradient checkpointing (frozen
+    embeddings make the layers' inputs need no grad; by default they are row blocks) and compact gradients."""
     from transformers import DataCollatorForLanguageModeling
 
     from blockllm_factory.hf import BlockLLMConfig, BlockLLMTrainer
@@ -135,7 +136,7 @@ def test_trainer_trains_only_the_selection_and_feeds_the_loss_every_step(
         args=_training_args(tmp_path / "out", gradient_checkpointing=True),
         train_dataset=_lm_dataset(tiny_llamafactory_assets, tokenizer),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        blockllm_config=BlockLLMConfig(**RESELECTING),
+        blockllm_config=BlockLLMConfig(**RESELECTING, blockllm_include_embeddings=include_embeddings),
     )
     witness = _Witness(lambda: trainer.blockllm_optimizer)
     trainer.add_callback(witness)
@@ -145,7 +146,14 @@ def test_trainer_trains_only_the_selection_and_feeds_the_loss_every_step(
     optimizer = trainer.blockllm_optimizer
     assert optimizer.compact_gradients and optimizer.block_size == 8 * 32  # `head`: head_dim x hidden
     _check_run(witness, fed, optimizer, max_steps=8)
-    assert torch.equal(model.get_input_embeddings().weight, embeddings)  # not eligible without include_embeddings
+    trained = model.get_input_embeddings().weight
+    if include_embeddings is False:
+        assert optimizer.row_gradient_names == []
+        assert torch.equal(trained, embeddings)  # not eligible without include_embeddings
+    else:  # `auto`, the default, in one process with head blocks: row blocks, their gradients kept as rows
+        assert optimizer.include_embeddings and "model.embed_tokens.weight" in optimizer.row_gradient_names
+        changed = int((trained != embeddings).any(dim=1).sum())
+        assert 0 < changed < embeddings.shape[0]
     # The Trainer logged the selection's norm (the first step only measures and selects), and the selection log has
     # every (re)selection.
     norms = [float(entry["grad_norm"]) for entry in trainer.state.log_history if "grad_norm" in entry]
@@ -193,7 +201,9 @@ def _resumable_run(assets, output_dir, resume_from=None):
         args=_training_args(output_dir, max_steps=6, save_strategy="steps", save_steps=3),
         train_dataset=_lm_dataset(assets, tokenizer),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-        blockllm_config=BlockLLMConfig(**RESELECTING),
+        # Frozen embeddings: the loss then stalls within 6 steps and the run reselects before and after the checkpoint
+        # (a resume with the embeddings as row blocks: tests/test_integration.py, the resumed 8-bit run).
+        blockllm_config=BlockLLMConfig(**RESELECTING, blockllm_include_embeddings=False),
     )
     trainer.train(resume_from_checkpoint=resume_from)
     return {name: param.detach().clone() for name, param in model.named_parameters()}, trainer.blockllm_optimizer

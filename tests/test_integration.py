@@ -82,7 +82,10 @@ def test_each_stage_trains_only_selected_blocks_and_saves_a_plain_model(stage, s
     selected = selected_names(records, prefix="pretrained_model." if stage == "rm" else "")
     assert changed, "training changed no weight"
     assert changed <= selected, f"weights outside BlockLLM's selection changed: {sorted(changed - selected)}"
-    assert not {name for name in changed if "embed_tokens" in name or "lm_head" in name}
+    # The default `blockllm_include_embeddings: auto`, in one process with head blocks: the embeddings and the head are
+    # blocks, their gradients kept as rows (optim/rows.py); they changed only where selected (above).
+    assert "embeddings and head as row blocks (`blockllm_include_embeddings: auto`)" in result.log
+    assert "gradients (as rows for " in result.log
 
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]

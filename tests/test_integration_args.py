@@ -20,7 +20,7 @@ DEFAULTS_AND_VALUES = {
     "patience": (100, 7),
     "probe": ("sample", "exact"),
     "probe_blocks": (2, 0),
-    "include_embeddings": (False, True),
+    "include_embeddings": ("auto", True),
     "score": ("norm_per_sqrt_size", "norm"),
     "block_size": ("head", 0),
     "norms": ("select", "always"),

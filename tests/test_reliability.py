@@ -588,7 +588,7 @@ def _cases(assets, tmp_path, monkeypatch):
         "blockllm_patience": parse(blockllm_patience=0),
         "blockllm_probe": parse(blockllm_probe="all"),
         "blockllm_probe_blocks": parse(blockllm_probe_blocks=-1),
-        "blockllm_include_embeddings": parse(blockllm_include_embeddings="yes"),
+        "blockllm_include_embeddings": parse(blockllm_include_embeddings="maybe"),
         "blockllm_score": parse(blockllm_score="size"),
         "blockllm_block_size": parse(blockllm_block_size=-1),
         "blockllm_norms": parse(blockllm_norms="train"),

@@ -72,7 +72,9 @@ def test_every_yaml_setting_has_a_panel_element_that_the_runner_reads():
 
     kinds = {setting.name: widget_spec(setting)[0] for setting in YAML_SETTINGS}
     assert kinds["sparsity"] == "Slider" and kinds["probe"] == "Dropdown" and kinds["block_size"] == "Textbox"
-    assert kinds["include_embeddings"] == "Checkbox"
+    assert kinds["include_embeddings"] == "Dropdown"  # auto, true, false
+    spec = {setting.name: widget_spec(setting)[1] for setting in YAML_SETTINGS}["include_embeddings"]
+    assert spec == {"choices": ["auto", "true", "false"], "value": "auto"}
     values = {f"train.{setting.field}": widget_spec(setting)[1]["value"] for setting in YAML_SETTINGS}
     values["train.blockllm_probe_blocks"] = 3.0  # a gradio slider hands back a float
     arguments = panel_arguments(values.__getitem__)
@@ -324,7 +326,7 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
                      "--blockllm_block_size 4096", "--blockllm_norms always"):  # fmt: skip
         assert expected in text, text
     assert "--lora_rank" not in text and "--quantization_bit" not in text, text
-    assert "--blockllm_include_embeddings" not in text  # false, dropped like every false flag
+    assert "--blockllm_include_embeddings auto" in text  # the dropdown's default, passed as text
 
     # --- a refusal, with the parse-time message ------------------------------------------------------------------
     _textbox(page, "Extra arguments").fill(json.dumps({**extra, "lora_rank": 16}))

@@ -6,20 +6,24 @@ lr, betas, eps and weight decay come from the training arguments, and the parame
 (biases and norm weights) go in a group without weight decay. Every parameter that requires grad is handed over,
 although BlockLLM freezes most of them at its first step; HF schedulers then drive ``param_groups[i]["lr"]`` as for
 any torch optimizer. YAML-only values become numbers here: ``blockllm_block_size: head`` (from the model's config),
-``blockllm_coverage: auto`` (from the block size) and a ``blockllm_patience`` or ``blockllm_reselect_until`` in (0, 1)
+``blockllm_coverage: auto`` (from the block size), ``blockllm_include_embeddings: auto`` (from the engine, the block
+size and the model's embedding modules) and a ``blockllm_patience`` or ``blockllm_reselect_until`` in (0, 1)
 (that share of the run's optimizer steps, which the Trainer knows).
 """
 
+from blockllm_factory.optim.rows import attach_row_gradients, rows_serve_embeddings
+from blockllm_factory.optim.selection import is_embedding_name
 from blockllm_factory.optim.settings import (
     BLOCK_SIZE_HEAD,
     COVERAGE_AUTO,
     COVERAGE_ROW_GROUPS,
+    EMBEDDINGS_AUTO,
     SETTINGS,
     YAML_SETTINGS,
     steps_from_share,
 )
 
-from .engine import blockllm_optimizer_class, engine_of, optim_bits
+from .engine import SINGLE, blockllm_optimizer_class, engine_of, optim_bits
 
 
 def _text_config(model):
@@ -66,6 +70,16 @@ def resolve_coverage(coverage, block_size: int) -> float:
     return COVERAGE_ROW_GROUPS if block_size else 1.0
 
 
+def resolve_include_embeddings(include_embeddings, model, decided, block_size: int) -> bool:
+    """``auto`` (the YAML default): the embeddings and the head join the blocks where their gradients can be kept as
+    rows (optim/rows.py): one process, row-group blocks (``block_size`` > 0), and only plain ``nn.Embedding`` /
+    ``nn.Linear`` modules hold them. Elsewhere autograd would hand BlockLLM their whole gradient (vocab x hidden, and
+    twice over when tied: docs/memory.md), so they stay frozen, as in the paper's code. True or false: as given."""
+    if include_embeddings != EMBEDDINGS_AUTO:
+        return include_embeddings
+    return decided.kind == SINGLE and block_size > 0 and rows_serve_embeddings(model, is_embedding_name)
+
+
 def resolve_steps(name: str, value, training_args, logger, total_steps: int | None = None) -> int:
     """A setting that also takes a share of the run (``blockllm_patience``, ``blockllm_reselect_until``) as optimizer
     steps: an integer stays; a share in (0, 1) becomes that share of the run's steps (``total_steps``, the Trainer's,
@@ -103,14 +117,19 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
     decided = engine_of(training_args)
     block_size = resolve_block_size(settings.blockllm_block_size, model, decided.deepspeed, logger)
     coverage = resolve_coverage(settings.blockllm_coverage, block_size)
+    include_embeddings = resolve_include_embeddings(settings.blockllm_include_embeddings, model, decided, block_size)
     patience = resolve_steps("patience", settings.blockllm_patience, training_args, logger, total_steps)
     reselect_until = resolve_steps(
         "reselect_until", settings.blockllm_reselect_until, training_args, logger, total_steps
     )
-    # Every YAML setting flows through by name from the settings table; four are resolved to numbers above.
+    # Every YAML setting flows through by name from the settings table; five are resolved above.
     blockllm_settings = {setting.name: getattr(settings, setting.field) for setting in YAML_SETTINGS}
     blockllm_settings.update(
-        block_size=block_size, coverage=coverage, patience=patience, reselect_until=reselect_until
+        block_size=block_size,
+        coverage=coverage,
+        include_embeddings=include_embeddings,
+        patience=patience,
+        reselect_until=reselect_until,
     )
     optimizer = blockllm_optimizer_class(training_args)(
         [group for group in param_groups if group["params"]],
@@ -123,11 +142,16 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
         **blockllm_settings,
         compact_gradients=decided.compact_gradients,
     )
+    # Embedding and head weights among the blocks: their gradients as rows, never whole (optim/rows.py).
+    routed = attach_row_gradients(optimizer, model)
     blocks = f"{block_size:,} coordinates" if block_size else "whole tensors"
     blocks += f" (`blockllm_block_size: {settings.blockllm_block_size}`)"
     covered = f"{coverage:g}"
     if settings.blockllm_coverage == COVERAGE_AUTO:
         covered += f" (`blockllm_coverage: {COVERAGE_AUTO}`)"
+    embeddings = "as row blocks" if include_embeddings else "frozen"
+    if settings.blockllm_include_embeddings == EMBEDDINGS_AUTO:
+        embeddings += f" (`blockllm_include_embeddings: {EMBEDDINGS_AUTO}`)"
     probed = f" ({settings.blockllm_probe_blocks} blocks)" if settings.blockllm_probe == "sample" else ""
     reselections = f"until step {reselect_until}" if reselect_until else "whenever the loss rule fires"
     if reselect_until and settings.blockllm_probe == "exact":  # the exact probe reselects one step after the rule
@@ -137,13 +161,14 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
     logger.info_rank0(
         f"Using BlockLLM optimizer: sparsity {settings.blockllm_sparsity}, patience {patience}, probe "
         f"{settings.blockllm_probe}{probed}, score "
-        f"{settings.blockllm_score}, blocks of {blocks}, coverage {covered}, "
+        f"{settings.blockllm_score}, blocks of {blocks}, coverage {covered}, embeddings and head {embeddings}, "
         f"reselections {reselections}, "
         f"warm-up after reselection {settings.blockllm_reselect_warmup} steps, norms "
         f"{settings.blockllm_norms}, "
         f"budget {optimizer.budget:,} of "
         f"{optimizer.eligible_numel:,} coordinates per step; "
-        f"{'compact' if optimizer.compact_gradients else 'dense'} gradients, {optimizer.optim_bits}-bit moments, "
+        f"{'compact' if optimizer.compact_gradients else 'dense'} gradients"
+        f"{' (as rows for ' + ', '.join(routed) + ')' if routed else ''}, {optimizer.optim_bits}-bit moments, "
         f"{optimizer.master} masters (for half-precision weights); engine: {decided.describe()}."
     )
     return optimizer

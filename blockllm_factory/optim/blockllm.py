@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 from .carrier import GradientCarrier, is_carrier_group
 from .distributed import GradientAverager, squared_norms_vector, synchronize, unpack_measurements
 from .flat import ClassKey, FlatStates, Item, Slot, weight_kind
-from .masks import pack_mask, packed_size, span_numel, unpack_mask
+from .masks import KeptCoordinates, pack_mask, packed_size, span_numel, unpack_mask
 from .quantization import check_available, quantized, zero_moments_
 from .run_state import RUN_STATE_KEY, RunState
 from .selection import (
@@ -275,6 +275,8 @@ class BlockLLM(Optimizer):
         self.probe_hooks = True
         self.probe_grad_scale: Callable[[], float] | None = None
         self._kept_for_scaler: str | None = None
+        # Embedding and head weights whose gradients skip autograd's accumulation (rows.py): name -> its route.
+        self._row_routes: dict[str, Any] = {}
 
         self.register_state_dict_post_hook(_add_run_state, prepend=True)
 
@@ -338,6 +340,7 @@ class BlockLLM(Optimizer):
         ``clip_grad_norm_(model.parameters())`` cannot see them: clip with this method. The norm is that of the
         gradient the update uses (the masked coordinates). Returns the total norm before clipping.
         """
+        self._flush_rows()
         grads = [grad for name in self.eligible_params if (grad := self.compact_gradient(name)) is not None]
         if parameters is not None:
             grads += [param.grad for param in parameters if param.grad is not None]
@@ -413,6 +416,7 @@ class BlockLLM(Optimizer):
             if loss is not None:
                 self.record_loss(float(loss))
 
+        self._flush_rows()
         self.reduce_gradients()  # a no-op unless averaging across ranks, and then once per step (the engine's call)
         squared_norms, shares, selected_names = self._measure()
         losses, self._pending_losses = self._pending_losses, []
@@ -551,7 +555,7 @@ class BlockLLM(Optimizer):
                     name=name,
                     param=param,
                     state=state,
-                    mask=functools.partial(self.coordinate_mask, name),
+                    kept=functools.partial(self._kept, name),
                     grad=None if compact else param.grad,
                 )
             )
@@ -665,7 +669,7 @@ class BlockLLM(Optimizer):
     def _init_param_state(self, name: str, grad: torch.Tensor) -> None:
         """Cuts a newly selected tensor's top-k mask (per selected block) from its first gradient and creates its
         compact states: views of the selection's flat buffers (flat.py), 8-bit moments apart."""
-        self._fill_state(name, *self._cut_state(name, grad))
+        self._fill_state(name, self._cut_state(name, grad)[0])
 
     def _cut_state(self, name: str, grad: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None]:
         """A newly selected tensor's state before its moments: the step count and the packed top-k mask cut from
@@ -676,15 +680,16 @@ class BlockLLM(Optimizer):
             state["mask"] = pack_mask(mask, self._mask_ranges(name))
         return state, mask
 
-    def _fill_state(self, name: str, state: dict[str, Any], mask: torch.Tensor | None) -> None:
-        """Adds the compact states to a state from :meth:`_cut_state` (``mask``: its mask unpacked): views of the
-        selection's flat buffers (flat.py), 8-bit moments apart, and makes it the tensor's state."""
+    def _fill_state(self, name: str, state: dict[str, Any]) -> None:
+        """Adds the compact states to a state from :meth:`_cut_state`: views of the selection's flat buffers
+        (flat.py), 8-bit moments apart, and makes it the tensor's state."""
         param = self._param_by_name[name]
         if self._slots[name].key.quantized:
             # Straight to 8-bit: fp32 zeros for the whole new selection at once would be the states' peak.
             zero_moments_(state, self._param_keep[name], param.device)
         flat = param.data.reshape(-1)
-        self._flat_states().init_state(name, state, flat if mask is None else flat[mask])
+        kept = self._kept(name, state)
+        self._flat_states().init_state(name, state, flat if kept is None else kept.gather(flat))
         self.state[param] = state
 
     def _flat_states(self) -> FlatStates:
@@ -702,16 +707,26 @@ class BlockLLM(Optimizer):
 
     def _selected_weights(self, name: str) -> torch.Tensor:
         flat = self._param_by_name[name].data.reshape(-1)
-        mask = self.coordinate_mask(name)
-        return flat if mask is None else flat[mask]
+        kept = self._kept(name)
+        return flat if kept is None else kept.gather(flat)
+
+    def _kept(self, name: str, state: dict[str, Any] | None = None) -> KeptCoordinates | None:
+        """The kept coordinates of parameter ``name`` (its state's mask, by default the stored state's), read and
+        written span by span over its selected blocks (masks.py); None while the selection trains all of it."""
+        state = self.state.get(self._param_by_name[name]) if state is None else state
+        if not state or "mask" not in state:
+            return None
+        ranges = self._mask_ranges(name)
+        if ranges is None:
+            return KeptCoordinates(unpack_mask(state["mask"], self._param_numel(name)), None)
+        spans = _kept_spans(self._selected_by_param[name], self._run.selected)
+        return KeptCoordinates(unpack_mask(state["mask"], span_numel(ranges)), spans)
 
     def coordinate_mask(self, name: str) -> torch.Tensor | None:
         """The flat bool mask of the coordinates of parameter ``name`` that the selection trains (the top-k of its
         selected blocks), unpacked for one use; None while the selection trains all of the tensor or none of it, or
         before its first gradient has cut the mask. Stored packed over the selected blocks only (masks.py)."""
-        return self._unpacked_mask(name, self.state.get(self._param_by_name[name]))
-
-    def _unpacked_mask(self, name: str, state: dict[str, Any] | None) -> torch.Tensor | None:
+        state = self.state.get(self._param_by_name[name])
         if not state or "mask" not in state:
             return None
         return unpack_mask(state["mask"], self._param_numel(name), self._mask_ranges(name))
@@ -785,6 +800,7 @@ class BlockLLM(Optimizer):
         and a selected block whose mask keeps part of it is measured on its kept coordinates, from its selection's
         second step on (one process measures it whole). The updates are the same. Needs ``compact_gradients``."""
         _check(self._carrier is not None, "average_gradients_across_ranks needs compact_gradients=True")
+        self.detach_row_gradients()  # the averager takes whole gradients from the hooks
         self._averager = GradientAverager(self._carrier.parameter.dtype, self._carrier.parameter.device)
         self._set_trainable(probed=self._run.probed)
 
@@ -830,7 +846,7 @@ class BlockLLM(Optimizer):
                 self._carrier.flag_nonfinite_(torch.stack(squared).sum())
         del reduced, values, grad, mask  # the last views of the averaged buffer (and the last unpacked mask)
         for name, state in fresh.items():
-            self._fill_state(name, state, self._unpacked_mask(name, state))
+            self._fill_state(name, state)
 
     def _record_kept_norms(self, name: str, values: torch.Tensor) -> None:
         """Records the squared norm of each selected block of ``name`` from its kept coordinates (``values``: the
@@ -855,6 +871,81 @@ class BlockLLM(Optimizer):
             block = self._blocks[name]
             blocks.setdefault(block.param, []).append(block)
         return blocks
+
+    # ------------------------------------------------------------------ row-sparse embedding and head gradients
+    # (rows.py: attach_row_gradients routes them here; public: row_gradients_supported, row_gradient_candidates,
+    # row_gradient_names, detach_row_gradients)
+    routes_rows = True  # engines that shard or average gradients (zero.py, fsdp.py) take them dense
+
+    def row_gradients_supported(self) -> bool:
+        """Whether :func:`~blockllm_factory.optim.rows.attach_row_gradients` may route gradients to this optimizer:
+        one process (no cross-rank averaging) with compact gradients."""
+        return type(self).routes_rows and self._carrier is not None and self._averager is None
+
+    def row_gradient_candidates(self) -> list[str]:
+        """The eligible embedding and head weights split into row blocks (``include_embeddings`` with row-group
+        blocks): the tensors a row route can serve."""
+        return [
+            name
+            for name in self.eligible_params
+            if is_embedding_name(name) and self._param_by_name[name].dim() == 2 and len(self._param_blocks[name]) > 1
+        ]
+
+    @property
+    def row_gradient_names(self) -> list[str]:
+        """The weights whose gradients reach BlockLLM as rows (rows.py) rather than through autograd's ``.grad``."""
+        return list(self._row_routes)
+
+    def detach_row_gradients(self) -> None:
+        """Gives the routed modules their own forward back: their weights' gradients go through autograd again."""
+        for route in self._row_routes.values():
+            route.detach()
+        self._row_routes = {}
+
+    def _flush_rows(self) -> None:
+        for route in self._row_routes.values():
+            route.flush()
+
+    def _selected_rows(self, name: str) -> list[int]:
+        """The rows of ``name``'s selected blocks, in increasing order (what a row route keeps of its gradient)."""
+        cols = self._param_by_name[name].shape[1]
+        rows: list[int] = []
+        for start, stop in _ranges(self._selected_by_param.get(name, [])):
+            rows.extend(range(start // cols, stop // cols))
+        return rows
+
+    def _receive_rows(self, name: str, row_sq: torch.Tensor, values: torch.Tensor) -> None:
+        """A row route's gradient of ``name`` (one backward's): every row's squared norm (``row_sq``) and the rows of
+        its selected blocks (``values``, in increasing order). Measured and compacted as :meth:`_compact_gradient`
+        and the probe hook do with a dense gradient."""
+        cols = self._param_by_name[name].shape[1]
+        blocks = self._param_blocks[name]
+        equal, rows = self._equal_row_groups[name], blocks[0].numel // cols
+        squared = list(row_sq[: equal * rows].view(equal, rows).sum(dim=1).unbind(0))
+        squared += [row_sq[block.start // cols : block.stop // cols].sum() for block in blocks[equal:]]
+        for block_name, value in zip(self._block_names_of[name], squared):
+            self.record_probe_norm(block_name, value)
+        if name not in self._selected_by_param:
+            self._carrier.flag_nonfinite_(row_sq.sum())
+            return
+        values = values.reshape(-1)
+        param = self._param_by_name[name]
+        state = self.state.get(param)
+        if not state:  # a new selection: its mask is cut from these rows, as _cut_state cuts it from a whole gradient
+            kept, offset = [], 0
+            for block in sorted(self._selected_by_param[name], key=lambda block: block.start):
+                kept.append((Block(block.name, name, offset, offset + block.numel), self._run.selected[block.name]))
+                offset += block.numel
+            mask = cut_mask(values, kept)
+            if mask is None and self._mask_ranges(name) is not None:  # whole blocks, not the whole tensor
+                mask = torch.ones(values.numel(), dtype=torch.bool, device=values.device)
+            state = {"step": 0}
+            if mask is not None:
+                state["mask"] = pack_mask(mask)
+            del mask
+            self._fill_state(name, state)
+        kept = self._kept(name, state)  # its mask covers the selected rows, as ``values`` does
+        self._carrier.add_(name, values if kept is None else values[kept.mask])
 
     def _release_compact_gradients(self) -> None:
         if self._carrier is not None:
@@ -1106,13 +1197,19 @@ def _finish_load(optimizer: BlockLLM) -> None:
 
 def _ranges(blocks: list[Block]) -> list[tuple[int, int]]:
     """The flat coordinate ranges of ``blocks`` (of one tensor, in order), adjacent ones merged."""
-    ranges: list[tuple[int, int]] = []
+    return [(start, stop) for start, stop, _ in _kept_spans(blocks, {})]
+
+
+def _kept_spans(blocks: list[Block], kept: Mapping[str, int]) -> list[tuple[int, int, int]]:
+    """:func:`_ranges` with the coordinates each range keeps (``kept``: block name -> its kept count; 0 if absent)."""
+    spans: list[tuple[int, int, int]] = []
     for block in sorted(blocks, key=lambda block: block.start):
-        if ranges and ranges[-1][1] == block.start:
-            ranges[-1] = (ranges[-1][0], block.stop)
+        count = kept.get(block.name, 0)
+        if spans and spans[-1][1] == block.start:
+            spans[-1] = (spans[-1][0], block.stop, spans[-1][2] + count)
         else:
-            ranges.append((block.start, block.stop))
-    return ranges
+            spans.append((block.start, block.stop, count))
+    return spans
 
 
 def _probe_hook(optimizer: BlockLLM, name: str) -> Callable[[torch.Tensor], None]:

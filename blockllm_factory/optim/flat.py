@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .functional import adamw_, round_compensated_
+from .masks import KeptCoordinates
 from .quantization import decode_moments_into, encode_moments_from
 
 CHUNK_FLOOR = 1 << 22  # coordinates: a chunk may be this long even if every tensor is shorter (16 MiB of fp32)
@@ -72,7 +73,7 @@ class Item:
     name: str
     param: torch.Tensor
     state: dict[str, Any]
-    mask: Callable[[], torch.Tensor | None]  # unpacked on use: a whole tensor's bool mask lives one use at a time
+    kept: Callable[[], KeptCoordinates | None]  # unpacked on use (one at a time); None: the whole tensor
     grad: torch.Tensor | None  # the dense gradient; None: the compact one, in the carrier
 
 
@@ -197,9 +198,9 @@ class FlatStates:
         else:
             grad = torch.empty(numel, dtype=torch.float32, device=device)
             for item, start, keep in segments:
-                mask = item.mask()
+                kept = item.kept()
                 flat_grad = item.grad.reshape(-1)
-                grad[start : start + keep].copy_(flat_grad if mask is None else flat_grad[mask])
+                grad[start : start + keep].copy_(flat_grad if kept is None else kept.gather(flat_grad))
 
         if key.quantized:
             exp_avg = torch.empty(numel, dtype=torch.float32, device=device)
@@ -215,9 +216,9 @@ class FlatStates:
         else:  # gathered: the compensated weights in fp32, or the fp32 weights themselves
             weights = torch.empty(numel, dtype=torch.float32, device=device)
             for item, start, keep in segments:
-                mask = item.mask()
+                kept = item.kept()
                 flat_param = item.param.data.view(-1)
-                weights[start : start + keep].copy_(flat_param if mask is None else flat_param[mask])
+                weights[start : start + keep].copy_(flat_param if kept is None else kept.gather(flat_param))
             if key.kind == COMPENSATED:
                 compensation = owner.buffers[COMPENSATION_KEY][local : local + numel]
                 weights.add_(compensation)
@@ -246,12 +247,12 @@ class FlatStates:
         else:
             rounded = weights
         for item, start, keep in segments:
-            mask = item.mask()
+            kept = item.kept()
             flat_param = item.param.data.view(-1)
-            if mask is None:
+            if kept is None:
                 flat_param.copy_(rounded[start : start + keep])
             else:
-                flat_param.masked_scatter_(mask, rounded[start : start + keep])
+                kept.scatter_(flat_param, rounded[start : start + keep])
 
 
 def _with(rounded: torch.Tensor, compensation: torch.Tensor | None) -> torch.Tensor:

@@ -76,6 +76,8 @@ class FsdpBlockLLM(BlockLLM):
     ``named_parameters()``). Same arguments and decisions as :class:`BlockLLM`; whole-tensor blocks, fp32 moments and
     an fp32 master for half-precision weights (the settings FSDP2's shards cannot serve are refused)."""
 
+    routes_rows = False  # gradients of sharded weights come through the engine, whole
+
     def __init__(self, params, **kwargs: Any) -> None:
         for setting, (served, allowed) in UNSERVED_SETTINGS.items():
             value = kwargs.setdefault(setting, served)

@@ -17,7 +17,9 @@ import torch
 # (``_arrange_groups``), a parameter's coordinate count (``_block_numel``), this rank's norms and the parameters to
 # update (``_measure``), the masked update (``_apply_updates``), the buffers kept for the trainable tensors
 # (``_arrange_trainable``), and the per-parameter part of a checkpoint, written
-# (``state_dict``, through ``_state_dict_through_hooks``) and read back (``_unpack_state_dict``).
+# (``state_dict``, through ``_state_dict_through_hooks``) and read back (``_unpack_state_dict``); and one class
+# attribute, ``routes_rows``: whether embedding and head gradients may reach it as rows (rows.py; an engine that takes
+# every gradient whole through its own buffers sets it False).
 EXTENSION_POINTS = (
     "_arrange_groups",
     "_block_numel",
@@ -26,6 +28,7 @@ EXTENSION_POINTS = (
     "_arrange_trainable",
     "state_dict",
     "_unpack_state_dict",
+    "routes_rows",
 )
 
 

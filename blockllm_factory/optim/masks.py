@@ -7,6 +7,7 @@ packed over their coordinates only (the others are never trained). Without ``ran
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -57,3 +58,36 @@ def unpack_mask(bits: torch.Tensor, numel: int, ranges: Ranges | None = None) ->
         mask[start:stop] = bools[offset : offset + stop - start]
         offset += stop - start
     return mask
+
+
+@dataclass
+class KeptCoordinates:
+    """Reads and writes the kept coordinates of one tensor's flat view without a bool mask of the whole tensor.
+
+    ``spans``: the selected blocks' merged ``(start, stop, kept)`` spans and ``mask`` the bools over their coordinates
+    (one after another); or ``spans`` None and ``mask`` over the whole tensor. Span by span, the bools cost the
+    selected blocks' size, not the tensor's (the embedding and the head hold a few of their many row blocks)."""
+
+    mask: torch.Tensor
+    spans: list[tuple[int, int, int]] | None
+
+    def gather(self, flat: torch.Tensor) -> torch.Tensor:
+        """The kept coordinates of ``flat``, in flat order (a new tensor)."""
+        if self.spans is None:
+            return flat[self.mask]
+        pieces, offset = [], 0
+        for start, stop, _ in self.spans:
+            pieces.append(flat[start:stop][self.mask[offset : offset + stop - start]])
+            offset += stop - start
+        return torch.cat(pieces)
+
+    def scatter_(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+        """Writes ``values`` (as :meth:`gather` orders them) into the kept coordinates of ``flat``."""
+        if self.spans is None:
+            flat.masked_scatter_(self.mask, values)
+            return
+        offset = taken = 0
+        for start, stop, kept in self.spans:
+            flat[start:stop].masked_scatter_(self.mask[offset : offset + stop - start], values[taken : taken + kept])
+            offset += stop - start
+            taken += kept

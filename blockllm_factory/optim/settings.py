@@ -23,6 +23,9 @@ MAX_PATIENCE = 10**9  # steps; a run never gets there, and Python's deque refuse
 BLOCK_SIZE_HEAD = "head"  # `blockllm_block_size: head`, resolved from the model's config by patches/optimizer.py
 COVERAGE_AUTO = "auto"  # `blockllm_coverage: auto`: COVERAGE_ROW_GROUPS with row-group blocks, 1 with whole tensors
 COVERAGE_ROW_GROUPS = 4.0  # measured better with head blocks on the real model (docs/benchmarks.md, ninth round)
+# `blockllm_include_embeddings: auto`: true where the embeddings' and head's gradients can be kept as rows (one
+# process, row-group blocks, plain nn.Embedding / nn.Linear modules: optim/rows.py), else false (hf/optimizer.py)
+EMBEDDINGS_AUTO = "auto"
 
 
 def _is_real(value: Any) -> bool:
@@ -187,8 +190,16 @@ _SETTINGS = (
         False,
         "true or false",
         _is_bool,
-        "Whether BlockLLM may also select the input embeddings and the output head (needed when training from "
-        "scratch). Off by default, as in the paper's code.",
+        "Whether BlockLLM may also select the input embeddings and the output head, as row blocks (needed when "
+        "training from scratch): `auto` (the default: true in one process with row-group blocks where their "
+        "gradients can be kept as rows, optim/rows.py; false under DDP, DeepSpeed, with whole tensors and with "
+        "embedding modules of other types, e.g. Gemma's scaled ones; measured better on a real model, "
+        "docs/algorithm.md), true, or false (the paper's code).",
+        llamafactory_default=EMBEDDINGS_AUTO,
+        named_values={
+            EMBEDDINGS_AUTO: "true in one process with row-group blocks and plain embedding modules, else false; "
+            "the default"
+        },
     ),
     Setting(
         "compact_gradients",
@@ -306,12 +317,26 @@ def check(name: str, value: Any, *, yaml: bool = False) -> Any:
     if yaml and (setting.named_values or setting.share_of_run) and isinstance(value, str):
         if value in setting.named_values:
             return value
-        value = _number_from_text(value, decimals=setting.share_of_run or setting.type is float)
+        if setting.type is bool:  # a flag with a named value, written as text (command line, web UI)
+            value = _bool_from_text(value)
+        else:
+            value = _number_from_text(value, decimals=setting.share_of_run or setting.type is float)
     if yaml and setting.share_of_run and _is_share(value):
         return float(value)
     if not setting.accepts(value):
         raise invalid_value(setting.field if yaml else name, setting.allowed_in(yaml), value)
     return value
+
+
+def _bool_from_text(text: str) -> Any:
+    """The words transformers' argument parser reads as a boolean (``yes``/``no``, ``true``/``false``, ``t``/``f``,
+    ``y``/``n``, ``1``/``0``, any case); anything else stays text, for the check to refuse."""
+    word = text.strip().lower()
+    if word in ("yes", "true", "t", "y", "1"):
+        return True
+    if word in ("no", "false", "f", "n", "0"):
+        return False
+    return text
 
 
 def _number_from_text(text: str, decimals: bool) -> Any:

@@ -134,6 +134,8 @@ class ZeroBlockLLM(BlockLLM):
     freed the probed gradients before it clips.
     """
 
+    routes_rows = False  # gradients of sharded weights come through the engine, whole
+
     def __init__(
         self,
         params,
