@@ -73,7 +73,9 @@ class Recorder(TrainerCallback):
         self.before = {name: param.detach().clone() for name, param in model.named_parameters()}
         self.skipped_before = blockllm(optimizer).skipped_steps
         if state.global_step == POISONED_STEP:
-            param = next(param for param in model.parameters() if param.requires_grad)
+            # A weight whose gradient autograd delivers (the embeddings' reach BlockLLM as rows: tests/test_rows.py).
+            param = next(param for name, param in model.named_parameters()
+                         if param.requires_grad and "embed" not in name and "lm_head" not in name)
             self.handle = param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -110,7 +110,7 @@ BAD_VALUES = [
     ("patience", 2.5),
     ("probe", "all"),
     ("probe_blocks", -1),
-    ("include_embeddings", "yes"),
+    ("include_embeddings", "maybe"),
     ("score", "size"),
     ("block_size", -1),
     ("coverage", 0.5),

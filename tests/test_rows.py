@@ -134,3 +134,23 @@ def test_detach_and_averaging_give_the_modules_their_forward_back():
     assert optimizer.row_gradient_names == []
     assert "forward" not in vars(model.lm_head) and "forward" not in vars(model.model.embed_tokens)
     assert attach_row_gradients(optimizer, model) == []
+
+
+def test_a_non_finite_row_gradient_skips_the_step_and_changes_nothing():
+    model = tiny_llama(True)
+    optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.8, include_embeddings=True, block_size=64)
+    assert attach_row_gradients(optimizer, model) == ["model.embed_tokens.weight"]
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    for poisoned in (False, True):
+        before = {name: param.detach().clone() for name, param in model.named_parameters()}
+        hidden = model.model.embed_tokens(ids)
+        if poisoned:  # inf in the embedding's part of the gradient only: the head's rows stay finite
+            hidden.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        logits = model(inputs_embeds=hidden).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        optimizer.record_loss(1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        changed = [name for name, param in model.named_parameters() if not torch.equal(param, before[name])]
+        assert (optimizer.skipped_steps, bool(changed)) == ((1, False) if poisoned else (0, False)), changed
+    assert all(torch.isfinite(param).all() for param in model.parameters())

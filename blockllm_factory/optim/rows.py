@@ -17,9 +17,11 @@ no gradient for the weight and hand BlockLLM what it reads instead:
   norms and the rows are those of the summed gradient), or stands alone when untied.
 
 BlockLLM then measures every block of the tensor from the rows' squared norms and compacts the selected rows as its
-hooks compact a dense gradient (same masks, same carrier). What is kept is the token rows, the selected rows and one
-chunk, not vocab x hidden values. The weight keeps ``requires_grad`` as the selection sets it; where a weight is used
-outside these modules, autograd's dense gradient still reaches BlockLLM's hooks and adds to the same step.
+hooks compact a dense gradient (same masks, same carrier). The weight is not an input of the autograd functions, so
+it never gets a ``.grad`` and tensor hooks registered on it do not run. What is kept is the token rows, the selected
+rows and one chunk, not vocab x hidden values. The weight keeps ``requires_grad`` as the selection sets it; where a
+weight is used outside these modules, autograd's dense gradient still reaches BlockLLM's hooks and adds to the same
+step.
 """
 
 import bisect
@@ -56,6 +58,8 @@ class RowRoute:
         self.head = False
         self._current: _Link | None = None  # the last embedding forward's link, not yet taken by a head forward
         self._pending: list[_Link] = []  # links holding a head part not yet finished
+        # The autograd functions' stand-in for the weight: it requires grad, gets none, holds no memory worth counting.
+        self.anchor = torch.zeros((), device=param.device, requires_grad=True)
 
     @property
     def tied(self) -> bool:
@@ -65,11 +69,11 @@ class RowRoute:
     def embed(self, module: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         link = _Link(ids) if self.tied else None
         self._current = link
-        return _RowEmbedding.apply(ids, module.weight, self, link, module.padding_idx)
+        return _RowEmbedding.apply(ids, self.anchor, self, link, module.padding_idx)
 
     def project(self, module: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         link, self._current = self._current, None  # one head per embedding forward: the tied pair of a causal LM
-        out = _RowHead.apply(hidden, module.weight, self, link)
+        out = _RowHead.apply(hidden, self.anchor, self, link)
         return out if module.bias is None else out + module.bias
 
     # -------------------------------------------------------------- backward
@@ -162,35 +166,40 @@ def _positions(keep: list[int], rows: list[int], device: torch.device) -> torch.
 
 
 class _RowEmbedding(torch.autograd.Function):
+    """The embedding's forward; its backward hands the route the rows. The weight is not an input: autograd never
+    accumulates into it nor runs its hooks (``anchor``, a scalar that requires grad, puts the output in the graph)."""
+
     @staticmethod
-    def forward(ctx, ids, weight, route, link, padding_idx):
+    def forward(ctx, ids, anchor, route, link, padding_idx):
         ctx.save_for_backward(ids)
         ctx.route, ctx.link, ctx.padding_idx = route, link, padding_idx
-        return F.embedding(ids, weight, padding_idx)
+        return F.embedding(ids, route.param, padding_idx)
 
     @staticmethod
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
-        if ctx.needs_input_grad[1]:
-            ctx.route.embedding_backward(ids, grad_out, ctx.link, ctx.padding_idx)
+        ctx.route.embedding_backward(ids, grad_out, ctx.link, ctx.padding_idx)
         return None, None, None, None, None
 
 
 class _RowHead(torch.autograd.Function):
+    """The head's matmul; its backward returns the input's gradient and hands the route the weight's rows (the weight
+    is not an input, as for :class:`_RowEmbedding`)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, route, link):
-        ctx.save_for_backward(hidden, weight)
+    def forward(ctx, hidden, anchor, route, link):
+        ctx.save_for_backward(hidden)
         ctx.route, ctx.link = route, link
-        return F.linear(hidden, weight)
+        return F.linear(hidden, route.param)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight = ctx.saved_tensors
+        (hidden,) = ctx.saved_tensors
+        weight = ctx.route.param
         grad_hidden = None
         if ctx.needs_input_grad[0]:
             grad_hidden = (grad_out @ weight.to(grad_out.dtype)).to(hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            ctx.route.head_backward(grad_out, hidden, ctx.link)
+        ctx.route.head_backward(grad_out, hidden, ctx.link)
         return grad_hidden, None, None, None
 
 
