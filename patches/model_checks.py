@@ -120,13 +120,12 @@ def includes_embeddings(finetuning_args, training_args=None) -> bool:
     value = finetuning_args.blockllm_include_embeddings
     if value != EMBEDDINGS_AUTO:
         return bool(value)
-    if finetuning_args.blockllm_block_size == 0:
-        return False
-    if training_args is None:
-        return True
-    from blockllm_factory.hf.engine import SINGLE, engine_of
+    if training_args is None:  # the engine unknown: only the block size tells
+        return finetuning_args.blockllm_block_size != 0
+    from blockllm_factory.hf.engine import engine_of
+    from blockllm_factory.hf.optimizer import embeddings_engine
 
-    return engine_of(training_args).kind == SINGLE
+    return embeddings_engine(engine_of(training_args), finetuning_args.blockllm_block_size)
 
 
 def _left_out(finetuning_args) -> str:

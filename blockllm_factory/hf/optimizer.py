@@ -70,6 +70,13 @@ def resolve_coverage(coverage, block_size: int) -> float:
     return COVERAGE_ROW_GROUPS if block_size else 1.0
 
 
+def embeddings_engine(decided, block_size) -> bool:
+    """The part of ``blockllm_include_embeddings: auto`` known before the model loads: one process and row-group
+    blocks (``block_size``: the YAML value, ``head`` or N, or the resolved number; 0 means whole tensors). The
+    parse-time checks (patches/model_checks.py) and :func:`resolve_include_embeddings` share it."""
+    return decided.kind == SINGLE and block_size != 0
+
+
 def resolve_include_embeddings(include_embeddings, model, decided, block_size: int) -> bool:
     """``auto`` (the YAML default): the embeddings and the head join the blocks where their gradients can be kept as
     rows (optim/rows.py): one process, row-group blocks (``block_size`` > 0), and only plain ``nn.Embedding`` /
@@ -77,7 +84,7 @@ def resolve_include_embeddings(include_embeddings, model, decided, block_size: i
     twice over when tied: docs/memory.md), so they stay frozen, as in the paper's code. True or false: as given."""
     if include_embeddings != EMBEDDINGS_AUTO:
         return include_embeddings
-    return decided.kind == SINGLE and block_size > 0 and rows_serve_embeddings(model, is_embedding_name)
+    return embeddings_engine(decided, block_size) and rows_serve_embeddings(model, is_embedding_name)
 
 
 def resolve_steps(name: str, value, training_args, logger, total_steps: int | None = None) -> int:
