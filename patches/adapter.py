@@ -62,6 +62,9 @@ def build_init_adapter(original, logger):
             finetuning_args.finetuning_type = FINETUNING_TYPE
             finetuning_args.use_badam = use_badam
         if is_trainable:
+            from .model_checks import check_embedding_modules
+
+            check_embedding_modules(model, model_args, finetuning_args, logger)
             master = getattr(finetuning_args, "blockllm_master", DEFAULTS["master"])
             logger.info_rank0(describe_precision(model, master))
         return model

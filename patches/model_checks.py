@@ -9,6 +9,9 @@ local directory, or a Hugging Face hub model already in the local cache, or (onl
   never be trained. Refused.
 * ``resize_vocab: true`` with the embeddings left out as above: the rows added for new tokens keep their initial
   values. Warned.
+* Once the model is set up (:func:`check_embedding_modules`, from patches/adapter.py): the same two with ``auto``
+  where the model's embedding modules are not plain ``nn.Embedding`` / ``nn.Linear`` (Gemma's scaled embeddings), which
+  makes ``auto`` false there. Refused / warned, naming the modules.
 * ``freeze_vision_tower: false`` on a vision-language model whose tower holds blocks that BlockLLM never selects
   without ``blockllm_include_embeddings`` (patch and position embeddings): those stay frozen. Warned, naming them.
 * DeepSpeed ZeRO-3 whose ``zero_optimization.sub_group_size`` (DeepSpeed's default 1e9 when absent) is smaller than
@@ -149,6 +152,37 @@ def check_embeddings(model_args, finetuning_args, logger, training_args=None) ->
             "embeddings or the output head, so rows added for new tokens keep their initial values; set "
             "`blockllm_include_embeddings: true` to train them."
         )
+
+
+def check_embedding_modules(model, model_args, finetuning_args, logger) -> None:
+    """The part of :func:`check_embeddings` that needs the model: ``auto`` also means false where a module holding the
+    embeddings or the head is not a plain ``nn.Embedding`` / ``nn.Linear`` (Gemma's scaled embeddings), which the
+    parse-time check cannot see. Called once the model is set up for training (patches/adapter.py)."""
+    if not (getattr(model_args, "train_from_scratch", False) or getattr(model_args, "resize_vocab", False)):
+        return
+    if finetuning_args.blockllm_include_embeddings != EMBEDDINGS_AUTO:
+        return
+    from blockllm_factory.optim.rows import unserved_embedding_modules
+    from blockllm_factory.optim.selection import is_embedding_name
+
+    modules = unserved_embedding_modules(model, is_embedding_name)
+    if not modules:
+        return
+    more = f" and {len(modules) - NAMES_SHOWN} more" if len(modules) > NAMES_SHOWN else ""
+    why = (
+        f"`blockllm_include_embeddings: {EMBEDDINGS_AUTO}` leaves the embeddings and the head frozen on this model: "
+        f"{', '.join(modules[:NAMES_SHOWN])}{more} are not plain nn.Embedding / nn.Linear modules, whose gradients "
+        "BlockLLM can keep as rows"
+    )
+    if getattr(model_args, "train_from_scratch", False):
+        raise ValueError(
+            f"`train_from_scratch: true`: {why}, so the randomly initialised input embeddings and output head would "
+            "never be trained; set `blockllm_include_embeddings: true` (their gradients are then whole tensors)."
+        )
+    logger.warning_rank0(
+        f"`resize_vocab: true`: {why}, so rows added for new tokens keep their initial values; set "
+        "`blockllm_include_embeddings: true` to train them."
+    )
 
 
 def frozen_tower_blocks(model_args, finetuning_args, training_args=None) -> list[str] | None:

@@ -71,6 +71,31 @@ def _zero3_sub_group_size(assets):
     )
 
 
+def _set_up_tiny_model(family: str, field: str, include_embeddings="auto") -> list[str]:
+    """LLaMA-Factory's ``init_adapter`` as patched (its full-tuning path stubbed) on a one-layer ``family`` model built
+    by transformers, with ``field`` (``train_from_scratch`` or ``resize_vocab``) true; returns the warnings logged."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from blockllm_factory.patches.adapter import build_init_adapter
+
+    shape = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    shape.update(num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    torch.manual_seed(0)
+    model = (
+        Gemma3ForCausalLM(Gemma3TextConfig(**shape)) if family == "gemma3" else LlamaForCausalLM(LlamaConfig(**shape))
+    )
+    warnings = []
+    logger = SimpleNamespace(info_rank0=lambda line: None, warning_rank0=warnings.append)
+    model_args = SimpleNamespace(compute_dtype=torch.float32, train_from_scratch=False, resize_vocab=False)
+    setattr(model_args, field, True)
+    finetuning_args = SimpleNamespace(
+        finetuning_type="blockllm", use_badam=False, pure_bf16=False, blockllm_include_embeddings=include_embeddings
+    )
+    build_init_adapter(lambda config, model, *args: model, logger)(None, model, model_args, finetuning_args, True)
+    return warnings
+
+
 def documented_triggers(assets, tmp_path, monkeypatch, parse) -> dict:
     """Case id of docs/bad_inputs.md -> a function that must raise the documented error (see test_reliability.py)."""
 
@@ -90,6 +115,7 @@ def documented_triggers(assets, tmp_path, monkeypatch, parse) -> dict:
         "use_unsloth": parse(use_unsloth=True),
         "use_megatron_bridge": lambda: _launch(monkeypatch, {}, use_megatron_bridge=True),
         "train_from_scratch": parse(train_from_scratch=True, blockllm_include_embeddings=False),
+        "train_from_scratch_modules": lambda: _set_up_tiny_model("gemma3", "train_from_scratch"),
         "zero3_sub_group_size_parse": lambda: _zero3_sub_group_size(assets),
     }
 
@@ -157,12 +183,25 @@ def tiny_llava(tmp_path_factory) -> Path:
 def test_every_documented_warning_is_checked():
     assert set(bad_inputs("warning")) == {
         "resize_vocab",
+        "resize_vocab_modules",
         "freeze_vision_tower",
         "freeze_vision_tower_unread",
         "max_steps_one",
         "nothing_trained",
         "save_only_model",
     }
+
+
+def test_auto_embeddings_on_modules_rows_cannot_serve_are_checked_once_the_model_is_set_up():
+    """Before, `train_from_scratch: true` with the default `blockllm_include_embeddings: auto` passed the parse-time
+    check on Gemma (it cannot see module types) and trained with the random embeddings frozen, said only by a log
+    line. Now the set-up model is checked (patches/model_checks.py check_embedding_modules): refused there (the case
+    `train_from_scratch_modules`, raised by the documented-refusals test), warned for `resize_vocab`; a Llama's plain
+    modules, and `true`, pass silently."""
+    _assert_documented_warning("resize_vocab_modules", _set_up_tiny_model("gemma3", "resize_vocab"))
+    for field in ("train_from_scratch", "resize_vocab"):
+        assert _set_up_tiny_model("llama", field) == []  # plain modules: `auto` trains them as rows
+        assert _set_up_tiny_model("gemma3", field, include_embeddings=True) == []  # as the messages say
 
 
 def test_a_run_that_cannot_train_or_resume_warns_before_it_starts(parse_logged):

@@ -228,16 +228,33 @@ def _routable(uses: list[tuple[torch.nn.Module, str]]) -> bool:
     return bool(uses) and all(kind != "other" for _, kind in uses)
 
 
-def rows_serve_embeddings(model: torch.nn.Module, is_embedding: Callable[[str], bool]) -> bool:
-    """Whether every trainable 2-D weight of ``model`` named as an embedding or head (``is_embedding``) is held only by
-    modules a row route can serve, so that none of them would get autograd's whole gradient (there is one at least)."""
-    users = _weight_users(model)
-    weights = [
+def _embedding_weights(model: torch.nn.Module, is_embedding: Callable[[str], bool]) -> list[torch.nn.Parameter]:
+    return [
         param
         for name, param in model.named_parameters()
         if param.requires_grad and param.dim() == 2 and is_embedding(name)
     ]
+
+
+def rows_serve_embeddings(model: torch.nn.Module, is_embedding: Callable[[str], bool]) -> bool:
+    """Whether every trainable 2-D weight of ``model`` named as an embedding or head (``is_embedding``) is held only by
+    modules a row route can serve, so that none of them would get autograd's whole gradient (there is one at least)."""
+    users = _weight_users(model)
+    weights = _embedding_weights(model, is_embedding)
     return bool(weights) and all(_routable(users.get(id(param), [])) for param in weights)
+
+
+def unserved_embedding_modules(model: torch.nn.Module, is_embedding: Callable[[str], bool]) -> list[str]:
+    """The modules holding a trainable embedding or head weight that a row route cannot serve, as ``name (Type)``
+    (e.g. Gemma's scaled embeddings): why :func:`rows_serve_embeddings` says no, for messages."""
+    names = {id(module): name for name, module in model.named_modules()}
+    users = _weight_users(model)
+    return [
+        f"{names[id(module)]} ({type(module).__name__})"
+        for param in _embedding_weights(model, is_embedding)
+        for module, kind in users.get(id(param), [])
+        if kind == "other"
+    ]
 
 
 def attach_row_gradients(optimizer: Any, model: torch.nn.Module) -> list[str]:
