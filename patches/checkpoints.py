@@ -9,7 +9,8 @@ resumes), before any model loads:
   learning-rate schedule (missing after ``save_only_model: true``: BlockLLM would silently start its selection and the
   schedule afresh), the model weights and the RNG states; the optimizer and scheduler files must match the checksums
   saved beside them (``blockllm_checkpoint.json``), and BlockLLM's settings that decide its blocks must be the
-  checkpoint's. Each refusal names the file or the field.
+  checkpoint's (one left at its ``auto`` default takes the checkpoint's value). Each refusal names the file or the
+  field.
 
 :func:`write_checkpoint_record` writes ``blockllm_checkpoint.json``; the trainer patch calls it right after the
 Trainer saved the optimizer and scheduler, before ``trainer_state.json`` (which the Trainer writes last).
@@ -25,7 +26,7 @@ import zipfile
 from blockllm_factory._files import write_json
 from blockllm_factory.hf.engine import engine_of
 from blockllm_factory.hf.serialization import OPTIMIZER_FILE, SCHEDULER_FILE, check_state_files
-from blockllm_factory.optim.settings import SETTINGS
+from blockllm_factory.optim.settings import EMBEDDINGS_AUTO, SETTINGS
 
 COMPLETION_MARKER = "trainer_state.json"  # the Trainer writes it last when it saves a checkpoint
 RECORD = "blockllm_checkpoint.json"  # checksums and settings, written beside the optimizer state
@@ -33,6 +34,9 @@ CHECKSUMMED = (OPTIMIZER_FILE, SCHEDULER_FILE)
 # Settings whose change gives other blocks or another budget: the saved selection and moments cannot load.
 BLOCK_SETTINGS = tuple(SETTINGS[name].field for name in ("sparsity", "block_size", "include_embeddings", "norms"))
 _CHUNK = 1 << 24
+# A block setting left at its `auto` default resumes with the checkpoint's value (a run saved before `auto` became the
+# default, or under another engine, keeps its blocks) instead of being refused as a change.
+AUTO_VALUES = {SETTINGS["include_embeddings"].field: EMBEDDINGS_AUTO}
 
 
 def _checkpoint_step(name: str) -> int | None:
@@ -121,8 +125,9 @@ def _older_complete(checkpoint: str) -> str | None:
     return older[-1] if older else None
 
 
-def check_resumable(checkpoint: str, training_args, finetuning_args=None) -> None:
-    """Refuses a checkpoint that BlockLLM cannot resume from exactly, naming the file or the field (see above)."""
+def check_resumable(checkpoint: str, training_args, finetuning_args=None, logger=None) -> None:
+    """Refuses a checkpoint that BlockLLM cannot resume from exactly, naming the file or the field (see above); a
+    block setting left at ``auto`` (:data:`AUTO_VALUES`) takes the checkpoint's value, said in the log."""
     older = _older_complete(checkpoint)
     elsewhere = f"resume from {older}, or " if older else ""
     restart = f"`model_name_or_path: {checkpoint}`, another `output_dir`, no `resume_from_checkpoint`"
@@ -151,6 +156,11 @@ def check_resumable(checkpoint: str, training_args, finetuning_args=None) -> Non
         return
     for name, saved in record.get("settings", {}).items():
         given = getattr(finetuning_args, name, saved)
+        if name in AUTO_VALUES and given == AUTO_VALUES[name] != saved:
+            setattr(finetuning_args, name, saved)
+            if logger is not None:
+                logger.info_rank0(f"`{name}: {given}` resumes {checkpoint} with the checkpoint's `{name}: {saved}`.")
+            continue
         if given != saved:
             raise ValueError(
                 f"`{name}: {given}` differs from the checkpoint's `{name}: {saved}` ({checkpoint}): BlockLLM's saved "
@@ -181,7 +191,7 @@ def check_resume_checkpoint(training_args, logger=None, finetuning_args=None) ->
                 f"`resume_from_checkpoint: {explicit}` is an incomplete checkpoint {INTERRUPTED}; {hint}."
             )
         if os.path.isdir(explicit):
-            check_resumable(explicit, training_args, finetuning_args)
+            check_resumable(explicit, training_args, finetuning_args, logger)
         return
     output_dir = training_args.output_dir
     if not (training_args.do_train and os.path.isdir(output_dir)) or getattr(
@@ -192,7 +202,7 @@ def check_resume_checkpoint(training_args, logger=None, finetuning_args=None) ->
     if not found:
         return  # nothing to resume
     if found[-1][2]:  # the last checkpoint is complete: LLaMA-Factory's own choice is right
-        check_resumable(found[-1][1], training_args, finetuning_args)
+        check_resumable(found[-1][1], training_args, finetuning_args, logger)
         return
     complete = [path for _, path, done in found if done]
     if not complete:
@@ -201,7 +211,7 @@ def check_resume_checkpoint(training_args, logger=None, finetuning_args=None) ->
             "it, or set "
             "`overwrite_output_dir: true` to start afresh."
         )
-    check_resumable(complete[-1], training_args, finetuning_args)
+    check_resumable(complete[-1], training_args, finetuning_args, logger)
     if logger is not None:
         logger.warning_rank0(f"{found[-1][1]} is incomplete {INTERRUPTED}; resuming from {complete[-1]} instead.")
     training_args.resume_from_checkpoint = complete[-1]

@@ -473,6 +473,29 @@ def _resume_saved(tmp_path, finetuning_args=None, **checkpoint):
     _resume(tmp_path, str(explicit), finetuning_args)
 
 
+def test_include_embeddings_left_at_auto_resumes_with_the_checkpoints_value(tmp_path):
+    """Before, a run saved with `blockllm_include_embeddings: false` (the default until session 36) was refused on
+    resume under the new default `auto`, as if the user had changed the field; now `auto` takes the checkpoint's value
+    and says so. A value set by hand that differs is still refused (`resume_changed_setting`)."""
+    from blockllm_factory.patches.checkpoints import check_resume_checkpoint
+
+    checkpoint = _saved_checkpoint(tmp_path / "checkpoint-2")
+    lines = []
+    finetuning_args = SimpleNamespace(**{**BLOCK_SETTINGS, "blockllm_include_embeddings": "auto"})
+    _, _, args = _ddp_args(
+        resume_from_checkpoint=str(checkpoint), output_dir=str(tmp_path), overwrite_output_dir=False
+    )
+    check_resume_checkpoint(args, SimpleNamespace(info_rank0=lines.append), finetuning_args)
+    assert finetuning_args.blockllm_include_embeddings is False
+    assert lines == [
+        f"`blockllm_include_embeddings: auto` resumes {checkpoint} with the checkpoint's "
+        "`blockllm_include_embeddings: False`."
+    ]
+    finetuning_args.blockllm_include_embeddings = True
+    with pytest.raises(ValueError, match="`blockllm_include_embeddings: True` differs from the checkpoint's"):
+        check_resume_checkpoint(args, SimpleNamespace(info_rank0=lines.append), finetuning_args)
+
+
 def _trained_state() -> dict:
     """The state dict of a BlockLLM that has taken a few steps (moments exist)."""
     torch.manual_seed(0)
