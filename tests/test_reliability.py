@@ -496,6 +496,20 @@ def test_include_embeddings_left_at_auto_resumes_with_the_checkpoints_value(tmp_
         check_resume_checkpoint(args, SimpleNamespace(info_rank0=lines.append), finetuning_args)
 
 
+@pytest.mark.parametrize("saved_with", [True, False])
+def test_a_state_dict_of_the_other_include_embeddings_is_refused_naming_it(saved_with):
+    """The blocks differ by the embedding and the head alone: the message says which side trains them and the value
+    that resumes; other block differences keep the generic message."""
+    saved = BlockLLM(_tiny_named_params(), include_embeddings=saved_with).state_dict()
+    with pytest.raises(ValueError) as error:
+        BlockLLM(_tiny_named_params(), include_embeddings=not saved_with).load_state_dict(saved)
+    where = "among its blocks" if saved_with else "frozen"
+    assert f"saved with the embeddings and the head {where} (embed_tokens.weight, lm_head.weight)" in str(error.value)
+    assert f"set include_embeddings={saved_with} " in str(error.value)
+    with pytest.raises(ValueError, match="saved for other blocks or another sparsity"):
+        BlockLLM(_tiny_named_params(), include_embeddings=not saved_with, block_size=4).load_state_dict(saved)
+
+
 def _trained_state() -> dict:
     """The state dict of a BlockLLM that has taken a few steps (moments exist)."""
     torch.manual_seed(0)
@@ -705,6 +719,9 @@ def _cases(assets, tmp_path, monkeypatch):
         ),
         "state_dict_not_blockllm": lambda: BlockLLM(_tiny_named_params()).load_state_dict({"state": {}}),
         "state_dict_other_blocks": lambda: BlockLLM(_tiny_named_params(), sparsity=0.5).load_state_dict(
+            BlockLLM(_tiny_named_params()).state_dict()
+        ),
+        "state_dict_embeddings": lambda: BlockLLM(_tiny_named_params(), include_embeddings=True).load_state_dict(
             BlockLLM(_tiny_named_params()).state_dict()
         ),
         "state_dict_group_count": lambda: _load_into_other(lambda state: state["param_groups"].append({})),

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .selection import is_embedding_name
+
 RUN_STATE_KEY = "blockllm"  # the state_dict entry that holds the run state
 
 _OPTIONAL = {"optional": True}  # absent from checkpoints of version 0.1.0: loaded as the field's default
@@ -73,6 +75,7 @@ class RunState:
                 "not saved by this version of blockllm-factory)"
             )
         if saved["block_names"] != self.block_names or saved["budget"] != self.budget:
+            _check_same_embeddings(saved["block_names"], self.block_names)
             raise ValueError(
                 "Invalid state_dict: it was saved for other blocks or another sparsity "
                 f"(saved budget {saved['budget']}, this optimizer {self.budget})"
@@ -99,6 +102,33 @@ class RunState:
                 setattr(self, spec.name, deque(value, maxlen=current.maxlen))
             else:
                 setattr(self, spec.name, _saved(value))
+
+
+def _tensors(block_names: list[str]) -> set[str]:
+    """The parameter names of blocks named ``name`` (whole tensors) or ``name[first:stop]`` (row groups)."""
+    return {name.partition("[")[0] for name in block_names}
+
+
+def _check_same_embeddings(saved_blocks: list[str], blocks: list[str]) -> None:
+    """Blocks that differ by the embeddings and the head alone: a checkpoint of the other ``include_embeddings``
+    (e.g. saved before ``auto`` became the Trainer front's default), refused naming the setting that resumes it."""
+    saved, here = _tensors(saved_blocks), _tensors(blocks)
+    extra = sorted(saved ^ here)
+    if not extra or not all(is_embedding_name(name) for name in extra) or not (saved < here or saved > here):
+        return
+    shared = saved & here
+    if [b for b in saved_blocks if b.partition("[")[0] in shared] != [
+        b for b in blocks if b.partition("[")[0] in shared
+    ]:
+        return  # other blocks besides: the generic message
+    with_them = saved > here  # the checkpoint trained them, this optimizer leaves them frozen
+    saved_as, here_as = ("among its blocks", "frozen") if with_them else ("frozen", "among its blocks")
+    raise ValueError(
+        f"Invalid state_dict: it was saved with the embeddings and the head {saved_as} ({', '.join(extra)}), this "
+        f"optimizer has them {here_as}; set "
+        f"include_embeddings={with_them} (LLaMA-Factory: `blockllm_include_embeddings: {str(with_them).lower()}`) to "
+        "resume it"
+    )
 
 
 def _key(spec: dataclasses.Field) -> str:
