@@ -109,6 +109,10 @@ def _tensors(block_names: list[str]) -> set[str]:
     return {name.partition("[")[0] for name in block_names}
 
 
+def _blocks_of(block_names: list[str], tensors: set[str]) -> list[str]:
+    return [name for name in block_names if name.partition("[")[0] in tensors]
+
+
 def _check_same_embeddings(saved_blocks: list[str], blocks: list[str]) -> None:
     """Blocks that differ by the embeddings and the head alone: a checkpoint of the other ``include_embeddings``
     (e.g. saved before ``auto`` became the Trainer front's default), refused naming the setting that resumes it."""
@@ -117,9 +121,7 @@ def _check_same_embeddings(saved_blocks: list[str], blocks: list[str]) -> None:
     if not extra or not all(is_embedding_name(name) for name in extra) or not (saved < here or saved > here):
         return
     shared = saved & here
-    if [b for b in saved_blocks if b.partition("[")[0] in shared] != [
-        b for b in blocks if b.partition("[")[0] in shared
-    ]:
+    if _blocks_of(saved_blocks, shared) != _blocks_of(blocks, shared):
         return  # other blocks besides: the generic message
     with_them = saved > here  # the checkpoint trained them, this optimizer leaves them frozen
     saved_as, here_as = ("among its blocks", "frozen") if with_them else ("frozen", "among its blocks")
