@@ -11,7 +11,7 @@ local directory, or a Hugging Face hub model already in the local cache, or (onl
   values. Warned.
 * Once the model is set up (:func:`check_embedding_modules`, from patches/adapter.py): the same two with ``auto``
   where the model's embedding modules are not plain ``nn.Embedding`` / ``nn.Linear`` (Gemma's scaled embeddings), which
-  makes ``auto`` false there. Refused / warned, naming the modules.
+  makes ``auto`` false there (or where no module holds them). Refused / warned, naming them.
 * ``freeze_vision_tower: false`` on a vision-language model whose tower holds blocks that BlockLLM never selects
   without ``blockllm_include_embeddings`` (patch and position embeddings): those stay frozen. Warned, naming them.
 * DeepSpeed ZeRO-3 whose ``zero_optimization.sub_group_size`` (DeepSpeed's default 1e9 when absent) is smaller than
@@ -29,6 +29,12 @@ from blockllm_factory.optim.settings import EMBEDDINGS_AUTO
 
 DEEPSPEED_DEFAULT_SUB_GROUP_SIZE = 1e9  # DeepSpeedZeroConfig.sub_group_size
 NAMES_SHOWN = 4
+
+
+def _listed(names: list[str]) -> str:
+    """The first NAMES_SHOWN of ``names``, comma-separated, and how many more there are."""
+    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+    return f"{', '.join(names[:NAMES_SHOWN])}{more}"
 
 
 def _safetensors_header(path: Path) -> dict[str, int]:
@@ -118,8 +124,8 @@ def model_type(model_args) -> str | None:
 def includes_embeddings(finetuning_args, training_args=None) -> bool:
     """Whether the run will train the embeddings and the head, as far as the arguments tell: ``true``, or ``auto`` in
     one process with row-group blocks (blockllm_factory/hf/optimizer.py resolves ``auto`` with the model too: embedding
-    modules of other types than ``nn.Embedding`` / ``nn.Linear``, e.g. Gemma's scaled ones, make it false, and the
-    run's log line says so)."""
+    modules of other types than ``nn.Embedding`` / ``nn.Linear``, e.g. Gemma's scaled ones, make it false: the run's
+    log line says so, and :func:`check_embedding_modules` refuses or warns where that would cost the run)."""
     value = finetuning_args.blockllm_include_embeddings
     if value != EMBEDDINGS_AUTO:
         return bool(value)
@@ -162,17 +168,16 @@ def check_embedding_modules(model, model_args, finetuning_args, logger) -> None:
         return
     if finetuning_args.blockllm_include_embeddings != EMBEDDINGS_AUTO:
         return
-    from blockllm_factory.optim.rows import unserved_embedding_modules
+    from blockllm_factory.optim.rows import unserved_embeddings
     from blockllm_factory.optim.selection import is_embedding_name
 
-    modules = unserved_embedding_modules(model, is_embedding_name)
-    if not modules:
+    reasons = unserved_embeddings(model, is_embedding_name)  # empty exactly where `auto` trains them as rows
+    if not reasons:
         return
-    more = f" and {len(modules) - NAMES_SHOWN} more" if len(modules) > NAMES_SHOWN else ""
     why = (
         f"`blockllm_include_embeddings: {EMBEDDINGS_AUTO}` leaves the embeddings and the head frozen on this model: "
-        f"{', '.join(modules[:NAMES_SHOWN])}{more} are not plain nn.Embedding / nn.Linear modules, whose gradients "
-        "BlockLLM can keep as rows"
+        f"{_listed(reasons)}: BlockLLM keeps their gradients as rows only where plain nn.Embedding / nn.Linear "
+        "modules alone hold them"
     )
     if getattr(model_args, "train_from_scratch", False):
         raise ValueError(
@@ -214,8 +219,7 @@ def check_vision_tower(model_args, finetuning_args, logger, training_args=None) 
     if blocks is None:  # the model's files could not be read
         which = "the vision tower's embedding parameters (patch and position embeddings)"
     else:
-        more = f" and {len(blocks) - NAMES_SHOWN} more" if len(blocks) > NAMES_SHOWN else ""
-        which = f"these vision-tower parameters: {', '.join(blocks[:NAMES_SHOWN])}{more}"
+        which = f"these vision-tower parameters: {_listed(blocks)}"
     logger.warning_rank0(
         f"`freeze_vision_tower: false` with {_left_out(finetuning_args)}: BlockLLM never selects "
         f"{which}, so they stay frozen; set `blockllm_include_embeddings: true` to train them (the text embeddings "

@@ -154,3 +154,34 @@ def test_a_non_finite_row_gradient_skips_the_step_and_changes_nothing():
         changed = [name for name, param in model.named_parameters() if not torch.equal(param, before[name])]
         assert (optimizer.skipped_steps, bool(changed)) == ((1, False) if poisoned else (0, False)), changed
     assert all(torch.isfinite(param).all() for param in model.parameters())
+
+
+class _FunctionalHead(torch.nn.Module):
+    """An embedding module and a head weight used with F.linear, held by no module as its ``weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(16, 8)
+        self.lm_head = torch.nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, ids):
+        return torch.nn.functional.linear(self.embed_tokens(ids), self.lm_head)
+
+
+def test_rows_serve_only_weights_that_plain_modules_alone_hold_and_the_others_are_named():
+    from blockllm_factory.optim.selection import is_embedding_name
+
+    model = _FunctionalHead()
+    # The head's weight would reach BlockLLM whole through autograd: `auto` leaves the embeddings out, and the
+    # check once the model is set up (patches/model_checks.py check_embedding_modules) names why.
+    assert rows.unserved_embeddings(model, is_embedding_name) == ["lm_head (held by no module)"]
+    assert not rows.rows_serve_embeddings(model, is_embedding_name)
+    model.embed_tokens = torch.nn.Embedding(16, 8, max_norm=1.0)  # renormalising: not a plain embedding
+    assert rows.unserved_embeddings(model, is_embedding_name) == [
+        "lm_head (held by no module)",
+        "embed_tokens (Embedding)",
+    ]
+    plain = torch.nn.Sequential()
+    plain.embed_tokens, plain.lm_head = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16, bias=False)
+    assert rows.unserved_embeddings(plain, is_embedding_name) == []
+    assert rows.rows_serve_embeddings(plain, is_embedding_name)

@@ -228,33 +228,37 @@ def _routable(uses: list[tuple[torch.nn.Module, str]]) -> bool:
     return bool(uses) and all(kind != "other" for _, kind in uses)
 
 
-def _embedding_weights(model: torch.nn.Module, is_embedding: Callable[[str], bool]) -> list[torch.nn.Parameter]:
+def _embedding_weights(
+    model: torch.nn.Module, is_embedding: Callable[[str], bool]
+) -> list[tuple[str, torch.nn.Parameter]]:
     return [
-        param
+        (name, param)
         for name, param in model.named_parameters()
         if param.requires_grad and param.dim() == 2 and is_embedding(name)
     ]
 
 
+def unserved_embeddings(model: torch.nn.Module, is_embedding: Callable[[str], bool]) -> list[str]:
+    """Why a row route cannot serve ``model``'s trainable 2-D weights named as an embedding or head
+    (``is_embedding``): each module of another type holding one, as ``name (Type)`` (e.g. Gemma's scaled embeddings),
+    and each such weight no module holds as ``weight``, as ``name (held by no module)``. Empty when rows serve them."""
+    module_names = {id(module): name for name, module in model.named_modules()}
+    users = _weight_users(model)
+    reasons = []
+    for name, param in _embedding_weights(model, is_embedding):
+        uses = users.get(id(param), [])
+        if not uses:
+            reasons.append(f"{name} (held by no module)")
+        reasons += [
+            f"{module_names[id(module)]} ({type(module).__name__})" for module, kind in uses if kind == "other"
+        ]
+    return reasons
+
+
 def rows_serve_embeddings(model: torch.nn.Module, is_embedding: Callable[[str], bool]) -> bool:
     """Whether every trainable 2-D weight of ``model`` named as an embedding or head (``is_embedding``) is held only by
     modules a row route can serve, so that none of them would get autograd's whole gradient (there is one at least)."""
-    users = _weight_users(model)
-    weights = _embedding_weights(model, is_embedding)
-    return bool(weights) and all(_routable(users.get(id(param), [])) for param in weights)
-
-
-def unserved_embedding_modules(model: torch.nn.Module, is_embedding: Callable[[str], bool]) -> list[str]:
-    """The modules holding a trainable embedding or head weight that a row route cannot serve, as ``name (Type)``
-    (e.g. Gemma's scaled embeddings): why :func:`rows_serve_embeddings` says no, for messages."""
-    names = {id(module): name for name, module in model.named_modules()}
-    users = _weight_users(model)
-    return [
-        f"{names[id(module)]} ({type(module).__name__})"
-        for param in _embedding_weights(model, is_embedding)
-        for module, kind in users.get(id(param), [])
-        if kind == "other"
-    ]
+    return bool(_embedding_weights(model, is_embedding)) and not unserved_embeddings(model, is_embedding)
 
 
 def attach_row_gradients(optimizer: Any, model: torch.nn.Module) -> list[str]:
