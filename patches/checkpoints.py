@@ -74,11 +74,16 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def write_checkpoint_record(checkpoint: str, finetuning_args) -> None:
+def write_checkpoint_record(checkpoint: str, finetuning_args, optimizer=None) -> None:
     """``blockllm_checkpoint.json`` in ``checkpoint``: the SHA-256 of its optimizer and scheduler files and the
-    ``blockllm_*`` settings that decide the blocks, written atomically."""
+    ``blockllm_*`` settings that decide the blocks, written atomically. With the run's BlockLLM ``optimizer``, a
+    setting left at ``auto`` is recorded as what it resolved to (so that a resume naming that value by hand is the
+    same setting, and one left at ``auto`` under another engine adopts it)."""
     checksums = {name: _sha256(path) for name in CHECKSUMMED if os.path.isfile(path := os.path.join(checkpoint, name))}
     settings = {name: getattr(finetuning_args, name) for name in BLOCK_SETTINGS}
+    embeddings = SETTINGS["include_embeddings"].field
+    if optimizer is not None and settings[embeddings] == EMBEDDINGS_AUTO:
+        settings[embeddings] = bool(optimizer.include_embeddings)
     write_json(os.path.join(checkpoint, RECORD), {"sha256": checksums, "settings": settings})
 
 
@@ -156,6 +161,8 @@ def check_resumable(checkpoint: str, training_args, finetuning_args=None, logger
         return
     for name, saved in record.get("settings", {}).items():
         given = getattr(finetuning_args, name, saved)
+        if name in AUTO_VALUES and saved == AUTO_VALUES[name]:
+            continue  # recorded before records held the resolved value: the optimizer's load check names the field
         if name in AUTO_VALUES and given == AUTO_VALUES[name] != saved:
             setattr(finetuning_args, name, saved)
             if logger is not None:

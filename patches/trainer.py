@@ -71,7 +71,7 @@ def _record_checkpoints(trainer) -> None:
         if trainer.args.should_save:
             from .checkpoints import write_checkpoint_record
 
-            write_checkpoint_record(output_dir, trainer.finetuning_args)
+            write_checkpoint_record(output_dir, trainer.finetuning_args, find_blockllm(trainer.optimizer))
 
     trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
 

@@ -227,6 +227,32 @@ BLOCKLLM_LOCALES: dict[str, dict[str, dict[str, str]]] = {
             "info": "fp32（既定: fp32 コピー）または compensated（2 バイトの補正、bf16/fp16 重みのみ）。",
         },
     },
+    "blockllm_keep": {
+        "en": {
+            "label": "Coordinates per block",
+            "info": "fraction (default, paper: the same top fraction of each picked block) or threshold (one gradient "
+            "threshold over them, from their norms).",
+        },
+        "ru": {
+            "label": "Координаты на блок",
+            "info": "fraction (по умолчанию, статья: одна доля каждого блока) или threshold (один порог градиента, "
+            "по нормам блоков).",
+        },
+        "zh": {
+            "label": "每块保留坐标",
+            "info": "fraction（默认，论文：每块保留相同比例）或 threshold（按块范数估计的统一梯度阈值）。",
+        },
+        "ko": {
+            "label": "블록당 좌표",
+            "info": "fraction(기본값, 논문: 블록마다 같은 비율) 또는 "
+            "threshold(블록 노름으로 추정한 하나의 기울기 임계값).",
+        },
+        "ja": {
+            "label": "ブロックあたりの座標",
+            "info": "fraction（既定、論文: 各ブロックで同じ割合）または "
+            "threshold（ブロックのノルムから推定した共通の勾配しきい値）。",
+        },
+    },
 }
 
 

@@ -9,8 +9,9 @@ norm it keeps) and as L1 (Adam's first steps are sign-like: every selected coord
 first-order decrease is the sum of the kept |g|). Two references per setting: the same number of coordinates taken
 as the mean gradient's own top-k (what any selection of that size could hold at best), and BlockLLM's rule applied
 to the mean gradient itself (what a selection made from N batches would hold: the cost of the one-batch view).
-Settings ending in ``:exact``, ``:laplace`` or ``:gauss`` measure a variant BlockLLM does not have: the picked blocks
-keep their share of one |gradient| threshold instead of the same fraction each (see :func:`_one_threshold`).
+Settings ending in ``:exact``, ``:laplace`` or ``:gauss`` measure keep counts by one |gradient| threshold over the
+picked blocks instead of the same fraction each (see :func:`_one_threshold`): ``:laplace`` is the estimate of
+``blockllm_keep: threshold`` (``selection.threshold_budget``), the other two exist only here.
 
     python scripts/selection_mass.py runs/demo_real/model runs/demo/domain/domain_pt.json --batches 12
 
@@ -29,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from blockllm_factory.hf.optimizer import head_block_size
 from blockllm_factory.optim import BlockLLM
+from blockllm_factory.optim.selection import threshold_budget
 
 
 def gradients(model, tokenizer, texts: list[str], batch: int, tokens: int, batches: int):
@@ -81,12 +83,12 @@ def blockllm_selection(
 
 
 def _one_threshold(optimizer, threshold_on: dict, masked_on: dict, selected: dict, estimate: str) -> dict:
-    """A variant BlockLLM does not have (measured here only): the picked blocks keep, instead of the same fraction
-    each (``split_budget``), as many coordinates as lie above one |gradient| threshold over all of them on
-    ``threshold_on`` (the ranking step's gradient), about the same total; each block's mask is then cut on
-    ``masked_on``. ``estimate``: ``exact`` counts the coordinates above the threshold; ``laplace`` / ``gauss``
-    estimates the counts from each block's norm alone (what the optimizer keeps after a measuring backward), taking
-    its coordinates for Laplace / normal with that root mean square."""
+    """The picked blocks keep, instead of the same fraction each (``split_budget``), as many coordinates as lie above
+    one |gradient| threshold over all of them on ``threshold_on`` (the ranking step's gradient), about the same total;
+    each block's mask is then cut on ``masked_on``. ``estimate``: ``exact`` counts the coordinates above the threshold
+    (a bound: the optimizer keeps norms, not gradients); ``laplace`` estimates the counts from each block's norm alone
+    as ``blockllm_keep: threshold`` does (``threshold_budget``: its coordinates taken for Laplace with the block's
+    root mean square); ``gauss`` likewise for normal coordinates (measured here only)."""
     blocks = [optimizer.blocks[name] for name in optimizer.kept_coordinates]
     budget = sum(int(mask.sum()) for mask in selected.values())
     spans = [threshold_on[block.param].flatten()[block.start : block.stop].abs() for block in blocks]
@@ -94,13 +96,17 @@ def _one_threshold(optimizer, threshold_on: dict, masked_on: dict, selected: dic
         values = torch.cat(spans)
         threshold = values.kthvalue(values.numel() - budget + 1).values
         keeps = [int((span >= threshold).sum()) for span in spans]
+    elif estimate == "laplace":
+        names = [block.name for block in blocks]
+        sizes = {block.name: span.numel() for block, span in zip(blocks, spans)}
+        norms = {block.name: float(span.norm()) for block, span in zip(blocks, spans)}
+        counts = threshold_budget(names, sizes, norms, budget)
+        keeps = [counts.get(name, 0) for name in names]
     else:
         rms = torch.tensor([float(span.pow(2).mean().sqrt()) for span in spans], dtype=torch.float64)
         sizes = torch.tensor([span.numel() for span in spans], dtype=torch.float64)
 
-        def above(tau: float) -> torch.Tensor:  # expected count above tau in each block
-            if estimate == "laplace":  # |X| exponential with mean rms / sqrt(2)
-                return sizes * torch.exp(-tau * math.sqrt(2) / rms)
+        def above(tau: float) -> torch.Tensor:  # expected count above tau in each block, normal coordinates
             return sizes * torch.erfc(tau / (rms * math.sqrt(2)))
 
         low, high = 0.0, float(rms.max()) * 50
@@ -148,7 +154,8 @@ def main() -> None:
         default="0.95:1,0.95:4,0.95:16,0.9:4,0.8:4,paper,0.95:4:exact,0.95:4:laplace,0.95:4:gauss",
         help="sparsity:coverage with head blocks and the size-normalised score (the defaults' rule), or `paper` "
         "(sparsity 0.95, whole tensors, the norm score); `:exact`, `:laplace` or `:gauss` appended: the picked blocks "
-        "keep their share of one threshold (a variant BlockLLM does not have, see _one_threshold); comma-separated",
+        "keep their share of one threshold (`:laplace` is `blockllm_keep: threshold`, see _one_threshold); "
+        "comma-separated",
     )
     args = parser.parse_args()
     torch.manual_seed(0)

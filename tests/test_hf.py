@@ -190,7 +190,7 @@ def test_sft_trainer_trains_only_the_selection_and_feeds_the_loss(tiny_llamafact
     _check_run(witness, fed, optimizer, max_steps=6)
 
 
-def _resumable_run(assets, output_dir, resume_from=None):
+def _resumable_run(assets, output_dir, resume_from=None, include_embeddings=False):
     from transformers import DataCollatorForLanguageModeling
 
     from blockllm_factory.hf import BlockLLMConfig, BlockLLMTrainer
@@ -203,7 +203,7 @@ def _resumable_run(assets, output_dir, resume_from=None):
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         # Frozen embeddings: the loss then stalls within 6 steps and the run reselects before and after the checkpoint
         # (a resume with the embeddings as row blocks: tests/test_integration.py, the resumed 8-bit run).
-        blockllm_config=BlockLLMConfig(**RESELECTING, blockllm_include_embeddings=False),
+        blockllm_config=BlockLLMConfig(**RESELECTING, blockllm_include_embeddings=include_embeddings),
     )
     trainer.train(resume_from_checkpoint=resume_from)
     return {name: param.detach().clone() for name, param in model.named_parameters()}, trainer.blockllm_optimizer
@@ -217,6 +217,33 @@ def test_resume_from_the_trainers_checkpoint_is_bit_exact(tiny_llamafactory_asse
     )
     assert resumed_optimizer.selection_events == whole_optimizer.selection_events
     assert all(torch.equal(resumed[name], whole[name]) for name in whole), "the resumed run's weights differ"
+    # `blockllm_include_embeddings: auto` (BlockLLMConfig's default, true here) takes the checkpoint's value, false:
+    # before, the optimizer's load refused the checkpoint (`state_dict_embeddings`). A value set by hand is kept.
+    from blockllm_factory.hf import trainer as trainer_module
+
+    lines = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_module.logger, "info_rank0", lines.append)
+        adopted, adopted_optimizer = _resumable_run(
+            tiny_llamafactory_assets,
+            tmp_path / "adopted",
+            resume_from=str(tmp_path / "whole" / "checkpoint-3"),
+            include_embeddings="auto",
+        )
+    assert not adopted_optimizer.include_embeddings
+    assert adopted_optimizer.selection_events == whole_optimizer.selection_events
+    assert all(torch.equal(adopted[name], whole[name]) for name in whole)
+    assert (
+        f"`blockllm_include_embeddings: auto` resumes {tmp_path / 'whole' / 'checkpoint-3'} with the checkpoint's "
+        "`blockllm_include_embeddings: False`." in lines
+    )
+    with pytest.raises(ValueError, match="set include_embeddings=False"):
+        _resumable_run(
+            tiny_llamafactory_assets,
+            tmp_path / "by_hand",
+            resume_from=str(tmp_path / "whole" / "checkpoint-3"),
+            include_embeddings=True,
+        )
 
 
 def test_ddp_arguments_let_the_trainer_load_its_optimizer_state_on_cpu(monkeypatch):

@@ -28,6 +28,7 @@ DEFAULTS_AND_VALUES = {
     "reselect_warmup": (0, 5),
     "reselect_until": (0, 90),
     "master": ("fp32", "compensated"),
+    "keep": ("fraction", "threshold"),
 }
 
 
@@ -119,6 +120,7 @@ BAD_VALUES = [
     ("block_size", 0.5),
     ("norms", "train"),
     ("master", "fp16"),
+    ("keep", "top"),
 ]
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from blockllm_factory.optim import BlockLLM
 from blockllm_factory.optim.carrier import GRADIENT_CARRIER_NAME
 from blockllm_factory.optim.masks import pack_mask, unpack_mask
-from blockllm_factory.optim.selection import rank_blocks
+from blockllm_factory.optim.selection import rank_blocks, split_budget, threshold_budget
 
 VOCAB = 64
 
@@ -272,6 +272,100 @@ def test_coverage_spreads_the_budget_over_more_blocks_keeping_each_ones_largest_
     # The same budget over about four times the blocks.
     assert len(events[4.0]["names"]) >= 3 * len(events[1.0]["names"])
     assert events[4.0]["coordinates"] >= 0.9 * events[1.0]["coordinates"]
+
+
+def test_threshold_keep_counts_match_one_threshold_over_laplace_gradients():
+    """``keep="threshold"`` estimates, from each block's norm alone, how many of its coordinates lie above one
+    |gradient| threshold over all picked blocks; on gradients that are Laplace within each block the estimate is the
+    count above the exact threshold, to sampling noise, and the counts fill the budget."""
+    generator = torch.Generator().manual_seed(0)
+    scales = {"a": 1.0, "b": 0.1, "c": 0.5, "d": 0.3}
+    sizes = {"a": 2000, "b": 2000, "c": 8000, "d": 4000}
+    values = {}
+    for name, scale in scales.items():  # Laplace(0, scale) as the difference of two exponentials
+        uniform = torch.rand(2, sizes[name], generator=generator, dtype=torch.float64)
+        values[name] = scale * (-uniform[0].log() + uniform[1].log())
+    norms = {name: float(value.norm()) for name, value in values.items()}
+    budget = 1600
+    keep = threshold_budget(list(sizes), sizes, norms, budget)
+    every = torch.cat([value.abs() for value in values.values()])
+    threshold = every.kthvalue(every.numel() - budget + 1).values
+    exact = {name: int((value.abs() >= threshold).sum()) for name, value in values.items()}
+    assert sum(keep.values()) == budget
+    for name in sizes:
+        assert abs(keep.get(name, 0) - exact[name]) <= 0.1 * budget, (name, keep, exact)
+    share = {name: keep.get(name, 0) / sizes[name] for name in sizes}
+    assert share["a"] > share["c"] > share["d"] > share["b"]  # larger gradients keep more of their block
+    # The same fraction of every block (split_budget) keeps by size alone.
+    assert split_budget(list(sizes), sizes, budget) == {"a": 200, "b": 200, "c": 800, "d": 400}
+
+
+def test_threshold_keep_counts_edge_cases():
+    sizes = {"a": 100, "b": 300}
+    # Blocks that fit the budget are kept whole, as with split_budget.
+    assert threshold_budget(["a", "b"], sizes, {"a": 1.0, "b": 1.0}, 400) == {"a": 100, "b": 300}
+    # No measured norm among the picked blocks: the same fraction of each.
+    assert threshold_budget(["a", "b"], sizes, {}, 200) == split_budget(["a", "b"], sizes, 200)
+    # A block whose norm is zero keeps nothing and is dropped; equal per-coordinate sizes share by size.
+    assert threshold_budget(["a", "b"], sizes, {"a": 0.0, "b": 3.0}, 50) == {"b": 50}
+    equal = threshold_budget(["a", "b"], sizes, {"a": 1.0, "b": math.sqrt(3.0)}, 200)
+    assert equal == {"a": 50, "b": 150}
+
+
+def test_threshold_keep_gives_more_of_the_budget_to_blocks_with_larger_gradients():
+    """The optimizer with ``keep="threshold"``: the same blocks as ``"fraction"`` (the ranking does not change), the
+    budget filled, each block keeping its largest gradients, and a larger share of a block kept where its measured
+    gradient is larger per coordinate."""
+    torch.manual_seed(0)
+    tokens = make_batches(1)[0]
+    events, kept_share = {}, {}
+    for keep in ("fraction", "threshold"):
+        model = TinyLM(width=64)
+        torch.manual_seed(1)
+        for param in model.parameters():
+            param.data.copy_(torch.randn_like(param) * 0.1)
+        reference = copy.deepcopy(model)
+        lm_loss(reference, tokens).backward()
+        grads = {name: param.grad.abs().reshape(-1) for name, param in reference.named_parameters()}
+        before = flat_params(model)
+        optimizer = BlockLLM(model.named_parameters(), lr=1e-2, sparsity=0.9, block_size=256, coverage=4, keep=keep)
+        for _ in range(2):
+            train_step(model, optimizer, tokens)
+        events[keep] = optimizer.selection_events[-1]
+        changed = {name: (param.detach() != before[name]).reshape(-1) for name, param in model.named_parameters()}
+        assert sum(int(mask.sum()) for mask in changed.values()) <= optimizer.budget
+        kept_share[keep] = {}
+        for block_name in events[keep]["names"]:
+            block = optimizer.blocks[block_name]
+            kept = changed[block.param][block.start : block.stop]
+            magnitudes = grads[block.param][block.start : block.stop]
+            if not kept.all():
+                assert magnitudes[kept].min() >= magnitudes[~kept].max()
+            rms = float(magnitudes.pow(2).mean().sqrt())
+            kept_share[keep][block_name] = (rms, float(kept.float().mean()))
+    assert events["threshold"]["coordinates"] == optimizer.budget
+    assert set(events["threshold"]["names"]) <= set(events["fraction"]["names"])
+    shares = sorted(kept_share["threshold"].values())  # by the block's rms: the kept share grows with it
+    assert shares[-1][1] > shares[0][1]
+    assert all(later[1] >= earlier[1] - 0.02 for earlier, later in zip(shares, shares[1:]))
+    fractions = [share for _, share in kept_share["fraction"].values() if share < 1.0]
+    assert max(fractions) - min(fractions) < 0.02  # the same top fraction of every block
+
+
+def test_threshold_keep_resumes_bit_identical():
+    def build(model, seed):
+        return BlockLLM(
+            model.named_parameters(),
+            lr=1e-2,
+            sparsity=0.9,
+            patience=2,
+            seed=seed,
+            block_size=64,
+            coverage=4,
+            keep="threshold",
+        )
+
+    assert_resume_is_bit_identical(build, 14, 6)
 
 
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])

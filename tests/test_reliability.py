@@ -290,6 +290,8 @@ def test_checkpoints_carry_checksums_and_a_damaged_one_is_refused_before_the_mod
     record = json.loads((saved / "blockllm_checkpoint.json").read_text())
     assert set(record["sha256"]) == {"optimizer.pt", "scheduler.pt"}
     assert record["settings"]["blockllm_sparsity"] == 0.8
+    # `auto` is recorded as what it resolved to on the real path (a resume naming it by hand is then the same setting)
+    assert isinstance(record["settings"]["blockllm_include_embeddings"], bool)
     copy = unbroken["root"] / "damaged" / "checkpoint-3"
     shutil.copytree(saved, copy)
     data = bytearray((copy / "optimizer.pt").read_bytes())
@@ -496,6 +498,41 @@ def test_include_embeddings_left_at_auto_resumes_with_the_checkpoints_value(tmp_
         check_resume_checkpoint(args, SimpleNamespace(info_rank0=lines.append), finetuning_args)
 
 
+@pytest.mark.parametrize("resolved", [True, False])
+def test_a_record_holds_what_auto_resolved_to_so_naming_it_by_hand_resumes(tmp_path, resolved):
+    """Before, a run saved under `blockllm_include_embeddings: auto` recorded `auto`, and a resume that wrote the value
+    `auto` had meant (e.g. `true`) was refused as a changed setting. Now the record holds the optimizer's value; a
+    record of `auto` (written before) leaves the decision to the optimizer's load check (`state_dict_embeddings`)."""
+    import json
+
+    from blockllm_factory.patches.checkpoints import check_resume_checkpoint, write_checkpoint_record
+
+    checkpoint = _saved_checkpoint(tmp_path / "checkpoint-2", record=False)
+    settings = {**BLOCK_SETTINGS, "blockllm_include_embeddings": "auto"}
+    write_checkpoint_record(str(checkpoint), SimpleNamespace(**settings), SimpleNamespace(include_embeddings=resolved))
+    record = json.loads((checkpoint / "blockllm_checkpoint.json").read_text())
+    assert record["settings"]["blockllm_include_embeddings"] is resolved
+    _, _, args = _ddp_args(
+        resume_from_checkpoint=str(checkpoint), output_dir=str(tmp_path), overwrite_output_dir=False
+    )
+    named = SimpleNamespace(**{**settings, "blockllm_include_embeddings": resolved})
+    check_resume_checkpoint(args, None, named)
+    assert named.blockllm_include_embeddings is resolved
+    with pytest.raises(ValueError, match=f"`blockllm_include_embeddings: {not resolved}` differs from the checkpoint"):
+        check_resume_checkpoint(
+            args, None, SimpleNamespace(**{**settings, "blockllm_include_embeddings": not resolved})
+        )
+    write_checkpoint_record(str(checkpoint), SimpleNamespace(**settings))  # no optimizer: `auto` as given
+    assert (
+        json.loads((checkpoint / "blockllm_checkpoint.json").read_text())["settings"]["blockllm_include_embeddings"]
+        == "auto"
+    )
+    for value in (True, False, "auto"):  # an old record of `auto`: not compared at parse time
+        given = SimpleNamespace(**{**settings, "blockllm_include_embeddings": value})
+        check_resume_checkpoint(args, None, given)
+        assert given.blockllm_include_embeddings == value
+
+
 @pytest.mark.parametrize("saved_with", [True, False])
 def test_a_state_dict_of_the_other_include_embeddings_is_refused_naming_it(saved_with):
     """The blocks differ by the embedding and the head alone: the message says which side trains them and the value
@@ -633,6 +670,7 @@ def _cases(assets, tmp_path, monkeypatch):
         "blockllm_reselect_warmup": parse(blockllm_reselect_warmup=-1),
         "blockllm_reselect_until": parse(blockllm_reselect_until=-1),
         "blockllm_master": parse(blockllm_master="fp16"),
+        "blockllm_keep": parse(blockllm_keep="top"),
         "deepspeed_master": lambda: check_distributed_setup(
             None,
             SimpleNamespace(blockllm_block_size=0, blockllm_master="compensated"),

@@ -51,3 +51,18 @@ def test_selections_are_blockllms_of_the_budgets_size_and_leave_every_weight_tra
     # gradient than the selection whose masks were cut on another one.
     own = script.shares(first, script.blockllm_selection(model, first, first, **settings))
     assert own["l2"] >= script.shares(first, selections["equal"])["l2"]
+
+
+def test_the_laplace_estimate_is_what_blockllm_keep_threshold_trains():
+    """`:laplace` measures the optimizer's own ``keep="threshold"``: the same coordinates, whether the script applies
+    the estimate to the fraction rule's picked blocks or the optimizer selects with it."""
+    script = _script()
+    torch.manual_seed(0)
+    model = TinyLM(width=16, depth=2)
+    first, second = _gradients(model, 1), _gradients(model, 2)
+    settings = {"sparsity": 0.8, "coverage": 4.0, "block_size": 32}
+    measured = script.blockllm_selection(model, first, second, first, "laplace", **settings)
+    trained = script.blockllm_selection(model, first, second, keep="threshold", **settings)
+    fraction = script.blockllm_selection(model, first, second, **settings)
+    assert all(torch.equal(measured[name], trained[name]) for name in measured)
+    assert any(not torch.equal(trained[name], fraction[name]) for name in trained)

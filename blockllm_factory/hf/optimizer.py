@@ -168,7 +168,8 @@ def build_optimizer(model, training_args, settings, decay_names, logger, total_s
     logger.info_rank0(
         f"Using BlockLLM optimizer: sparsity {settings.blockllm_sparsity}, patience {patience}, probe "
         f"{settings.blockllm_probe}{probed}, score "
-        f"{settings.blockllm_score}, blocks of {blocks}, coverage {covered}, embeddings and head {embeddings}, "
+        f"{settings.blockllm_score}, blocks of {blocks}, coverage {covered}, keep {settings.blockllm_keep}, "
+        f"embeddings and head {embeddings}, "
         f"reselections {reselections}, "
         f"warm-up after reselection {settings.blockllm_reselect_warmup} steps, norms "
         f"{settings.blockllm_norms}, "

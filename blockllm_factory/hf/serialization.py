@@ -10,6 +10,8 @@
   checkpoint lacks (one saved with ``save_only_model``), so BlockLLM would start its selection, its moments and the
   schedule afresh; the resume is refused instead (LLaMA-Factory's front at parse time, ``patches/checkpoints.py``;
   the Trainer front when the Trainer loads them).
+* :func:`saved_include_embeddings`: whether a checkpoint's BlockLLM state trains the embeddings and the head, for the
+  Trainer front's resume under ``blockllm_include_embeddings: auto`` (its optimizer is created before the state loads).
 """
 
 import glob
@@ -43,6 +45,30 @@ def missing_state_files(checkpoint: str, deepspeed: bool) -> list[str]:
     if deepspeed and not glob.glob(os.path.join(checkpoint, "global_step*")):
         missing.append("global_step*/ (DeepSpeed's optimizer states)")
     return missing
+
+
+def saved_include_embeddings(checkpoint: str) -> bool | None:
+    """Whether the BlockLLM run state in ``checkpoint``'s optimizer file has the embeddings and the head among its
+    blocks; None where there is no such file or no BlockLLM state in it (DeepSpeed's checkpoints, another optimizer's,
+    an unreadable file: the Trainer's own load then says what is wrong)."""
+    import pickle
+
+    import torch
+
+    from blockllm_factory.optim.run_state import RUN_STATE_KEY
+    from blockllm_factory.optim.selection import is_embedding_name
+
+    path = os.path.join(checkpoint, OPTIMIZER_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:  # mmap: only the run state's few entries are read, not the moments
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):
+        return None
+    run = state.get(RUN_STATE_KEY) if isinstance(state, dict) else None
+    if not isinstance(run, dict) or not isinstance(run.get("block_names"), list):
+        return None
+    return any(is_embedding_name(name.partition("[")[0]) for name in run["block_names"])
 
 
 def check_state_files(checkpoint: str, deepspeed: bool, restart: str, elsewhere: str = "") -> None:

@@ -10,13 +10,18 @@ mixed precision, checkpoints (the optimizer's ``state_dict`` carries the selecti
 DeepSpeed ZeRO (which then creates the optimizer through ``create_optimizer``: ZeroBlockLLM).
 """
 
+import dataclasses
+
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from blockllm_factory.optim.settings import EMBEDDINGS_AUTO
 
 from .config import BlockLLMConfig
 from .deepspeed_config import prepare_deepspeed
 from .engine import check_ddp, check_optim, check_optimizer_values, engine_of
 from .optimizer import build_optimizer
-from .serialization import check_state_files
+from .serialization import check_state_files, saved_include_embeddings
 from .wiring import connect, find_blockllm, rank0_logger
 
 METHOD = "a BlockLLM trainer"  # how refusals name this front (LLaMA-Factory's say `finetuning_type: blockllm`)
@@ -69,10 +74,33 @@ class BlockLLMTrainerMixin:
             decay_names = set(self.get_decay_parameter_names(opt_model))
             # The Trainer has set state.max_steps (max_steps, or epochs x batches) before it creates the optimizer.
             self.optimizer = build_optimizer(
-                opt_model, self.args, self.blockllm_config, decay_names, logger, self.state.max_steps
+                opt_model, self.args, self._resumed_config(), decay_names, logger, self.state.max_steps
             )
             connect(self, self.optimizer, logger)
         return self.optimizer
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # The Trainer creates the optimizer inside train(), before it loads the checkpoint's state: keep which one.
+        self._blockllm_resume = resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _resumed_config(self) -> BlockLLMConfig:
+        """The config, with ``blockllm_include_embeddings: auto`` taking the value of the checkpoint this run resumes
+        (as LLaMA-Factory's front does at parse time, ``patches/checkpoints.py``), said in the log; a value set by hand
+        is kept (a checkpoint of the other value is then refused when its state loads, naming the field)."""
+        config, checkpoint = self.blockllm_config, getattr(self, "_blockllm_resume", None)
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if not isinstance(checkpoint, str) or config.blockllm_include_embeddings != EMBEDDINGS_AUTO:
+            return config
+        saved = saved_include_embeddings(checkpoint)
+        if saved is None:
+            return config
+        field = "blockllm_include_embeddings"
+        logger.info_rank0(
+            f"`{field}: {EMBEDDINGS_AUTO}` resumes {checkpoint} with the checkpoint's `{field}: {saved}`."
+        )
+        return dataclasses.replace(config, blockllm_include_embeddings=saved)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # The Trainer skips a missing optimizer.pt / scheduler.pt without a word; BlockLLM would silently restart.

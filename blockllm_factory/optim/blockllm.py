@@ -45,6 +45,7 @@ from .selection import (
     reserve_blocks,
     split_blocks,
     split_budget,
+    threshold_budget,
 )
 from .settings import DEFAULTS, SETTINGS, check
 
@@ -128,6 +129,11 @@ class BlockLLM(Optimizer):
         coverage: how many budgets' worth of blocks a selection picks in rank order: 1 (the paper) fills the budget
             with whole blocks; c > 1 picks blocks until c budgets are filled and keeps the top 1/c of each block's
             coordinates by gradient magnitude (the same budget over c times as many blocks).
+        keep: how many coordinates each picked block keeps when the picked blocks hold more than the budget.
+            ``"fraction"``: the same top fraction of every block (the paper's per-layer top-k). ``"threshold"``: as
+            many as lie above one |gradient| threshold over all picked blocks, estimated from each block's measured
+            norm (its coordinates taken for Laplace with the block's root mean square), so that blocks with larger
+            gradients keep more of the same budget (``selection.threshold_budget``).
         reselect_warmup: W > 0 ramps the learning rate of every selection after the first linearly over its first W
             updates (its k-th update uses k/W of the group's rate, for k < W): the moments of a new selection start
             from zero, so without it Adam's first updates of the new blocks are full-size steps in the gradient's
@@ -166,6 +172,7 @@ class BlockLLM(Optimizer):
         coverage: float = DEFAULTS["coverage"],
         reselect_warmup: int = DEFAULTS["reselect_warmup"],
         reselect_until: int = DEFAULTS["reselect_until"],
+        keep: str = DEFAULTS["keep"],
     ) -> None:
         # Every argument is checked before any parameter or state is touched (settings.py: one message per setting;
         # the keywords are the table's settings, a test compares them).
@@ -195,6 +202,7 @@ class BlockLLM(Optimizer):
         self.coverage = float(coverage)
         self.reselect_warmup = reselect_warmup
         self.reselect_until = reselect_until
+        self.keep = keep
 
         self._param_by_name: dict[str, torch.nn.Parameter] = {}
         # Parameter name -> index of its group: torch's load_state_dict replaces the group dicts, not their order.
@@ -958,9 +966,13 @@ class BlockLLM(Optimizer):
         candidates = [name for name in self.block_names if name not in always]
         if budget > 0 and candidates:
             ranked = rank_blocks(self._run.norms, self._run.visits, candidates, self._sizes, self.score)
-            # coverage c > 1 picks c budgets' worth of blocks; split_budget keeps the top 1/c of each.
+            # coverage c > 1 picks c budgets' worth of blocks; split_budget keeps the top 1/c of each,
+            # threshold_budget what lies above one |g| threshold over them (estimated from their norms).
             picked = pick_blocks(ranked, self._sizes, math.ceil(budget * self.coverage))
-            keep.update(split_budget(picked, self._sizes, budget))
+            if self.keep == "threshold":
+                keep.update(threshold_budget(picked, self._sizes, self._run.norms, budget))
+            else:
+                keep.update(split_budget(picked, self._sizes, budget))
         # Model order within the selection (the pick order is the rank order): states and logs follow the model.
         keep = {name: keep[name] for name in self.block_names if name in keep}
         # The optimizer is reset with the new selection (paper, section 2.2): old moments and masters are dropped.

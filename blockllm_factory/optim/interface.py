@@ -43,6 +43,7 @@ class BlockLLMEngine(Protocol):
     compact_gradients: bool
     optim_bits: int
     master: str
+    include_embeddings: bool  # the embeddings and the head among the blocks (what `auto` resolved to)
     # Set by an engine whose loss scale the probed gradients carry (an fp16 GradScaler's ``get_scale``).
     probe_grad_scale: Callable[[], float] | None
 

@@ -136,6 +136,48 @@ def split_budget(picked: Sequence[str], sizes: Mapping[str, int], budget: int) -
     return {name: count for name, count in keep.items() if count > 0}
 
 
+def threshold_budget(
+    picked: Sequence[str], sizes: Mapping[str, int], norms: Mapping[str, float], budget: int
+) -> dict[str, int]:
+    """Coordinates to keep in each picked block: as many as lie above one |gradient| threshold over all of them,
+    estimated from each block's gradient norm alone, so that their sum <= budget (``keep="threshold"``).
+
+    :func:`split_budget` keeps the same fraction of every block; a block whose gradient is large everywhere then keeps
+    as few coordinates as one whose gradient is small. Here each block's coordinates are taken for Laplace with the
+    block's root mean square r_l = ||G_l|| / sqrt(|l|) (|g| exponential with mean r_l / sqrt(2)), so a threshold t
+    keeps about |l| exp(-t sqrt(2) / r_l) of them; t is the one whose expected total is the budget. Counts are
+    rounded down, then the largest remainders take what rounding left of the budget. Blocks left with no coordinate
+    are dropped. Without a positive norm among the picked blocks (nothing measured) it falls back to
+    :func:`split_budget`.
+    """
+    total = sum(sizes[name] for name in picked)
+    if total <= budget:
+        return {name: sizes[name] for name in picked}
+    scales = {name: norms.get(name, 0.0) * math.sqrt(2.0 / sizes[name]) for name in picked}  # r_l sqrt(2)
+    largest = max(scales.values(), default=0.0)
+    if not largest > 0.0 or not math.isfinite(largest):
+        return split_budget(picked, sizes, budget)
+
+    def expected(threshold: float) -> dict[str, float]:
+        return {
+            name: sizes[name] * math.exp(-threshold / scale) if scale > 0.0 else 0.0 for name, scale in scales.items()
+        }
+
+    # The expected total falls from `total` at t = 0 to at most `budget` at t = largest * ln(total / budget).
+    low, high = 0.0, largest * math.log(total / budget)
+    for _ in range(64):
+        middle = (low + high) / 2
+        low, high = (middle, high) if sum(expected(middle).values()) > budget else (low, middle)
+    counts = expected(high)
+    keep = {name: min(math.floor(count), sizes[name]) for name, count in counts.items()}
+    left = budget - sum(keep.values())
+    by_remainder = sorted(picked, key=lambda name: keep[name] - counts[name])  # largest remainder first, stable
+    for name in by_remainder[: max(left, 0)]:
+        if keep[name] < sizes[name]:
+            keep[name] += 1
+    return {name: count for name, count in keep.items() if count > 0}
+
+
 def cut_mask(grad: torch.Tensor, kept: Sequence[tuple[Block, int]]) -> torch.Tensor | None:
     """The flat bool mask of one parameter: in each selected block, its ``keep`` coordinates of largest gradient
     magnitude; None when the selected blocks keep every coordinate of the parameter."""

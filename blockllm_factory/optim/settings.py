@@ -18,6 +18,7 @@ SCORES = ("norm", "norm_per_sqrt_size")
 OPTIM_BITS = (32, 8)
 NORM_POLICIES = ("select", "always", "frozen")
 MASTERS = ("fp32", "compensated")
+KEEP_RULES = ("fraction", "threshold")
 SHARE_OF_RUN = "a number in (0, 1) (that share of the run's optimizer steps)"
 MAX_PATIENCE = 10**9  # steps; a run never gets there, and Python's deque refuses a window above 2**63 - 1
 BLOCK_SIZE_HEAD = "head"  # `blockllm_block_size: head`, resolved from the model's config by patches/optimizer.py
@@ -293,6 +294,16 @@ _SETTINGS = (
         "coordinates: `fp32` (the default: an fp32 master copy, 4 bytes a coordinate) or `compensated` (a "
         "compensation buffer in the weights' own dtype, 2 bytes a coordinate, Kahan-style: the weight plus its "
         "compensation carries the bits a rounded weight loses). No effect on fp32 weights.",
+    ),
+    _choice(
+        "keep",
+        KEEP_RULES,
+        "fraction",
+        "How many coordinates each picked block keeps when the picked blocks hold more than the budget (coverage "
+        "above 1, or the last block of a selection): `fraction` (the default and the paper's per-layer top-k: the "
+        "same top fraction of every picked block) or `threshold` (as many as lie above one gradient-magnitude "
+        "threshold over all picked blocks, estimated from each block's measured gradient norm: blocks with larger "
+        "gradients keep more of the same budget; docs/algorithm.md).",
     ),
 )
 
