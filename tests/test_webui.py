@@ -286,6 +286,7 @@ def test_blockllm_in_the_web_ui(page, webui, demo_assets, tmp_path):
     expect(_textbox(page, "Block size")).to_have_value("head")
     expect(_field(page, "Norms")).to_have_value("select")
     expect(_field(page, "Masters")).to_have_value("fp32")
+    expect(_field(page, "Coordinates per block")).to_have_value("fraction")
     expect(panel.get_by_label("Use BlockLLM")).to_be_checked()
     # What does not apply is hidden or disabled.
     expect(lora_panel).to_be_hidden()
