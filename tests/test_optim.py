@@ -352,22 +352,6 @@ def test_threshold_keep_gives_more_of_the_budget_to_blocks_with_larger_gradients
     assert max(fractions) - min(fractions) < 0.02  # the same top fraction of every block
 
 
-def test_threshold_keep_resumes_bit_identical():
-    def build(model, seed):
-        return BlockLLM(
-            model.named_parameters(),
-            lr=1e-2,
-            sparsity=0.9,
-            patience=2,
-            seed=seed,
-            block_size=64,
-            coverage=4,
-            keep="threshold",
-        )
-
-    assert_resume_is_bit_identical(build, 14, 6)
-
-
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
 def test_exact_probe_measures_every_block_without_keeping_gradients(compact):
     torch.manual_seed(0)
@@ -744,10 +728,11 @@ def test_row_group_blocks_spread_the_budget_over_more_tensors():
             assert int(mask.sum()) == state["exp_avg"].numel()
 
 
+@pytest.mark.parametrize("keep", [{}, {"coverage": 4, "keep": "threshold"}], ids=["fraction", "threshold"])
 @pytest.mark.parametrize("norms", ["select", "always", "frozen"])
 @pytest.mark.parametrize("compact", [True, False], ids=["compact", "dense"])
-def test_row_group_blocks_resume_bit_identical(compact, norms):
-    """Row groups with the size-normalised score, under each norm policy."""
+def test_row_group_blocks_resume_bit_identical(compact, norms, keep):
+    """Row groups with the size-normalised score, under each norm policy; and with the threshold's keep counts."""
 
     def build(model, seed):
         return BlockLLM(
@@ -760,6 +745,7 @@ def test_row_group_blocks_resume_bit_identical(compact, norms):
             score="norm_per_sqrt_size",
             compact_gradients=compact,
             norms=norms,
+            **keep,
         )
 
     assert_resume_is_bit_identical(build, 14, 6)
