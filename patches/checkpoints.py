@@ -25,7 +25,7 @@ import zipfile
 
 from blockllm_factory._files import write_json
 from blockllm_factory.hf.engine import engine_of
-from blockllm_factory.hf.serialization import OPTIMIZER_FILE, SCHEDULER_FILE, check_state_files
+from blockllm_factory.hf.serialization import OPTIMIZER_FILE, SCHEDULER_FILE, adopted_setting, check_state_files
 from blockllm_factory.optim.settings import EMBEDDINGS_AUTO, SETTINGS
 
 COMPLETION_MARKER = "trainer_state.json"  # the Trainer writes it last when it saves a checkpoint
@@ -163,10 +163,10 @@ def check_resumable(checkpoint: str, training_args, finetuning_args=None, logger
         given = getattr(finetuning_args, name, saved)
         if name in AUTO_VALUES and saved == AUTO_VALUES[name]:
             continue  # recorded before records held the resolved value: the optimizer's load check names the field
-        if name in AUTO_VALUES and given == AUTO_VALUES[name] != saved:
+        if name in AUTO_VALUES and given == AUTO_VALUES[name]:  # the record's value is not `auto` (above)
             setattr(finetuning_args, name, saved)
             if logger is not None:
-                logger.info_rank0(f"`{name}: {given}` resumes {checkpoint} with the checkpoint's `{name}: {saved}`.")
+                logger.info_rank0(adopted_setting(name, given, checkpoint, saved))
             continue
         if given != saved:
             raise ValueError(

@@ -71,6 +71,12 @@ def saved_include_embeddings(checkpoint: str) -> bool | None:
     return any(is_embedding_name(name.partition("[")[0]) for name in run["block_names"])
 
 
+def adopted_setting(field: str, given, checkpoint: str, saved) -> str:
+    """The log line of a setting left at ``given`` (its ``auto``) that takes the resumed checkpoint's value, the same
+    on both fronts."""
+    return f"`{field}: {given}` resumes {checkpoint} with the checkpoint's `{field}: {saved}`."
+
+
 def check_state_files(checkpoint: str, deepspeed: bool, restart: str, elsewhere: str = "") -> None:
     """Refuses a resume from ``checkpoint`` that would silently restart BlockLLM, naming the missing files;
     ``restart`` says how the front starts a new run from its weights, ``elsewhere`` names a better checkpoint."""

@@ -21,7 +21,7 @@ from .config import BlockLLMConfig
 from .deepspeed_config import prepare_deepspeed
 from .engine import check_ddp, check_optim, check_optimizer_values, engine_of
 from .optimizer import build_optimizer
-from .serialization import check_state_files, saved_include_embeddings
+from .serialization import adopted_setting, check_state_files, saved_include_embeddings
 from .wiring import connect, find_blockllm, rank0_logger
 
 METHOD = "a BlockLLM trainer"  # how refusals name this front (LLaMA-Factory's say `finetuning_type: blockllm`)
@@ -96,10 +96,7 @@ class BlockLLMTrainerMixin:
         saved = saved_include_embeddings(checkpoint)
         if saved is None:
             return config
-        field = "blockllm_include_embeddings"
-        logger.info_rank0(
-            f"`{field}: {EMBEDDINGS_AUTO}` resumes {checkpoint} with the checkpoint's `{field}: {saved}`."
-        )
+        logger.info_rank0(adopted_setting("blockllm_include_embeddings", EMBEDDINGS_AUTO, checkpoint, saved))
         return dataclasses.replace(config, blockllm_include_embeddings=saved)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
